@@ -1,0 +1,120 @@
+"""The model protocol: what a backend hands the core.
+
+A backend adapts a network (a hand-written MLP, a ``torch.nn.Module``, a JAX
+function of a parameter pytree) to one small interface.  The core never asks for
+parameters themselves, only for derivatives of the outputs ``h`` (``C`` of them)
+with respect to the parameters, one batch of inputs at a time.
+
+Two kinds of derivative blocks cover every parameter group:
+
+* :class:`DenseBlock` for a dense layer ``z = W a + b`` (``W``: (out, in)).  The
+  block hands *per-neuron* factors, never per-parameter columns: the layer
+  inputs ``a`` (n, in), ``∂h/∂z`` (n, C, out) and the diagonal of ``∂²h/∂z²``
+  (n, C, out).  Then ``u(W[a, b]) = ∂h/∂z[:, a] · a_b`` and
+  ``w(W[a, b]) = diag∂²h/∂z²[:, a] · a_b²`` (SPEC §5), which the core combines
+  with matrix products.
+* :class:`ColumnBlock` for any other parameter group: the full columns
+  ``u_i = ∂h/∂θ_i`` and ``w_i = ∂²h/∂θ_i²``, each (n, C, p).
+
+Index conventions: n input, C output, p parameter of the group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
+
+Array = Any  # any array-API array
+
+__all__ = [
+    "Array",
+    "ColumnBlock",
+    "DenseBlock",
+    "Derivatives",
+    "Model",
+    "ParamGroup",
+    "make_groups",
+]
+
+
+class ParamGroup(NamedTuple):
+    """One parameter group (a weight matrix, a bias vector, ...).
+
+    Its parameters occupy ``flat[offset : offset + size]`` of the flat parameter
+    vector, in row-major order of ``shape``.
+    """
+
+    name: str  # the framework's own name, e.g. "0.weight"
+    shape: tuple[int, ...]  # the parameter's own shape, e.g. (out, in)
+    offset: int  # start in the flat (P,) vector
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def make_groups(named_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[ParamGroup, ...]:
+    """Lay groups out one after another in the given order."""
+    groups, offset = [], 0
+    names = set()
+    for name, shape in named_shapes:
+        if name in names:
+            raise ValueError(f"parameter group names must be unique; {name!r} appears twice")
+        names.add(name)
+        g = ParamGroup(str(name), tuple(int(s) for s in shape), offset)
+        groups.append(g)
+        offset += g.size
+    return tuple(groups)
+
+
+class DenseBlock(NamedTuple):
+    """Per-neuron derivative factors of one dense layer ``z = W a + b``."""
+
+    weight: str  # group name of W, shape (out, in)
+    bias: str | None  # group name of b, shape (out,), or None without bias
+    inputs: Array  # (n, in)     layer inputs a
+    jac: Array  # (n, C, out)    ∂h/∂z
+    diag_hess: Array  # (n, C, out)  diagonal of ∂²h/∂z², one per output c
+
+
+class ColumnBlock(NamedTuple):
+    """Full derivative columns of one parameter group (any architecture)."""
+
+    group: str  # group name
+    jac: Array  # (n, C, p)       u_i = ∂h/∂θ_i, p = group size, row-major
+    diag_hess: Array  # (n, C, p)  w_i = ∂²h/∂θ_i²
+
+
+class Derivatives(NamedTuple):
+    """Everything the core needs about one batch of inputs."""
+
+    outputs: Array  # (n, C)  h(x)
+    blocks: tuple  # DenseBlock | ColumnBlock, covering every group once
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What a backend implements.
+
+    Attributes
+    ----------
+    groups : tuple of ParamGroup
+        Every parameter group, in flat order (``torch.nn.Module.parameters()``
+        order for torch models).
+    n_outputs : int
+        ``C``, the width of ``h``.
+    """
+
+    groups: tuple[ParamGroup, ...]
+    n_outputs: int
+
+    def check_inputs(self, X: Array, /) -> Array:
+        """Validate a batch of inputs (shape, dtype, namespace) and return it."""
+
+    def outputs(self, X: Array, /) -> Array:
+        """``h(X)``, shape (n, C)."""
+
+    def derivatives(self, X: Array, /) -> Derivatives:
+        """Outputs and derivative blocks for a batch ``X``."""

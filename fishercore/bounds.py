@@ -1,0 +1,50 @@
+r"""Spectral and moment bounds on the single-draw variances (SPEC §3).
+
+Per input and parameter, with ``P`` the projection that removes ``Λ``'s fixed
+null space (``u ↦ u − mean_c u`` for the softmax, identity otherwise) — ``v1``
+and ``v2`` do not change under it, so the bounds may use the shorter vectors:
+
+.. math::
+
+    λ_{min}(Λ)\,‖Pw‖² ≤ v_2 ≤ λ_{max}(Λ)\,‖Pw‖²,\qquad
+    \max\big(λ_{min}(𝓜)\,‖Pu‖⁴,\ E[(sᵀu)³]²/I\big) ≤ v_1 ≤ λ_{max}(𝓜)\,‖Pu‖⁴.
+
+The last lower bound is Cauchy–Schwarz on ``E[X (X² − I)] = E[X³]`` with
+``X = sᵀu``.  Reference: Soen & Sun (NeurIPS 2024), Theorem 4.1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from array_api_compat import array_namespace
+
+from ._protocol import Array
+from .families import Moments, Spectrum
+
+__all__ = ["Bounds", "variance_bounds"]
+
+
+class Bounds(NamedTuple):
+    """Two-sided bounds on v1 and v2, per input and parameter."""
+
+    v1_lower: Array  # (n, k)
+    v1_upper: Array  # (n, k)
+    v2_lower: Array  # (n, k)
+    v2_upper: Array  # (n, k)
+
+
+def variance_bounds(moments: Moments, spectrum: Spectrum, jac_sq_norm: Array, hess_sq_norm: Array, /) -> Bounds:
+    """Bounds from the projected squared norms ``‖Pu‖²`` and ``‖Pw‖²`` (each (n, k))."""
+    xp = array_namespace(jac_sq_norm, hess_sq_norm)
+    u4 = jac_sq_norm * jac_sq_norm
+    fisher = moments.fisher
+    positive = fisher > 0
+    safe = xp.where(positive, fisher, xp.ones_like(fisher))
+    cauchy_schwarz = xp.where(positive, moments.third * moments.third / safe, xp.zeros_like(fisher))
+    return Bounds(
+        v1_lower=xp.maximum(spectrum.m_min[:, None] * u4, cauchy_schwarz),
+        v1_upper=spectrum.m_max[:, None] * u4,
+        v2_lower=spectrum.lam_min[:, None] * hess_sq_norm,
+        v2_upper=spectrum.lam_max[:, None] * hess_sq_norm,
+    )

@@ -1,0 +1,143 @@
+r"""Monte-Carlo estimators Î1 (squared score) and Î2 (negative Hessian diagonal).
+
+For labels ``y`` drawn from the model, with score ``s = ∂ℓ/∂h`` (SPEC §2),
+
+.. math::
+
+    Î_1(θ_i) = \operatorname{mean}\,(sᵀu_i)^2,\qquad
+    Î_2(θ_i) = \operatorname{mean}\,(u_iᵀΛu_i − sᵀw_i),
+
+the means running over inputs and draws.  These are the per-sample gradients
+and Hessian diagonals of the sampled log-likelihood, written through the
+output derivatives the model supplies; for a dense weight ``W[a, b]`` both
+scale with ``a_b²``, so they reduce to matrix products as in the analysis.
+
+Labels are drawn by inverse transform from NumPy random numbers
+(``numpy.random.Generator``), generated input by input, so the same seed gives
+the same labels on every backend and for every ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from array_api_compat import array_namespace, device
+
+from . import _validation as V
+from ._progress import Progress
+from ._protocol import Array, ColumnBlock, DenseBlock
+from .analysis import DEFAULT_BATCH_SIZE, _batches, check_model_and_data, check_outputs_finite
+
+__all__ = ["estimate", "sample_labels"]
+
+
+def _draw(family, rng, h, n_draws):
+    """Labels for one batch of outputs h (b, C): (M, b) or (M, b, C)."""
+    xp = array_namespace(h)
+    noise = family.noise(rng, h.shape[0], n_draws, h.shape[1])
+    return family.labels_from_noise(h, xp.asarray(noise, dtype=h.dtype, device=device(h)))
+
+
+def _rng(seed):
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)):
+        return np.random.default_rng(seed)
+    raise TypeError(f"seed: expected an int, None or numpy.random.Generator, got {type(seed).__name__}")
+
+
+def sample_labels(model, X: Array, family="categorical", *, n_draws: int = 1, seed=None,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> Array:
+    """Labels drawn from the model exactly as :func:`estimate` draws them.
+
+    Returns (M, n) class indices for the categorical family, (M, n, C) targets
+    for the Gaussian and Bernoulli families, in the model's array library.
+    """
+    family, X, batch_size = check_model_and_data(model, X, family, batch_size)
+    M = V.check_positive_int(n_draws, "n_draws")
+    rng = _rng(seed)
+    xp = array_namespace(X)
+    parts = [_draw(family, rng, model.outputs(X[a:b, ...]), M) for a, b in _batches(X.shape[0], batch_size)]
+    return xp.concat(parts, axis=1)
+
+
+def _project(score, jac, xp):
+    """sᵀu for every draw: score (M, b, C), jac (b, C, k) → (M, b, k)."""
+    return xp.matmul(score[:, :, None, :], jac[None, ...])[:, :, 0, :]
+
+
+def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_draws: int = 1, seed=None,
+             labels: Array | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> Array:
+    r"""Monte-Carlo estimate of the diagonal Fisher, (P,).
+
+    Parameters
+    ----------
+    model, X, family
+        As in :func:`fishercore.analyze`.
+    estimator : {"i1", "i2"}
+        ``"i1"``: mean squared score ``(∂ℓ/∂θ_i)²``; ``"i2"``: mean negative Hessian
+        diagonal ``−∂²ℓ/∂θ_i²``.  Both unbiased for labels drawn from the model;
+        their variances are :meth:`FisherAnalysis.variance`.
+    n_draws : int
+        Labels ``M`` drawn per input.
+    seed : int, None or numpy.random.Generator
+        The same seed gives the same labels, hence the same estimate, on every backend.
+    labels : array, optional
+        Observed labels instead of draws: the *empirical Fisher*.  It is **biased** —
+        it estimates ``E_data[∇ℓ∇ℓᵀ]`` rather than the Fisher — and is provided only
+        for comparison.  Class indices (n,) for the categorical family, (n, C)
+        otherwise.  Incompatible with ``n_draws > 1``.
+
+    Returns
+    -------
+    (P,) array in the flat parameter order, the model's namespace, dtype and device.
+    """
+    family, X, batch_size = check_model_and_data(model, X, family, batch_size)
+    est = V.check_choice(estimator, "estimator", ("i1", "i2"))
+    M = V.check_positive_int(n_draws, "n_draws")
+    xp = array_namespace(X)
+    n = X.shape[0]
+    if labels is not None:
+        if M != 1:
+            raise ValueError(f"n_draws: observed labels give one label per input; n_draws must be 1, got {M}")
+        if not hasattr(labels, "shape") or labels.ndim < 1 or labels.shape[0] != n:
+            raise ValueError(f"labels: expected one label per input ({n}), got shape {getattr(labels, 'shape', None)}")
+    else:
+        rng = _rng(seed)
+    sums: dict = {}
+    steps = list(_batches(n, batch_size))
+    with Progress(len(steps), progress, f"estimate {est}") as bar:
+        for start, stop in steps:
+            d = model.derivatives(X[start:stop, ...])
+            h = d.outputs
+            check_outputs_finite(h, start, stop)
+            if labels is None:
+                y = _draw(family, rng, h, M)
+            else:
+                y = family.check_labels(labels[start:stop, ...], h)[None, ...]
+            s = family.score(h, y)  # (M, b, C)
+            for block in d.blocks:
+                for name, value in _block_estimate(h, s, block, family, est, xp).items():
+                    sums[name] = sums[name] + value if name in sums else value
+            bar.update()
+    return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
+
+
+def _per_input(h, s, jac, diag_hess, family, est, xp):
+    """Σ over draws of one draw's estimate, per input and column: (b, k)."""
+    if est == "i1":
+        t = _project(s, jac, xp)
+        return xp.sum(t * t, axis=0)
+    M = s.shape[0]
+    return M * family.fisher(h, jac) - xp.sum(_project(s, diag_hess, xp), axis=0)
+
+
+def _block_estimate(h, s, block, family, est, xp) -> dict:
+    if isinstance(block, DenseBlock):
+        per_neuron = _per_input(h, s, block.jac, block.diag_hess, family, est, xp)  # (b, out)
+        out = {block.weight: xp.reshape(xp.matmul(xp.permute_dims(per_neuron, (1, 0)), block.inputs * block.inputs), (-1,))}
+        if block.bias is not None:
+            out[block.bias] = xp.sum(per_neuron, axis=0)
+        return out
+    if isinstance(block, ColumnBlock):
+        return {block.group: xp.sum(_per_input(h, s, block.jac, block.diag_hess, family, est, xp), axis=0)}
+    raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")

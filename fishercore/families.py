@@ -1,0 +1,390 @@
+r"""Output distributions ``p(y | h)``: moments, spectra, sampler and log-likelihood.
+
+For one input with outputs ``h`` (C of them), score ``s = ∂ℓ/∂h`` and output
+Fisher ``Λ = E[s sᵀ]``, and a parameter with output derivatives
+``u = ∂h/∂θ_i`` and ``w = ∂²h/∂θ_i²`` (SPEC §2):
+
+.. math::
+
+    I = uᵀΛu,\quad v_1 = \operatorname{Var}((sᵀu)^2),\quad v_2 = wᵀΛw,\quad
+    c_{12} = -E[(sᵀu)^2 (sᵀw)].
+
+Every family evaluates these in O(C) per parameter from closed forms (no C⁴
+tensors), in centred form so that variances cannot come out negative through
+cancellation.  Index conventions: n input, c output (C), k parameter or neuron,
+m label draw.  ``jac`` and ``diag_hess`` are (n, C, k); results are (n, k).
+
+Reference: Soen & Sun, "Trade-Offs of Diagonal Fisher Information Matrix
+Estimators", NeurIPS 2024, §3 (variances) and Theorem 4.1 (spectral bounds).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from array_api_compat import array_namespace, device
+
+from ._protocol import Array
+
+__all__ = ["Bernoulli", "Categorical", "Family", "Gaussian", "Moments", "Spectrum", "get_family"]
+
+
+class Moments(NamedTuple):
+    """Exact per-input statistics of one output distribution."""
+
+    fisher: Array  # (n, k)  I = uᵀΛu
+    third: Array  # (n, k)   E[(sᵀu)³]
+    v1: Array  # (n, k)      Var((sᵀu)²), single-draw variance of Î1
+    v2: Array  # (n, k)      wᵀΛw, single-draw variance of Î2
+    c12: Array  # (n, k)     Cov(Î1, Î2) for one draw = −E[(sᵀu)²(sᵀw)]
+
+
+class Spectrum(NamedTuple):
+    """Extreme eigenvalues used by the bounds (SPEC §3), per input.
+
+    ``lam_*`` bound ``Λ`` on the complement of its fixed null space (the span of
+    ``1`` for the softmax); ``m_*`` bound ``𝓜 = Cov(vec(s sᵀ))`` on symmetric
+    matrices, restricted the same way.
+    """
+
+    lam_min: Array  # (n,)
+    lam_max: Array  # (n,)
+    m_min: Array  # (n,)
+    m_max: Array  # (n,)
+
+
+def _softmax(h, xp):
+    e = xp.exp(h - xp.max(h, axis=-1, keepdims=True))
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def _log_softmax(h, xp):
+    z = h - xp.max(h, axis=-1, keepdims=True)
+    return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
+
+
+def _sigmoid(h, xp):
+    e = xp.exp(-xp.abs(h))
+    return xp.where(h >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _softplus(h, xp):
+    return xp.maximum(h, 0.0) + xp.log1p(xp.exp(-xp.abs(h)))
+
+
+def _check_noise_shape(noise, n, n_draws, tail):
+    want = (n, n_draws) + tail
+    if tuple(noise.shape) != want:
+        raise ValueError(f"noise: expected shape {want}, got {tuple(noise.shape)}")
+
+
+class Family:
+    """Base class of an output distribution.  Subclasses fill in the formulas."""
+
+    name = "family"
+
+    # -- checks -------------------------------------------------------------
+    def check_outputs(self, n_outputs: int) -> None:
+        """Raise if the model's output width does not suit the family."""
+        if n_outputs < 1:
+            raise ValueError(f"model: {self.name} family needs at least one output, got {n_outputs}")
+
+    def check_labels(self, labels, outputs) -> Array:
+        """Validate observed labels (n, C) against outputs (n, C); return them."""
+        xp = array_namespace(outputs)
+        _same_namespace(labels, xp, "labels")
+        if tuple(labels.shape) != tuple(outputs.shape):
+            raise ValueError(
+                f"labels: expected shape {tuple(outputs.shape)} (n, C) for the {self.name} "
+                f"family, got {tuple(labels.shape)}"
+            )
+        labels = xp.astype(labels, outputs.dtype)
+        if not bool(xp.all(xp.isfinite(labels))):
+            raise ValueError("labels: contains NaN or inf")
+        return labels
+
+    # -- sampling -----------------------------------------------------------
+    def noise(self, rng, n: int, n_draws: int, n_outputs: int):
+        """NumPy random numbers for ``n`` inputs, input-major (so batching never changes them)."""
+        return rng.random((n, n_draws, n_outputs))
+
+    def center(self, v: Array) -> Array:
+        """Remove the component of ``v`` (…, C, k) along ``Λ``'s fixed null space."""
+        return v
+
+    # -- to override --------------------------------------------------------
+    def moments(self, outputs, jac, diag_hess) -> Moments:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fisher(self, outputs, jac) -> Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spectrum(self, outputs) -> Spectrum:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def labels_from_noise(self, outputs, noise) -> Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score(self, outputs, labels) -> Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_likelihood(self, outputs, labels) -> Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and repr(self) == repr(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+
+def _same_namespace(arr, xp, name):
+    try:
+        other = array_namespace(arr)
+    except TypeError as e:
+        raise TypeError(f"{name}: expected an array of the model's array library, got {type(arr).__name__}") from e
+    if other is not xp:
+        raise TypeError(f"{name}: array library {other.__name__} differs from the model's ({xp.__name__})")
+
+
+class Categorical(Family):
+    r"""Softmax over logits: ``p = softmax(h)``, ``s = e_y − p``, ``Λ = diag(p) − ppᵀ``.
+
+    Every moment is a moment of the scalar ``u_Y`` under ``Y ~ Cat(p)`` (SPEC §2):
+    with ``ū = Σ_c p_c u_c`` and ``d = u − ū``,
+
+    ``I = Σ p d²``, ``E[(sᵀu)³] = Σ p d³``, ``v1 = Σ p (d² − I)²``,
+    ``v2 = Σ p (w − w̄)²``, ``c12 = −Σ p (d² − I)(w − w̄)``.
+
+    Labels are integer class indices of shape (n,).
+    """
+
+    name = "categorical"
+
+    def check_outputs(self, n_outputs):
+        if n_outputs < 2:
+            raise ValueError(
+                f"model: the categorical family needs at least 2 outputs (logits), got {n_outputs}; "
+                "use family='bernoulli' for a single sigmoid output"
+            )
+
+    def check_labels(self, labels, outputs):
+        xp = array_namespace(outputs)
+        _same_namespace(labels, xp, "labels")
+        n, C = outputs.shape
+        if tuple(labels.shape) != (n,):
+            raise ValueError(f"labels: expected class indices of shape ({n},), got {tuple(labels.shape)}")
+        if not xp.isdtype(labels.dtype, "integral"):
+            raise TypeError(f"labels: expected an integer array of class indices, got dtype {labels.dtype}")
+        if n and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= C))):
+            raise ValueError(f"labels: class indices must lie in [0, {C}), got {int(xp.min(labels))}..{int(xp.max(labels))}")
+        return labels
+
+    def noise(self, rng, n, n_draws, n_outputs):
+        return rng.random((n, n_draws))
+
+    def center(self, v):
+        xp = array_namespace(v)
+        return v - xp.mean(v, axis=-2, keepdims=True)
+
+    def _onehot(self, labels, C, dtype):
+        xp = array_namespace(labels)
+        classes = xp.arange(C, device=device(labels))
+        return xp.astype(labels[..., None] == classes, dtype)
+
+    def fisher(self, outputs, jac):
+        xp = array_namespace(outputs, jac)
+        p = _softmax(outputs, xp)[:, :, None]
+        d = jac - xp.sum(p * jac, axis=-2, keepdims=True)
+        return xp.sum(p * d * d, axis=-2)
+
+    def moments(self, outputs, jac, diag_hess):
+        xp = array_namespace(outputs, jac, diag_hess)
+        p = _softmax(outputs, xp)[:, :, None]
+        d = jac - xp.sum(p * jac, axis=-2, keepdims=True)
+        d2 = d * d
+        fisher = xp.sum(p * d2, axis=-2)
+        e = d2 - fisher[:, None, :]
+        wc = diag_hess - xp.sum(p * diag_hess, axis=-2, keepdims=True)
+        return Moments(
+            fisher=fisher,
+            third=xp.sum(p * d2 * d, axis=-2),
+            v1=xp.sum(p * e * e, axis=-2),
+            v2=xp.sum(p * wc * wc, axis=-2),
+            c12=-xp.sum(p * e * wc, axis=-2),
+        )
+
+    def spectrum(self, outputs):
+        xp = array_namespace(outputs)
+        n, C = outputs.shape
+        p = _softmax(outputs, xp)
+        eye = xp.eye(C, dtype=outputs.dtype, device=device(outputs))
+        lam = xp.linalg.eigvalsh(eye * p[:, None, :] - p[:, :, None] * p[:, None, :])
+        # 𝓜 = Σ_c p_c (m_c − m̄)(m_c − m̄)ᵀ with m_c = vec(d_c d_cᵀ), d_c = e_c − p: its
+        # nonzero spectrum is that of the C×C Gram matrix G below (SPEC §3).
+        pp = xp.sum(p * p, axis=-1)[:, None, None]
+        K = eye - p[:, :, None] - p[:, None, :] + pp  # K[c, c'] = d_cᵀ d_c'
+        K2 = K * K  # ⟨m_c, m_c'⟩
+        k = xp.sum(K2 * p[:, None, :], axis=-1)  # ⟨m_c, m̄⟩
+        s = xp.sum(k * p, axis=-1)[:, None, None]  # ⟨m̄, m̄⟩
+        r = xp.sqrt(p)
+        G = r[:, :, None] * r[:, None, :] * (K2 - k[:, :, None] - k[:, None, :] + s)
+        m_max = xp.linalg.eigvalsh(G)[:, -1]
+        zero = xp.zeros_like(m_max)
+        # Λ1 = 0 exactly, so on 1⊥ the spectrum is eigs[1:] (ascending order).
+        return Spectrum(xp.maximum(lam[:, 1], zero), lam[:, -1], zero, xp.maximum(m_max, zero))
+
+    def labels_from_noise(self, outputs, noise):
+        xp = array_namespace(outputs, noise)
+        C = outputs.shape[-1]
+        cdf = xp.cumulative_sum(_softmax(outputs, xp), axis=-1)  # (n, C)
+        below = xp.astype(cdf[None, :, :] <= xp.permute_dims(noise, (1, 0))[:, :, None], xp.int64)
+        return xp.minimum(xp.sum(below, axis=-1), xp.asarray(C - 1, dtype=xp.int64, device=device(noise)))
+
+    def score(self, outputs, labels):
+        xp = array_namespace(outputs)
+        return self._onehot(labels, outputs.shape[-1], outputs.dtype) - _softmax(outputs, xp)
+
+    def log_likelihood(self, outputs, labels):
+        xp = array_namespace(outputs)
+        onehot = self._onehot(labels, outputs.shape[-1], outputs.dtype)
+        return xp.sum(onehot * _log_softmax(outputs, xp), axis=-1)
+
+
+class Gaussian(Family):
+    r"""Regression: ``y ~ N(h, σ² I)``, ``s = (y − h)/σ²``, ``Λ = I/σ²``.
+
+    Closed forms (SPEC §2): ``I = ‖u‖²/σ²``, ``v1 = 2 I²``, ``v2 = ‖w‖²/σ²``,
+    ``c12 = 0``.  Labels are real targets of shape (n, C).
+    """
+
+    name = "gaussian"
+
+    def __init__(self, variance: float = 1.0):
+        try:
+            variance = float(variance)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"variance: expected a positive number, got {variance!r}") from e
+        if not (math.isfinite(variance) and variance > 0):
+            raise ValueError(f"variance: must be positive and finite, got {variance}")
+        self.variance = variance
+
+    def __repr__(self):
+        return f"Gaussian(variance={self.variance!r})"
+
+    def noise(self, rng, n, n_draws, n_outputs):
+        return rng.standard_normal((n, n_draws, n_outputs))
+
+    def fisher(self, outputs, jac):
+        xp = array_namespace(outputs, jac)
+        return xp.sum(jac * jac, axis=-2) / self.variance
+
+    def moments(self, outputs, jac, diag_hess):
+        xp = array_namespace(outputs, jac, diag_hess)
+        fisher = self.fisher(outputs, jac)
+        zero = xp.zeros_like(fisher)
+        return Moments(fisher, zero, 2.0 * fisher * fisher, xp.sum(diag_hess * diag_hess, axis=-2) / self.variance, zero)
+
+    def spectrum(self, outputs):
+        xp = array_namespace(outputs)
+        one = xp.ones(outputs.shape[:1], dtype=outputs.dtype, device=device(outputs))
+        lam, m = one / self.variance, one * (2.0 / self.variance**2)
+        return Spectrum(lam, lam, m, m)
+
+    def labels_from_noise(self, outputs, noise):
+        xp = array_namespace(outputs, noise)
+        return outputs[None, :, :] + math.sqrt(self.variance) * xp.permute_dims(noise, (1, 0, 2))
+
+    def score(self, outputs, labels):
+        return (labels - outputs) / self.variance
+
+    def log_likelihood(self, outputs, labels):
+        xp = array_namespace(outputs)
+        r = labels - outputs
+        C = outputs.shape[-1]
+        return -xp.sum(r * r, axis=-1) / (2.0 * self.variance) - 0.5 * C * math.log(2.0 * math.pi * self.variance)
+
+
+class Bernoulli(Family):
+    r"""Independent sigmoid per output (multi-label): ``p = σ(h)``, ``s = y − p``, ``Λ = diag(q)``, ``q = p(1 − p)``.
+
+    ``sᵀu`` is a sum of independent centred terms ``u_c s_c``, so with ``a_c = q_c u_c²``
+    (SPEC §2): ``I = Σ a``, ``E[(sᵀu)³] = Σ u³ q (1 − 2p)``,
+    ``v1 = Σ_c u_c⁴ q_c (1 − 2p_c)² + 4 Σ_{c'<c} a_c a_c'`` (every term ≥ 0),
+    ``v2 = Σ q w²``, ``c12 = −Σ u² w q (1 − 2p)``.  Labels are 0/1 of shape (n, C).
+    """
+
+    name = "bernoulli"
+
+    def check_labels(self, labels, outputs):
+        xp = array_namespace(outputs)
+        labels = super().check_labels(labels, outputs)
+        if not bool(xp.all((labels == 0.0) | (labels == 1.0))):
+            raise ValueError("labels: Bernoulli labels must be 0 or 1")
+        return labels
+
+    def fisher(self, outputs, jac):
+        xp = array_namespace(outputs, jac)
+        p = _sigmoid(outputs, xp)[:, :, None]
+        return xp.sum(p * (1.0 - p) * jac * jac, axis=-2)
+
+    def moments(self, outputs, jac, diag_hess):
+        xp = array_namespace(outputs, jac, diag_hess)
+        p = _sigmoid(outputs, xp)[:, :, None]
+        q = p * (1.0 - p)
+        skew = q * (1.0 - 2.0 * p)  # E[s_c³]
+        u2 = jac * jac
+        a = q * u2
+        before = xp.cumulative_sum(a, axis=-2, include_initial=True)[:, :-1, :]  # Σ_{c'<c} a_c'
+        return Moments(
+            fisher=xp.sum(a, axis=-2),
+            third=xp.sum(skew * u2 * jac, axis=-2),
+            v1=xp.sum(u2 * u2 * q * (1.0 - 2.0 * p) ** 2 + 4.0 * a * before, axis=-2),
+            v2=xp.sum(q * diag_hess * diag_hess, axis=-2),
+            c12=-xp.sum(skew * u2 * diag_hess, axis=-2),
+        )
+
+    def spectrum(self, outputs):
+        xp = array_namespace(outputs)
+        p = _sigmoid(outputs, xp)
+        q = xp.sort(p * (1.0 - p), axis=-1)
+        # 𝓜 on symmetric matrices is block diagonal: q_c(1 − 4 q_c) on the diagonal
+        # entries, 2 q_c q_c' on each off-diagonal pair {c, c'}.
+        diag = q * (1.0 - 4.0 * q)
+        m_min, m_max = xp.min(diag, axis=-1), xp.max(diag, axis=-1)
+        if outputs.shape[-1] > 1:
+            m_min = xp.minimum(m_min, 2.0 * q[:, 0] * q[:, 1])
+            m_max = xp.maximum(m_max, 2.0 * q[:, -1] * q[:, -2])
+        return Spectrum(q[:, 0], q[:, -1], m_min, m_max)
+
+    def labels_from_noise(self, outputs, noise):
+        xp = array_namespace(outputs, noise)
+        p = _sigmoid(outputs, xp)
+        return xp.astype(xp.permute_dims(noise, (1, 0, 2)) < p[None, :, :], outputs.dtype)
+
+    def score(self, outputs, labels):
+        xp = array_namespace(outputs)
+        return labels - _sigmoid(outputs, xp)
+
+    def log_likelihood(self, outputs, labels):
+        xp = array_namespace(outputs)
+        return xp.sum(labels * outputs - _softplus(outputs, xp), axis=-1)
+
+
+_BY_NAME = {"categorical": Categorical, "gaussian": Gaussian, "bernoulli": Bernoulli}
+
+
+def get_family(family) -> Family:
+    """Resolve ``"categorical"`` / ``"gaussian"`` / ``"bernoulli"`` or a :class:`Family` instance."""
+    if isinstance(family, Family):
+        return family
+    if isinstance(family, str):
+        key = family.strip().lower()
+        if key in _BY_NAME:
+            return _BY_NAME[key]()
+        raise ValueError(f"family: unknown family {family!r}; expected one of {sorted(_BY_NAME)} or a Family instance")
+    raise TypeError(f"family: expected a family name or a Family instance, got {type(family).__name__}")
