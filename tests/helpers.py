@@ -1,0 +1,177 @@
+"""Problems as data, reference constructions and independent checks used by the tests."""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import numpy as np
+
+import fishercore as fc
+from fishercore.backends import mlp
+
+ACTIVATIONS = mlp.ACTIVATIONS
+SMOOTH = ("tanh", "sigmoid", "softplus", "gelu", "elu")
+PIECEWISE_LINEAR = ("identity", "relu", "leaky_relu")
+FAMILIES = ("categorical", "gaussian", "bernoulli")
+
+# name -> (input width, hidden widths, outputs)
+ARCHS = {
+    "1h": (3, (6,), 4),
+    "2h": (4, (5, 6), 3),
+    "3h": (3, (4, 5, 4), 3),
+}
+
+
+class Problem(NamedTuple):
+    arch: str
+    activation: str
+    family: str
+    n: int = 11
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.arch}-{self.activation}-{self.family}"
+
+
+def make_layers(arch, seed=0, scale=1.0, bias=True):
+    d, hidden, C = ARCHS[arch] if isinstance(arch, str) else arch
+    rng = np.random.default_rng(seed)
+    widths = (d, *hidden, C)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        W = rng.normal(size=(b, a)) * scale / np.sqrt(a)
+        layers.append((W, rng.normal(size=b) * 0.5 if bias else None))
+    return layers
+
+
+def make_problem(p: Problem, backend=None, dtype=np.float64):
+    """(model, X) for a problem, on a backend (numpy when None)."""
+    layers = make_layers(p.arch, p.seed)
+    X = np.random.default_rng(p.seed + 1).normal(size=(p.n, ARCHS[p.arch][0]))
+    conv = (lambda a: a.astype(dtype)) if backend is None else (lambda a: backend.asarray(a.astype(dtype)))
+    model = mlp.MLP([(conv(W), None if b is None else conv(b)) for W, b in layers], p.activation)
+    return model, conv(X)
+
+
+def family_obj(name):
+    return fc.Gaussian(variance=0.7) if name == "gaussian" else fc.get_family(name)
+
+
+class AsColumns:
+    """Wraps a model so every dense block is handed to the core as full columns.
+
+    This exercises the core's generic path (ColumnBlock) and gives an independent
+    check of the dense matmul aggregation.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.groups = model.groups
+        self.n_outputs = model.n_outputs
+
+    def check_inputs(self, X):
+        return self.model.check_inputs(X)
+
+    def outputs(self, X):
+        return self.model.outputs(X)
+
+    def derivatives(self, X):
+        d = self.model.derivatives(X)
+        blocks = []
+        for b in d.blocks:
+            blocks.extend(dense_columns(b))
+        return fc.Derivatives(d.outputs, tuple(blocks))
+
+
+def dense_columns(block):
+    """ColumnBlocks equal to a DenseBlock: u(W_ab) = B[:, a] a_b, w(W_ab) = γ[:, a] a_b²."""
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(block.inputs)
+    n, C, out = block.jac.shape
+    A = block.inputs[:, None, None, :]
+    u = xp.reshape(block.jac[:, :, :, None] * A, (n, C, -1))
+    w = xp.reshape(block.diag_hess[:, :, :, None] * A * A, (n, C, -1))
+    cols = [fc.ColumnBlock(block.weight, u, w)]
+    if block.bias is not None:
+        cols.append(fc.ColumnBlock(block.bias, block.jac, block.diag_hess))
+    return cols
+
+
+def full_columns(model, X):
+    """(h, u, w) with u, w of shape (n, C, P) in flat order, from the model's blocks."""
+    d = AsColumns(model).derivatives(X)
+    by_name = {b.group: b for b in d.blocks}
+    u = np.concatenate([np.asarray(by_name[g.name].jac) for g in model.groups], axis=-1)
+    w = np.concatenate([np.asarray(by_name[g.name].diag_hess) for g in model.groups], axis=-1)
+    return np.asarray(d.outputs), u, w
+
+
+def richardson_derivatives(f, theta, i, eps=1e-3):
+    """First and second derivative of f along coordinate i, O(eps⁴) Richardson central differences."""
+    def diffs(e):
+        tp, tm = theta.copy(), theta.copy()
+        tp[i] += e
+        tm[i] -= e
+        fp, fm, f0 = f(tp), f(tm), f(theta)
+        return (fp - fm) / (2 * e), (fp - 2 * f0 + fm) / (e * e)
+
+    d1a, d2a = diffs(eps)
+    d1b, d2b = diffs(eps / 2)
+    return (4 * d1b - d1a) / 3, (4 * d2b - d2a) / 3
+
+
+# -- brute-force moments by enumerating the label space --------------------------
+def label_space(family, h):
+    """[(probability, score s)] for one input's outputs h (C,), by enumeration."""
+    C = h.shape[0]
+    if family.name == "categorical":
+        p = np.exp(h - h.max())
+        p /= p.sum()
+        return [(p[c], np.eye(C)[c] - p) for c in range(C)]
+    if family.name == "bernoulli":
+        p = 1 / (1 + np.exp(-h))
+        out = []
+        for y in itertools.product((0.0, 1.0), repeat=C):
+            y = np.array(y)
+            out.append((np.prod(np.where(y == 1, p, 1 - p)), y - p))
+        return out
+    raise ValueError(family.name)
+
+
+def brute_moments(family, h, u, w):
+    """I, E[(sᵀu)³], v1, v2, c12 by enumeration of y (categorical, bernoulli)."""
+    I = m3 = m4 = v2 = c = 0.0
+    for prob, s in label_space(family, h):
+        x, z = s @ u, s @ w
+        I += prob * x**2
+        m3 += prob * x**3
+        m4 += prob * x**4
+        v2 += prob * z**2
+        c += prob * x**2 * z
+    return I, m3, m4 - I**2, v2, -c
+
+
+def brute_M_spectrum(family, h):
+    """Extreme eigenvalues of 𝓜 = Cov(vec(ssᵀ)) restricted to symmetric matrices (and to
+    the centred subspace for the categorical family), by enumeration."""
+    C = h.shape[0]
+    space = label_space(family, h)
+    vecs = np.array([np.outer(s, s).ravel() for _, s in space])
+    probs = np.array([p for p, _ in space])
+    mean = probs @ vecs
+    M = (vecs - mean).T @ ((vecs - mean) * probs[:, None])
+    # orthonormal basis of symmetric C×C matrices (restricted to 1⊥ ⊗ 1⊥ for the softmax)
+    P = np.eye(C) - np.ones((C, C)) / C if family.name == "categorical" else np.eye(C)
+    basis = []
+    for a in range(C):
+        for b in range(a, C):
+            E = np.zeros((C, C))
+            E[a, b] = E[b, a] = 1.0
+            basis.append((P @ E @ P).ravel())
+    U, sv, _ = np.linalg.svd(np.array(basis).T, full_matrices=False)
+    Q = U[:, sv > 1e-10 * sv.max()]
+    ev = np.linalg.eigvalsh(Q.T @ M @ Q)
+    return ev.min(), ev.max()

@@ -1,0 +1,206 @@
+"""analyze(): SPEC §4 facts, bounds for every parameter and input, merging, namespaces."""
+
+import numpy as np
+import pytest
+from array_api_compat import array_namespace, device
+from helpers import (ACTIVATIONS, FAMILIES, PIECEWISE_LINEAR, SMOOTH, AsColumns, Problem, family_obj, full_columns,
+                     make_problem)
+
+import fishercore as fc
+
+FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
+PROBLEMS = [Problem(arch, act, fam) for arch in ("1h", "3h") for act in ACTIVATIONS for fam in FAMILIES]
+
+
+def _np(x):
+    return np.asarray(x)
+
+
+@pytest.mark.parametrize("p", PROBLEMS, ids=[p.id for p in PROBLEMS])
+def test_bounds_hold_for_every_parameter_and_input(p):
+    model, X = make_problem(p)
+    family = family_obj(p.family)
+    h, u, w = full_columns(model, X)
+    s = fc.fisher_stats(h, u, w, family)
+    for v, lo, hi in ((s.v1, s.v1_lower, s.v1_upper), (s.v2, s.v2_lower, s.v2_upper)):
+        tol = 1e-12 * np.abs(hi).max() + 1e-300
+        assert np.all(lo <= v + tol) and np.all(v <= hi + tol)
+        assert np.all(lo >= 0) and np.all(v >= 0)
+    assert np.all(s.fisher >= 0)
+    res = fc.analyze(model, X, family)
+    tol = 1e-12 * max(np.abs(res.v1_upper).max(), 1e-300)
+    assert np.all(res.v1_lower <= res.v1 + tol) and np.all(res.v1 <= res.v1_upper + tol)
+    assert np.all(res.v2_lower <= res.v2 + tol) and np.all(res.v2 <= res.v2_upper + tol)
+
+
+@pytest.mark.parametrize("p", PROBLEMS, ids=[p.id for p in PROBLEMS])
+def test_dense_path_equals_full_columns(p):
+    """The per-neuron matmul aggregation equals statistics computed column by column."""
+    model, X = make_problem(p)
+    family = family_obj(p.family)
+    fast = fc.analyze(model, X, family, batch_size=4)
+    slow = fc.analyze(AsColumns(model), X, family, batch_size=5)
+    for f in FIELDS:
+        np.testing.assert_allclose(getattr(fast, f), getattr(slow, f), rtol=1e-12, atol=1e-14 * np.abs(getattr(slow, f)).max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_last_layer_v2_is_zero(activation, family):
+    # Fact 2: the last layer is linear in its parameters.
+    model, X = make_problem(Problem("2h", activation, family))
+    res = fc.analyze(model, X, family_obj(family))
+    last = res.unflatten(res.v2)
+    assert np.all(last["4.weight"] == 0) and np.all(last["4.bias"] == 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", PIECEWISE_LINEAR)
+def test_piecewise_linear_nets_have_v2_zero(activation, family):
+    # Fact 3: relu, leaky relu, identity nets are piecewise linear in any single parameter.
+    model, X = make_problem(Problem("3h", activation, family))
+    res = fc.analyze(model, X, family_obj(family))
+    assert np.all(res.v2 == 0) and np.all(res.v2_upper == 0)
+    assert np.all(res.fisher > 0) or activation == "relu"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", [a for a in SMOOTH if a != "elu"])
+def test_smooth_hidden_layers_have_v2_positive(activation, family):
+    # Fact 3: sigmoid, tanh, softplus and GELU have curvature everywhere.  (ELU is linear for
+    # z > 0, so a neuron active on every input can have v2 = 0; it is covered by the bounds tests.)
+    model, X = make_problem(Problem("3h", activation, family))
+    res = fc.analyze(model, X, family_obj(family))
+    groups = res.unflatten(res.v2)
+    for name in ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"):
+        assert np.all(groups[name] > 0), name
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gaussian_v1_is_twice_fisher_squared(activation):
+    # Fact 4, per input: v1 = 2 I², so mean v1 = 2 mean(I²); and the v1 bounds are equalities.
+    model, X = make_problem(Problem("3h", activation, "gaussian"))
+    h, u, w = full_columns(model, X)
+    s = fc.fisher_stats(h, u, w, fc.Gaussian(variance=0.7))
+    np.testing.assert_allclose(s.v1, 2 * s.fisher**2, rtol=1e-14)
+    np.testing.assert_allclose(s.v1_lower, s.v1, rtol=1e-12)
+    np.testing.assert_allclose(s.v1_upper, s.v1, rtol=1e-12)
+    np.testing.assert_allclose(s.c12, 0)
+    res = fc.analyze(model, X, fc.Gaussian(variance=0.7))
+    np.testing.assert_allclose(res.v1, 2 * (res.var_x + res.fisher**2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_layer_scaling(family):
+    # Fact 5 for one input: I(W_ab) = a_b² I(b_a); v1, v2, c12 scale with a_b⁴.
+    model, X = make_problem(Problem("2h", "tanh", family, n=1))
+    res = fc.analyze(model, X, family_obj(family))
+    d = model.derivatives(X)
+    for block in d.blocks:
+        a = np.asarray(block.inputs)[0]
+        for f, k in (("fisher", 2), ("v1", 4), ("v2", 4), ("c12", 4), ("v1_upper", 4), ("v1_lower", 4)):
+            g = res.unflatten(getattr(res, f))
+            np.testing.assert_allclose(g[block.weight], g[block.bias][:, None] * a[None, :] ** k, rtol=1e-12,
+                                       atol=1e-300)
+
+
+def test_batch_size_and_merge_are_exact():
+    model, X = make_problem(Problem("3h", "sigmoid", "categorical", n=37))
+    one = fc.analyze(model, X, batch_size=1000)
+    for bs in (1, 5, 36):
+        other = fc.analyze(model, X, batch_size=bs)
+        for f in FIELDS:
+            np.testing.assert_allclose(getattr(other, f), getattr(one, f), rtol=1e-12)
+    merged = fc.analyze(model, X[:13]).merge(fc.analyze(model, X[13:]))
+    assert merged.n_inputs == 37
+    for f in FIELDS:
+        np.testing.assert_allclose(getattr(merged, f), getattr(one, f), rtol=1e-12)
+    with pytest.raises(ValueError, match="other: family"):
+        one.merge(fc.analyze(model, X, "bernoulli"))
+    with pytest.raises(TypeError, match="other"):
+        one.merge(3)
+
+
+def test_var_x_and_variance_formulas():
+    model, X = make_problem(Problem("2h", "tanh", "categorical", n=9))
+    res = fc.analyze(model, X)
+    h, u, w = full_columns(model, X)
+    s = fc.fisher_stats(h, u, w, "categorical")
+    np.testing.assert_allclose(res.fisher, s.fisher.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(res.var_x, s.fisher.var(0), rtol=1e-12)
+    n = X.shape[0]
+    np.testing.assert_allclose(res.variance("i1", n_draws=3), s.v1.mean(0) / (n * 3), rtol=1e-12)
+    np.testing.assert_allclose(res.variance("i2", n_draws=2, n_inputs=5),
+                               s.fisher.var(0) / 5 + s.v2.mean(0) / 10, rtol=1e-12)
+
+
+def test_optimal_combination():
+    model, X = make_problem(Problem("3h", "tanh", "categorical", n=15))
+    res = fc.analyze(model, X)
+    a, v = res.alpha(), res.optimal_v()
+    v1, v2, c = res.v1, res.v2, res.c12
+    direct = a**2 * v1 + (1 - a) ** 2 * v2 + 2 * a * (1 - a) * c  # variance of α* Î1 + (1 − α*) Î2
+    np.testing.assert_allclose(v, direct, rtol=1e-9, atol=1e-15)
+    assert np.all(v <= np.minimum(v1, v2)) and np.all(v >= 0)
+    for alpha in (0.0, 0.3, 1.0, 1.5):  # α* is the minimiser
+        other = alpha**2 * v1 + (1 - alpha) ** 2 * v2 + 2 * alpha * (1 - alpha) * c
+        assert np.all(v <= other * (1 + 1e-12) + 1e-300)
+    last = res.unflatten(a)["6.weight"]  # last layer: v2 = c12 = 0, Î2 alone is optimal
+    assert np.all(last == 0)
+
+
+def test_sample_size():
+    model, X = make_problem(Problem("2h", "tanh", "categorical", n=9))
+    res = fc.analyze(model, X)
+    eps, conf = 0.1, 0.95
+    M = res.sample_size("i1", eps, conf)
+    budget = (1 - conf) * eps**2 * res.fisher**2
+    assert np.all(res.variance("i1", n_draws=1) / M <= budget * (1 + 1e-12))  # enough
+    assert np.all((M == 1) | (res.variance("i1", n_draws=1) / (M - 1) > budget))  # and the least
+    N = res.sample_size("i2", eps, conf, n_draws=4)
+    assert np.all(res.variance("i2", n_draws=4, n_inputs=1) / N <= budget * (1 + 1e-12))
+    last = res.unflatten(res.sample_size("i2"))["4.weight"]
+    assert np.all(last == 1)  # Î2 exact in the last layer
+
+
+def test_summary_table():
+    model, X = make_problem(Problem("2h", "tanh", "categorical"))
+    res = fc.analyze(model, X)
+    table = res.summary()
+    assert [r.group for r in table] == [g.name for g in model.groups]
+    last = table[-1]
+    assert last.v2 == 0 and last.i2_better == 1.0 and last.rel_std_i2 == 0
+    text = str(table)
+    assert text.splitlines()[0].split() == ["group", "size", "fisher", "v1", "v2", "rel_std_i1", "rel_std_i2",
+                                            "i2_better"]
+    assert len(text.splitlines()) == 1 + len(model.groups)
+    np.testing.assert_allclose(table[0].fisher, np.mean(res.unflatten(res.fisher)["0.weight"]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_results_keep_namespace_dtype_device(backend, family):
+    """Arrays in = arrays out, and the same numbers as the NumPy float64 reference."""
+    p = Problem("2h", "gelu", family, n=10)
+    ref = fc.analyze(*make_problem(p), family_obj(family), batch_size=3)
+    model, X = make_problem(p, backend)
+    res = fc.analyze(model, X, family_obj(family), batch_size=3)
+    for f in FIELDS:
+        got = getattr(res, f)
+        assert array_namespace(got) is backend.xp, f
+        assert got.dtype == X.dtype and device(got) == device(X) and tuple(got.shape) == (ref.fisher.shape[0],)
+        np.testing.assert_allclose(backend.to_numpy(got), getattr(ref, f), rtol=1e-10, atol=1e-14)
+    for extra in (res.alpha(), res.variance("optimal", n_draws=2), res.sample_size("i1")):
+        assert array_namespace(extra) is backend.xp and extra.dtype == X.dtype
+    assert str(res.summary()) == str(ref.summary())
+
+
+def test_float32_follows_float64(backend):
+    p = Problem("2h", "tanh", "categorical", n=10)
+    ref = fc.analyze(*make_problem(p))
+    res = fc.analyze(*make_problem(p, backend, dtype=np.float32))
+    assert res.fisher.dtype == backend.xp.float32
+    # float32 keeps ~7 digits; the statistics are sums of O(C·width) products of O(1) terms,
+    # and v1 subtracts I² from a fourth moment, so allow 1e-4 relative to each field's scale.
+    for f in FIELDS:
+        r = getattr(ref, f)
+        np.testing.assert_allclose(backend.to_numpy(getattr(res, f)), r, rtol=1e-4, atol=1e-4 * np.abs(r).max())

@@ -1,0 +1,94 @@
+"""estimate(): unbiasedness and spread by Monte Carlo, single draws against finite differences of ℓ."""
+
+import numpy as np
+import pytest
+from array_api_compat import array_namespace, device
+from helpers import FAMILIES, Problem, family_obj, make_problem, richardson_derivatives
+
+import fishercore as fc
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", ["tanh", "relu", "softplus"])
+@pytest.mark.parametrize("estimator", ["i1", "i2"])
+def test_single_draw_equals_derivatives_of_sampled_loglik(estimator, activation, family):
+    """One draw of Î1 = (∂ℓ/∂θ_i)², of Î2 = −∂²ℓ/∂θ_i², at the sampled label, by finite differences of ℓ."""
+    fam = family_obj(family)
+    model, X = make_problem(Problem("2h", activation, family, n=2, seed=5))
+    est = fc.estimate(model, X, fam, estimator=estimator, n_draws=1, seed=11)
+    y = fc.sample_labels(model, X, fam, n_draws=1, seed=11)[0]
+    theta = model.flat_parameters()
+    want = np.zeros_like(est)
+    for x in range(X.shape[0]):
+        def loglik(t, x=x):
+            return fam.log_likelihood(model.with_parameters(t).outputs(X[x:x + 1]), y[x:x + 1])[0]
+        for i in range(theta.size):
+            g1, g2 = richardson_derivatives(loglik, theta, i, eps=1e-3)
+            want[i] += (g1 * g1 if estimator == "i1" else -g2) / X.shape[0]
+    np.testing.assert_allclose(est, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("estimator", ["i1", "i2"])
+def test_unbiased_and_variance_by_monte_carlo(estimator, family):
+    """Over K seeds: mean → fisher within 5 standard errors; sample variance → variance() within
+    5 standard errors of a sample variance (√(2/(K−1)) relative, the estimates being sums of many draws)."""
+    fam = family_obj(family)
+    model, X = make_problem(Problem("2h", "tanh", family, n=20, seed=2))
+    res = fc.analyze(model, X, fam)
+    K, M = 400, 3
+    draws = np.stack([fc.estimate(model, X, fam, estimator=estimator, n_draws=M, seed=k) for k in range(K)])
+    var = res.variance(estimator, n_draws=M)
+    exact = var == 0
+    se = np.sqrt(var[~exact] / K)
+    z = (draws.mean(0)[~exact] - res.fisher[~exact]) / se
+    assert np.max(np.abs(z)) < 5, np.max(np.abs(z))
+    np.testing.assert_allclose(draws[:, exact], np.broadcast_to(res.fisher[exact], draws[:, exact].shape),
+                               rtol=1e-12, atol=1e-15)  # v = 0: every draw is exact
+    ratio = draws.var(0, ddof=1)[~exact] / var[~exact]
+    assert np.max(np.abs(ratio - 1)) < 5 * np.sqrt(2 / (K - 1)), np.max(np.abs(ratio - 1))
+
+
+def test_last_layer_single_draw_of_i2_is_exact():
+    model, X = make_problem(Problem("3h", "sigmoid", "categorical"))
+    res = fc.analyze(model, X)
+    est = fc.estimate(model, X, estimator="i2", seed=3)
+    for name in ("6.weight", "6.bias"):
+        np.testing.assert_allclose(res.unflatten(est)[name], res.unflatten(res.fisher)[name], rtol=1e-13)
+
+
+def test_same_seed_same_estimate_any_batch_size():
+    model, X = make_problem(Problem("2h", "gelu", "bernoulli", n=23))
+    a = fc.estimate(model, X, "bernoulli", n_draws=4, seed=7, batch_size=5)
+    b = fc.estimate(model, X, "bernoulli", n_draws=4, seed=7, batch_size=100)
+    np.testing.assert_allclose(a, b, rtol=1e-13)
+    assert not np.allclose(a, fc.estimate(model, X, "bernoulli", n_draws=4, seed=8))
+    rng_a = fc.estimate(model, X, "bernoulli", seed=np.random.default_rng(1))
+    np.testing.assert_array_equal(rng_a, fc.estimate(model, X, "bernoulli", seed=1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empirical_fisher_with_observed_labels(family):
+    fam = family_obj(family)
+    model, X = make_problem(Problem("1h", "tanh", family, n=6))
+    y = fc.sample_labels(model, X, fam, seed=4)[0]
+    np.testing.assert_allclose(fc.estimate(model, X, fam, labels=y), fc.estimate(model, X, fam, seed=4), rtol=1e-13)
+    np.testing.assert_allclose(fc.estimate(model, X, fam, estimator="i2", labels=y),
+                               fc.estimate(model, X, fam, estimator="i2", seed=4), rtol=1e-13)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimates_on_every_backend(backend, family):
+    """Same seed → same labels → same estimate on every array library; arrays in = arrays out."""
+    p = Problem("2h", "softplus", family, n=9)
+    ref_i1 = fc.estimate(*make_problem(p), family_obj(family), n_draws=3, seed=5, batch_size=4)
+    ref_i2 = fc.estimate(*make_problem(p), family_obj(family), estimator="i2", n_draws=3, seed=5)
+    model, X = make_problem(p, backend)
+    i1 = fc.estimate(model, X, family_obj(family), n_draws=3, seed=5, batch_size=4)
+    i2 = fc.estimate(model, X, family_obj(family), estimator="i2", n_draws=3, seed=5)
+    for got, ref in ((i1, ref_i1), (i2, ref_i2)):
+        assert array_namespace(got) is backend.xp and got.dtype == X.dtype and device(got) == device(X)
+        np.testing.assert_allclose(backend.to_numpy(got), ref, rtol=1e-10, atol=1e-14)
+    labels = fc.sample_labels(model, X, family_obj(family), n_draws=2, seed=1)
+    assert array_namespace(labels) is backend.xp
+    assert tuple(labels.shape) == ((2, 9) if family == "categorical" else (2, 9, 3))
