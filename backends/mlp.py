@@ -21,7 +21,8 @@ Index conventions: n input, C output, k/a neuron.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from array_api_compat import array_namespace, device, is_array_api_obj
 
@@ -182,7 +183,8 @@ class MLP:
         n_hidden = len(checked) - 1
         names = [activation] * n_hidden if isinstance(activation, str) else list(activation)
         if len(names) != n_hidden:
-            raise ValueError(f"activation: expected one name or {n_hidden} names (one per hidden layer), got {len(names)}")
+            raise ValueError(f"activation: expected one name or {n_hidden} names (one per hidden layer), "
+                             f"got {len(names)}")
         slope = V.check_positive_real(negative_slope, "negative_slope") if negative_slope != 0 else 0.0
         alpha = V.check_positive_real(alpha, "alpha")
         self.layers = tuple(checked)
@@ -230,8 +232,11 @@ class MLP:
         """``h(X)``, shape (n, C)."""
         return self._forward(X)[0]
 
-    def derivatives(self, X) -> Derivatives:
-        """Outputs and per-layer factors ``(a_{l−1}, ∂h/∂z_l, diag ∂²h/∂z_l²)``."""
+    def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
+        """Outputs and per-layer factors ``(a_{l−1}, ∂h/∂z_l, diag ∂²h/∂z_l²)``.
+
+        ``hessian=False`` skips the second-order factors (``diag_hess`` is None).
+        """
         xp = self.xp
         h, inputs, d1, d2 = self._forward(X)
         n, C, L = X.shape[0], self.n_outputs, len(self.layers)
@@ -247,8 +252,8 @@ class MLP:
             if d2[m] is not None:
                 curv[m] = BW * d2[m][:, None, :]
         # γ_l = Σ_{m ≥ l} K_m @ (∂z_m/∂z_l)², the Jacobian carried forward from l.
-        hess = [xp.zeros_like(jac[L - 1])]
-        for l in range(L - 2, -1, -1):
+        hess = [xp.zeros_like(jac[L - 1])] if hessian else [None] * L
+        for l in range(L - 2, -1, -1) if hessian else ():
             gamma = curv[l] if curv[l] is not None else xp.zeros_like(jac[l])
             J = None
             for m in range(l + 1, L - 1):

@@ -21,7 +21,8 @@ Index conventions: n input, C output, p parameter of the group.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 Array = Any  # any array-API array
 
@@ -76,7 +77,7 @@ class DenseBlock(NamedTuple):
     bias: str | None  # group name of b, shape (out,), or None without bias
     inputs: Array  # (n, in)     layer inputs a
     jac: Array  # (n, C, out)    ∂h/∂z
-    diag_hess: Array  # (n, C, out)  diagonal of ∂²h/∂z², one per output c
+    diag_hess: Array  # (n, C, out)  diagonal of ∂²h/∂z², one per output c (None if not asked for)
 
 
 class ColumnBlock(NamedTuple):
@@ -84,7 +85,7 @@ class ColumnBlock(NamedTuple):
 
     group: str  # group name
     jac: Array  # (n, C, p)       u_i = ∂h/∂θ_i, p = group size, row-major
-    diag_hess: Array  # (n, C, p)  w_i = ∂²h/∂θ_i²
+    diag_hess: Array  # (n, C, p)  w_i = ∂²h/∂θ_i² (None if not asked for)
 
 
 class Derivatives(NamedTuple):
@@ -116,5 +117,9 @@ class Model(Protocol):
     def outputs(self, X: Array, /) -> Array:
         """``h(X)``, shape (n, C)."""
 
-    def derivatives(self, X: Array, /) -> Derivatives:
-        """Outputs and derivative blocks for a batch ``X``."""
+    def derivatives(self, X: Array, /, *, hessian: bool = True) -> Derivatives:
+        """Outputs and derivative blocks for a batch ``X``.
+
+        With ``hessian=False`` the blocks' ``diag_hess`` may be ``None`` (first
+        derivatives suffice for Î1), which saves the model the second-order work.
+        """

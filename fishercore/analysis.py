@@ -61,7 +61,7 @@ class FisherSums(NamedTuple):
 _WEIGHT_POWER = FisherSums(2, None, 4, 4, 4, 4, 4, 4, 4)
 
 
-def fisher_stats(outputs: Array, jac: Array, diag_hess: Array, family, /) -> PerInputStats:
+def fisher_stats(outputs: Array, jac: Array, diag_hess: Array, family, /, *, spectrum=None) -> PerInputStats:
     r"""Per-input diagonal Fisher statistics.
 
     Index conventions: n input, C output, k parameter (or neuron).
@@ -73,6 +73,8 @@ def fisher_stats(outputs: Array, jac: Array, diag_hess: Array, family, /) -> Per
     jac, diag_hess : (n, C, k) arrays
         ``u = ∂h/∂θ_i`` and ``w = ∂²h/∂θ_i²`` for each of k parameters.
     family : Family or str
+    spectrum : Spectrum, optional
+        ``family.spectrum(outputs)``, when the caller already has it.
 
     Returns
     -------
@@ -84,7 +86,8 @@ def fisher_stats(outputs: Array, jac: Array, diag_hess: Array, family, /) -> Per
     family = get_family(family)
     m = family.moments(outputs, jac, diag_hess)
     pu, pw = family.center(jac), family.center(diag_hess)
-    b = variance_bounds(m, family.spectrum(outputs), xp.sum(pu * pu, axis=-2), xp.sum(pw * pw, axis=-2))
+    spectrum = family.spectrum(outputs) if spectrum is None else spectrum
+    b = variance_bounds(m, spectrum, xp.sum(pu * pu, axis=-2), xp.sum(pw * pw, axis=-2))
     return PerInputStats(m.fisher, m.v1, m.v2, m.c12, *b)
 
 
@@ -148,16 +151,17 @@ def _dense_weight_sums(stats: PerInputStats, inputs: Array) -> FisherSums:
     return FisherSums(*sums)
 
 
-def block_sums(outputs: Array, block, family: Family) -> dict:
+def block_sums(outputs: Array, block, family: Family, spectrum=None) -> dict:
     """Sums over the batch for every group of one derivative block: name → FisherSums."""
     if isinstance(block, DenseBlock):
-        stats = fisher_stats(outputs, block.jac, block.diag_hess, family)
+        stats = fisher_stats(outputs, block.jac, block.diag_hess, family, spectrum=spectrum)
         out = {block.weight: _dense_weight_sums(stats, block.inputs)}
         if block.bias is not None:
             out[block.bias] = _sums_over_inputs(stats)
         return out
     if isinstance(block, ColumnBlock):
-        return {block.group: _sums_over_inputs(fisher_stats(outputs, block.jac, block.diag_hess, family))}
+        stats = fisher_stats(outputs, block.jac, block.diag_hess, family, spectrum=spectrum)
+        return {block.group: _sums_over_inputs(stats)}
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")
 
 
@@ -345,7 +349,7 @@ class FisherAnalysis(NamedTuple):
         return xp.maximum(out, xp.ones_like(out))
 
     # -- bookkeeping ---------------------------------------------------------
-    def merge(self, other: "FisherAnalysis") -> "FisherAnalysis":
+    def merge(self, other: FisherAnalysis) -> FisherAnalysis:
         """Combine analyses of disjoint input sets (exact: sums add)."""
         if not isinstance(other, FisherAnalysis):
             raise TypeError(f"other: expected a FisherAnalysis, got {type(other).__name__}")
@@ -393,7 +397,8 @@ def check_model_and_data(model, X, family, batch_size):
     from ._protocol import Model
 
     if not isinstance(model, Model):
-        raise TypeError(f"model: expected a fishercore model (e.g. fishercore.backends.mlp.MLP), got {type(model).__name__}")
+        raise TypeError("model: expected a fishercore model (e.g. fishercore.backends.mlp.MLP), "
+                        f"got {type(model).__name__}")
     family = get_family(family)
     family.check_outputs(model.n_outputs)
     X = model.check_inputs(X)
@@ -403,10 +408,11 @@ def check_model_and_data(model, X, family, batch_size):
     return family, X, V.check_positive_int(batch_size, "batch_size")
 
 
-def check_outputs_finite(h, start, stop):
+def check_outputs_finite(h, start, stop, what="outputs"):
     xp = array_namespace(h)
     if not bool(xp.all(xp.isfinite(h))):
-        raise FloatingPointError(f"model: outputs are NaN or inf for inputs {start}..{stop - 1}")
+        raise FloatingPointError(f"model: {what} are NaN or inf for inputs {start}..{stop - 1} "
+                                 "(overflow in the network; check the weights and input scale)")
 
 
 def analyze(model, X: Array, family="categorical", *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -444,19 +450,21 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int = DEFAULT_
     """
     family, X, batch_size = check_model_and_data(model, X, family, batch_size)
     n = X.shape[0]
+    xp = array_namespace(X)
     sums: dict = {}
     steps = list(_batches(n, batch_size))
     with Progress(len(steps), progress, "analyze") as bar:
         for start, stop in steps:
             d = model.derivatives(X[start:stop, ...])
             check_outputs_finite(d.outputs, start, stop)
+            spectrum = family.spectrum(d.outputs)
             for block in d.blocks:
-                for name, s in block_sums(d.outputs, block, family).items():
+                for name, s in block_sums(d.outputs, block, family, spectrum).items():
+                    check_outputs_finite(xp.stack(s), start, stop, f"statistics of {name!r}")
                     sums[name] = _combine(sums[name], start, s, stop - start) if name in sums else s
             bar.update()
     missing = [g.name for g in model.groups if g.name not in sums]
     if missing:
         raise RuntimeError(f"model: derivative blocks do not cover the groups {missing}")
-    xp = array_namespace(X)
     flat = FisherSums(*(xp.concat([sums[g.name][i] for g in model.groups]) for i in range(len(FisherSums._fields))))
     return FisherAnalysis(flat, n, tuple(model.groups), family)

@@ -56,7 +56,11 @@ def sample_labels(model, X: Array, family="categorical", *, n_draws: int = 1, se
     M = V.check_positive_int(n_draws, "n_draws")
     rng = _rng(seed)
     xp = array_namespace(X)
-    parts = [_draw(family, rng, model.outputs(X[a:b, ...]), M) for a, b in _batches(X.shape[0], batch_size)]
+    parts = []
+    for a, b in _batches(X.shape[0], batch_size):
+        h = model.outputs(X[a:b, ...])
+        check_outputs_finite(h, a, b)
+        parts.append(_draw(family, rng, h, M))
     return xp.concat(parts, axis=1)
 
 
@@ -107,7 +111,7 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     steps = list(_batches(n, batch_size))
     with Progress(len(steps), progress, f"estimate {est}") as bar:
         for start, stop in steps:
-            d = model.derivatives(X[start:stop, ...])
+            d = model.derivatives(X[start:stop, ...], hessian=est == "i2")
             h = d.outputs
             check_outputs_finite(h, start, stop)
             if labels is None:
@@ -117,6 +121,7 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
             s = family.score(h, y)  # (M, b, C)
             for block in d.blocks:
                 for name, value in _block_estimate(h, s, block, family, est, xp).items():
+                    check_outputs_finite(value, start, stop, f"estimates of {name!r}")
                     sums[name] = sums[name] + value if name in sums else value
             bar.update()
     return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
@@ -134,7 +139,8 @@ def _per_input(h, s, jac, diag_hess, family, est, xp):
 def _block_estimate(h, s, block, family, est, xp) -> dict:
     if isinstance(block, DenseBlock):
         per_neuron = _per_input(h, s, block.jac, block.diag_hess, family, est, xp)  # (b, out)
-        out = {block.weight: xp.reshape(xp.matmul(xp.permute_dims(per_neuron, (1, 0)), block.inputs * block.inputs), (-1,))}
+        weight = xp.matmul(xp.permute_dims(per_neuron, (1, 0)), block.inputs * block.inputs)  # a_b² scaling
+        out = {block.weight: xp.reshape(weight, (-1,))}
         if block.bias is not None:
             out[block.bias] = xp.sum(per_neuron, axis=0)
         return out

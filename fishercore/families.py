@@ -181,7 +181,8 @@ class Categorical(Family):
         if not xp.isdtype(labels.dtype, "integral"):
             raise TypeError(f"labels: expected an integer array of class indices, got dtype {labels.dtype}")
         if n and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= C))):
-            raise ValueError(f"labels: class indices must lie in [0, {C}), got {int(xp.min(labels))}..{int(xp.max(labels))}")
+            lo, hi = int(xp.min(labels)), int(xp.max(labels))
+            raise ValueError(f"labels: class indices must lie in [0, {C}), got {lo}..{hi}")
         return labels
 
     def noise(self, rng, n, n_draws, n_outputs):
@@ -287,7 +288,8 @@ class Gaussian(Family):
         xp = array_namespace(outputs, jac, diag_hess)
         fisher = self.fisher(outputs, jac)
         zero = xp.zeros_like(fisher)
-        return Moments(fisher, zero, 2.0 * fisher * fisher, xp.sum(diag_hess * diag_hess, axis=-2) / self.variance, zero)
+        v2 = xp.sum(diag_hess * diag_hess, axis=-2) / self.variance
+        return Moments(fisher, zero, 2.0 * fisher * fisher, v2, zero)
 
     def spectrum(self, outputs):
         xp = array_namespace(outputs)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest

@@ -77,8 +77,8 @@ class AsColumns:
     def outputs(self, X):
         return self.model.outputs(X)
 
-    def derivatives(self, X):
-        d = self.model.derivatives(X)
+    def derivatives(self, X, *, hessian=True):
+        d = self.model.derivatives(X, hessian=hessian)
         blocks = []
         for b in d.blocks:
             blocks.extend(dense_columns(b))
@@ -93,7 +93,7 @@ def dense_columns(block):
     n, C, out = block.jac.shape
     A = block.inputs[:, None, None, :]
     u = xp.reshape(block.jac[:, :, :, None] * A, (n, C, -1))
-    w = xp.reshape(block.diag_hess[:, :, :, None] * A * A, (n, C, -1))
+    w = None if block.diag_hess is None else xp.reshape(block.diag_hess[:, :, :, None] * A * A, (n, C, -1))
     cols = [fc.ColumnBlock(block.weight, u, w)]
     if block.bias is not None:
         cols.append(fc.ColumnBlock(block.bias, block.jac, block.diag_hess))

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 from array_api_compat import array_namespace, device
-from helpers import FAMILIES, Problem, family_obj, make_problem, richardson_derivatives
 
 import fishercore as fc
+from helpers import FAMILIES, Problem, family_obj, make_problem, richardson_derivatives
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,3 +92,13 @@ def test_estimates_on_every_backend(backend, family):
     labels = fc.sample_labels(model, X, family_obj(family), n_draws=2, seed=1)
     assert array_namespace(labels) is backend.xp
     assert tuple(labels.shape) == ((2, 9) if family == "categorical" else (2, 9, 3))
+
+
+@pytest.mark.parametrize("estimator", ["i1", "i2"])
+def test_column_path_estimates_equal_dense_path(estimator):
+    from helpers import AsColumns
+
+    model, X = make_problem(Problem("3h", "elu", "categorical", n=13))
+    a = fc.estimate(model, X, estimator=estimator, n_draws=2, seed=3, batch_size=4)
+    b = fc.estimate(AsColumns(model), X, estimator=estimator, n_draws=2, seed=3, batch_size=6)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15 * np.abs(b).max())

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from helpers import brute_M_spectrum, brute_moments, family_obj, label_space
 
 import fishercore as fc
+from helpers import brute_M_spectrum, brute_moments, family_obj, label_space
 
 RNG = np.random.default_rng(1234)
 CASES = [(name, C, k) for name in ("categorical", "bernoulli") for C in (1, 2, 3, 5) for k in range(3)

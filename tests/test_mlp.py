@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from array_api_compat import array_namespace, device
-from helpers import ACTIVATIONS, ARCHS, full_columns, make_layers, richardson_derivatives
 
 import fishercore as fc
 from fishercore.backends import mlp
+from helpers import ACTIVATIONS, ARCHS, full_columns, make_layers, richardson_derivatives
 
 FD_TOL = 1e-6  # SPEC/issue target: float64 agreement with finite differences ≤ 1e-6 relative
 

@@ -1,0 +1,38 @@
+"""Documentation that runs: the README example prints what the README shows; docs/examples run."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.py"))
+
+
+def _readme_example():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    printed = re.search(r"prints\s*\n+```text\n(.*?)```", section, re.S).group(1)
+    return code, printed
+
+
+def test_readme_example_runs_as_printed():
+    code, printed = _readme_example()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == printed.strip()
+
+
+def test_readme_starts_with_install_and_test_commands():
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    assert blocks[0].strip().startswith("python3 -m pip install")
+    assert blocks[1].strip() == "python3 -m pip install tox && python3 -m tox"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "README.md" in ci  # .ci/run takes the test command from the README itself
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_docs_examples_run(script):
+    subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -1,0 +1,157 @@
+"""Bad input: every entry point × kind of bad argument raises a clear exception naming the argument."""
+
+import numpy as np
+import pytest
+
+import fishercore as fc
+from fishercore.backends import mlp
+from helpers import Problem, make_layers, make_problem
+
+GOOD = make_layers("1h")  # 3 -> 6 -> 4
+X_GOOD = np.random.default_rng(0).normal(size=(5, 3))
+
+
+def _with(i, W=None, b=None):
+    layers = [list(p) for p in GOOD]
+    if W is not None:
+        layers[i][0] = W
+    if b is not None:
+        layers[i][1] = b
+    return [tuple(p) for p in layers]
+
+
+def _nan(a, where=(0, 0)):
+    a = a.copy()
+    a[where] = np.nan
+    return a
+
+
+MLP_CASES = {
+    "empty layers": (lambda: mlp.MLP([]), TypeError, "layers"),
+    "array as layers": (lambda: mlp.MLP(GOOD[0][0]), TypeError, "layers"),
+    "not a pair": (lambda: mlp.MLP([GOOD[0][0]]), TypeError, "layers[0]"),
+    "1-D weight": (lambda: mlp.MLP(_with(0, W=np.ones(3))), ValueError, "layers[0] weight"),
+    "integer weight": (lambda: mlp.MLP(_with(0, W=np.ones((6, 3), dtype=int))), TypeError, "layers[0] weight"),
+    "list weight": (lambda: mlp.MLP(_with(0, W=[[1.0] * 3] * 6)), TypeError, "layers[0] weight"),
+    "chain mismatch": (lambda: mlp.MLP(_with(1, W=np.ones((4, 5)))), ValueError, "layers[1] weight"),
+    "bias shape": (lambda: mlp.MLP(_with(0, b=np.ones(5))), ValueError, "layers[0] bias"),
+    "NaN weight": (lambda: mlp.MLP(_with(0, W=_nan(GOOD[0][0]))), ValueError, "layers[0] weight"),
+    "inf bias": (lambda: mlp.MLP(_with(1, b=np.array([0, np.inf, 0, 0.0]))), ValueError, "layers[1] bias"),
+    "mixed dtypes": (lambda: mlp.MLP(_with(1, W=GOOD[1][0].astype(np.float32))), TypeError, "layers[1] weight"),
+    "bias dtype": (lambda: mlp.MLP(_with(1, b=GOOD[1][1].astype(np.float32))), TypeError, "layers[1] bias"),
+    "unknown activation": (lambda: mlp.MLP(GOOD, "swish"), ValueError, "activation"),
+    "activation count": (lambda: mlp.MLP(GOOD, ["tanh", "relu"]), ValueError, "activation"),
+    "negative alpha": (lambda: mlp.MLP(GOOD, "elu", alpha=-1.0), ValueError, "alpha"),
+}
+
+MODEL = mlp.MLP(GOOD, "tanh")
+ONE_OUT = mlp.MLP([GOOD[0], (np.ones((1, 6)), np.zeros(1))], "tanh")
+HUGE = mlp.MLP([(np.full((6, 3), 1e308), GOOD[0][1]), GOOD[1]], "identity")
+RES = fc.analyze(MODEL, X_GOOD)
+
+ENTRY_POINTS = {"analyze": fc.analyze, "estimate": fc.estimate, "sample_labels": fc.sample_labels}
+
+DATA_CASES = {
+    "X wrong width": (dict(X=np.ones((5, 4))), ValueError, "X"),
+    "X 1-D": (dict(X=np.ones(3)), ValueError, "X"),
+    "X 3-D": (dict(X=np.ones((2, 5, 3))), ValueError, "X"),
+    "X integer": (dict(X=np.ones((5, 3), dtype=int)), TypeError, "X"),
+    "X list": (dict(X=[[0.0] * 3]), TypeError, "X"),
+    "X NaN": (dict(X=_nan(X_GOOD)), ValueError, "X"),
+    "X inf": (dict(X=X_GOOD * np.array([1, np.inf, 1])), ValueError, "X"),
+    "X empty": (dict(X=np.ones((0, 3))), ValueError, "X"),
+    "X float32": (dict(X=X_GOOD.astype(np.float32)), TypeError, "X"),
+    "family unknown": (dict(family="poisson"), ValueError, "family"),
+    "family type": (dict(family=3), TypeError, "family"),
+    "categorical, one output": (dict(model=ONE_OUT), ValueError, "model"),
+    "not a model": (dict(model=GOOD), TypeError, "model"),
+    "batch_size 0": (dict(batch_size=0), ValueError, "batch_size"),
+    "batch_size float": (dict(batch_size=2.5), TypeError, "batch_size"),
+    "outputs overflow": (dict(model=HUGE), FloatingPointError, "model"),
+}
+
+
+def _call(entry, **kw):
+    args = dict(model=MODEL, X=X_GOOD, family="categorical")
+    args.update(kw)
+    return ENTRY_POINTS[entry](args.pop("model"), args.pop("X"), args.pop("family"), **args)
+
+
+@pytest.mark.parametrize("case", list(MLP_CASES))
+def test_bad_mlp(case):
+    fn, exc, name = MLP_CASES[case]
+    with pytest.raises(exc) as info:
+        fn()
+    assert str(info.value).startswith(name), str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns of the overflow, then we raise
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_bad_data_and_options(entry, case):
+    kw, exc, name = DATA_CASES[case]
+    with pytest.raises(exc) as info:
+        _call(entry, **kw)
+    assert str(info.value).startswith(name), str(info.value)
+
+
+ESTIMATE_CASES = {
+    "n_draws 0": (dict(n_draws=0), ValueError, "n_draws"),
+    "n_draws float": (dict(n_draws=1.5), TypeError, "n_draws"),
+    "n_draws bool": (dict(n_draws=True), TypeError, "n_draws"),
+    "estimator": (dict(estimator="i3"), ValueError, "estimator"),
+    "seed": (dict(seed="abc"), TypeError, "seed"),
+    "labels shape": (dict(labels=np.zeros(4, dtype=int)), ValueError, "labels"),
+    "labels float for categorical": (dict(labels=np.zeros(5)), TypeError, "labels"),
+    "labels out of range": (dict(labels=np.array([0, 1, 2, 3, 4])), ValueError, "labels"),
+    "labels negative": (dict(labels=np.array([0, 1, -1, 3, 0])), ValueError, "labels"),
+    "labels with n_draws": (dict(labels=np.zeros(5, dtype=int), n_draws=2), ValueError, "n_draws"),
+    "bernoulli label 0.5": (dict(family="bernoulli", labels=np.full((5, 4), 0.5)), ValueError, "labels"),
+    "gaussian labels NaN": (dict(family="gaussian", labels=_nan(np.zeros((5, 4)))), ValueError, "labels"),
+    "gaussian labels shape": (dict(family="gaussian", labels=np.zeros((5, 3))), ValueError, "labels"),
+}
+
+
+@pytest.mark.parametrize("case", list(ESTIMATE_CASES))
+def test_bad_estimate_arguments(case):
+    kw, exc, name = ESTIMATE_CASES[case]
+    with pytest.raises(exc) as info:
+        _call("estimate", **kw)
+    assert str(info.value).startswith(name), str(info.value)
+
+
+RESULT_CASES = {
+    "variance estimator": (lambda: RES.variance("i3"), ValueError, "estimator"),
+    "variance n_draws": (lambda: RES.variance("i1", n_draws=0), ValueError, "n_draws"),
+    "variance n_inputs": (lambda: RES.variance("i1", n_inputs=0), ValueError, "n_inputs"),
+    "sample_size rel_error": (lambda: RES.sample_size("i1", rel_error=0), ValueError, "rel_error"),
+    "sample_size confidence": (lambda: RES.sample_size("i1", confidence=1.0), ValueError, "confidence"),
+    "sample_size n_draws": (lambda: RES.sample_size("i1", n_draws=-2), ValueError, "n_draws"),
+    "merge other model": (lambda: RES.merge(fc.analyze(*make_problem(Problem("2h", "tanh", "categorical")))),
+                          ValueError, "other"),
+    "gaussian variance 0": (lambda: fc.Gaussian(variance=0), ValueError, "variance"),
+    "gaussian variance -1": (lambda: fc.Gaussian(variance=-1.0), ValueError, "variance"),
+    "gaussian variance nan": (lambda: fc.Gaussian(variance=float("nan")), ValueError, "variance"),
+    "gaussian variance str": (lambda: fc.Gaussian(variance="big"), TypeError, "variance"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESULT_CASES))
+def test_bad_result_and_family_arguments(case):
+    fn, exc, name = RESULT_CASES[case]
+    with pytest.raises(exc) as info:
+        fn()
+    assert str(info.value).startswith(name), str(info.value)
+
+
+def test_mixed_array_libraries(backend):
+    if backend.name == "numpy":
+        pytest.skip("needs a second array library")
+    layers = make_layers("1h")
+    with pytest.raises(TypeError, match=r"^layers\[0\] bias"):
+        mlp.MLP([(backend.asarray(layers[0][0]), layers[0][1]), layers[1]])
+    model = mlp.MLP([(backend.asarray(W), backend.asarray(b)) for W, b in layers])
+    with pytest.raises(TypeError, match="^X: array library"):
+        fc.analyze(model, X_GOOD)
+    with pytest.raises(TypeError, match="^labels"):
+        fc.estimate(model, backend.asarray(X_GOOD), labels=np.zeros(5, dtype=int))
