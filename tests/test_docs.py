@@ -19,9 +19,10 @@ def _readme_example():
     return code, printed
 
 
-def test_readme_example_runs_as_printed():
+def test_readme_example_runs_as_printed(tmp_path):
     code, printed = _readme_example()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    # run from an empty folder, as a user would: the repo root would shadow the installed package
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == printed.strip()
 
 
@@ -34,5 +35,5 @@ def test_readme_starts_with_install_and_test_commands():
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_docs_examples_run(script):
-    subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=ROOT)
+def test_docs_examples_run(script, tmp_path):
+    subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=tmp_path)

@@ -4,13 +4,13 @@ import subprocess
 import sys
 
 
-def test_import_fishercore_imports_no_framework():
+def test_import_fishercore_imports_no_framework(tmp_path):
     code = (
         "import sys, fishercore, fishercore.backends.mlp\n"
         "bad = sorted(m for m in ('torch', 'jax', 'cupy', 'array_api_strict') if m in sys.modules)\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "", f"import fishercore imported {out.stdout.strip()}"
 
 
