@@ -264,12 +264,31 @@ class MLP:
                 if curv[m] is not None:
                     gamma = gamma + xp.matmul(curv[m], J * J)
             hess.insert(0, gamma)
+        return Derivatives(h, self._blocks(inputs, jac, hess))
+
+    def _blocks(self, inputs, jac, hess):
         blocks = []
-        for i in range(L):
-            names = [g.name for g in self.groups if g.name.startswith(f"{2 * i}.")]
-            bias = names[1] if len(names) > 1 else None
-            blocks.append(DenseBlock(names[0], bias, inputs[i], jac[i], hess[i]))
-        return Derivatives(h, tuple(blocks))
+        for i in range(len(self.layers)):
+            bias = f"{2 * i}.bias" if self.layers[i][1] is not None else None
+            blocks.append(DenseBlock(f"{2 * i}.weight", bias, inputs[i], jac[i], hess[i]))
+        return tuple(blocks)
+
+    def pullback(self, X, cotangent_fn) -> Derivatives:
+        """Per-draw ``sᵀ ∂h/∂z_l`` (M, n, n_l) for the scores ``s = cotangent_fn(h)`` (M, n, C).
+
+        Backpropagation of each draw's score, ``g_L = s``,
+        ``g_l = (g_{l+1} W_{l+1}) ⊙ φ'(z_l)``: one backward pass per draw.
+        """
+        xp = self.xp
+        h, inputs, d1, _ = self._forward(X)
+        g = cotangent_fn(h)
+        L = len(self.layers)
+        grads = [None] * L
+        grads[L - 1] = g
+        for m in range(L - 2, -1, -1):
+            g = xp.matmul(g, self.layers[m + 1][0]) * d1[m][None, :, :]
+            grads[m] = g
+        return Derivatives(h, self._blocks(inputs, grads, [None] * L))
 
     # -- conveniences --------------------------------------------------------
     def parameters(self):

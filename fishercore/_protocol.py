@@ -16,7 +16,11 @@ Two kinds of derivative blocks cover every parameter group:
 * :class:`ColumnBlock` for any other parameter group: the full columns
   ``u_i = ∂h/∂θ_i`` and ``w_i = ∂²h/∂θ_i²``, each (n, C, p).
 
-Index conventions: n input, C output, p parameter of the group.
+A model may also offer ``pullback(X, cotangent_fn)`` (see :class:`Model`): the
+vector-Jacobian products ``sᵀ ∂h/∂z`` for a batch of score vectors, one backward
+pass per label draw — all that Î1 needs.
+
+Index conventions: n input, C output, p parameter of the group, m label draw.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ Array = Any  # any array-API array
 
 __all__ = [
     "Array",
+    "weight_flat",
     "ColumnBlock",
     "DenseBlock",
     "Derivatives",
@@ -71,17 +76,26 @@ def make_groups(named_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[Pa
 
 
 class DenseBlock(NamedTuple):
-    """Per-neuron derivative factors of one dense layer ``z = W a + b``."""
+    """Per-neuron derivative factors of one dense layer ``z = W a + b``.
 
-    weight: str  # group name of W, shape (out, in)
+    In a :meth:`Model.pullback` result, ``jac`` holds ``sᵀ ∂h/∂z`` instead,
+    shape (M, n, out), and ``diag_hess`` is None.
+    """
+
+    weight: str  # group name of W, shape (out, in); (in, out) when transposed
     bias: str | None  # group name of b, shape (out,), or None without bias
     inputs: Array  # (n, in)     layer inputs a
     jac: Array  # (n, C, out)    ∂h/∂z
     diag_hess: Array  # (n, C, out)  diagonal of ∂²h/∂z², one per output c (None if not asked for)
+    transposed: bool = False  # True: the weight group is stored (in, out), as Flax's Dense kernel
 
 
 class ColumnBlock(NamedTuple):
-    """Full derivative columns of one parameter group (any architecture)."""
+    """Full derivative columns of one parameter group (any architecture).
+
+    In a :meth:`Model.pullback` result, ``jac`` holds ``sᵀ ∂h/∂θ`` (M, n, p)
+    and ``diag_hess`` is None.
+    """
 
     group: str  # group name
     jac: Array  # (n, C, p)       u_i = ∂h/∂θ_i, p = group size, row-major
@@ -93,6 +107,16 @@ class Derivatives(NamedTuple):
 
     outputs: Array  # (n, C)  h(x)
     blocks: tuple  # DenseBlock | ColumnBlock, covering every group once
+
+
+def weight_flat(block: DenseBlock, per_weight: Array) -> Array:
+    """Flatten a per-weight (out, in) array in the group's own row-major order."""
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(per_weight)
+    if block.transposed:
+        per_weight = xp.permute_dims(per_weight, (1, 0))
+    return xp.reshape(per_weight, (-1,))
 
 
 @runtime_checkable
@@ -123,3 +147,10 @@ class Model(Protocol):
         With ``hessian=False`` the blocks' ``diag_hess`` may be ``None`` (first
         derivatives suffice for Î1), which saves the model the second-order work.
         """
+
+    # Optional, used by estimate(..., "i1") when present:
+    #
+    # def pullback(self, X, cotangent_fn, /) -> Derivatives:
+    #     """h = h(X); s = cotangent_fn(h) of shape (M, n, C); blocks whose ``jac`` is
+    #     sᵀ ∂h/∂z (M, n, out) for dense blocks or sᵀ ∂h/∂θ (M, n, p) for columns:
+    #     per-sample gradients of Σ_c s_c h_c, one backward pass per draw."""

@@ -20,7 +20,7 @@ from array_api_compat import array_namespace
 
 from . import _validation as V
 from ._progress import Progress
-from ._protocol import Array, ColumnBlock, DenseBlock, ParamGroup
+from ._protocol import Array, ColumnBlock, DenseBlock, ParamGroup, weight_flat
 from .bounds import variance_bounds
 from .families import Family, get_family
 
@@ -140,14 +140,14 @@ def _product_centred_ss(F, G, xp):
     return xp.minimum(xp.maximum(out, xp.zeros_like(out)), S2)
 
 
-def _dense_weight_sums(stats: PerInputStats, inputs: Array) -> FisherSums:
-    """Σ_x stat_a(x) a_b(x)^k for every W[a, b], flattened row-major (out, in)."""
-    xp = array_namespace(inputs)
-    sq = inputs * inputs
+def _dense_weight_sums(stats: PerInputStats, block: DenseBlock) -> FisherSums:
+    """Σ_x stat_a(x) a_b(x)^k for every W[a, b], flattened in the group's order."""
+    xp = array_namespace(block.inputs)
+    sq = block.inputs * block.inputs
     powers = {2: sq, 4: sq * sq}
-    sums = [None if k is None else xp.reshape(xp.matmul(xp.permute_dims(s, (1, 0)), powers[k]), (-1,))
+    sums = [None if k is None else weight_flat(block, xp.matmul(xp.permute_dims(s, (1, 0)), powers[k]))
             for s, k in zip((stats.fisher, None) + tuple(stats[1:]), _WEIGHT_POWER)]
-    sums[1] = xp.reshape(_product_centred_ss(stats.fisher, sq, xp), (-1,))
+    sums[1] = weight_flat(block, _product_centred_ss(stats.fisher, sq, xp))
     return FisherSums(*sums)
 
 
@@ -155,7 +155,7 @@ def block_sums(outputs: Array, block, family: Family, spectrum=None) -> dict:
     """Sums over the batch for every group of one derivative block: name → FisherSums."""
     if isinstance(block, DenseBlock):
         stats = fisher_stats(outputs, block.jac, block.diag_hess, family, spectrum=spectrum)
-        out = {block.weight: _dense_weight_sums(stats, block.inputs)}
+        out = {block.weight: _dense_weight_sums(stats, block)}
         if block.bias is not None:
             out[block.bias] = _sums_over_inputs(stats)
         return out
@@ -400,8 +400,8 @@ def check_model_and_data(model, X, family, batch_size):
         raise TypeError("model: expected a fishercore model (e.g. fishercore.backends.mlp.MLP), "
                         f"got {type(model).__name__}")
     family = get_family(family)
-    family.check_outputs(model.n_outputs)
     X = model.check_inputs(X)
+    family.check_outputs(model.n_outputs)
     if X.shape[0] == 0:
         raise ValueError("X: empty data set (0 inputs)")
     V.check_finite(X, "X")

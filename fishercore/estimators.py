@@ -24,7 +24,7 @@ from array_api_compat import array_namespace, device
 
 from . import _validation as V
 from ._progress import Progress
-from ._protocol import Array, ColumnBlock, DenseBlock
+from ._protocol import Array, ColumnBlock, DenseBlock, weight_flat
 from .analysis import DEFAULT_BATCH_SIZE, _batches, check_model_and_data, check_outputs_finite
 
 __all__ = ["estimate", "sample_labels"]
@@ -107,20 +107,30 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
             raise ValueError(f"labels: expected one label per input ({n}), got shape {getattr(labels, 'shape', None)}")
     else:
         rng = _rng(seed)
+    use_pullback = est == "i1" and callable(getattr(model, "pullback", None))
     sums: dict = {}
     steps = list(_batches(n, batch_size))
     with Progress(len(steps), progress, f"estimate {est}") as bar:
         for start, stop in steps:
-            d = model.derivatives(X[start:stop, ...], hessian=est == "i2")
-            h = d.outputs
-            check_outputs_finite(h, start, stop)
-            if labels is None:
-                y = _draw(family, rng, h, M)
+            Xb = X[start:stop, ...]
+
+            def score(h, start=start, stop=stop):
+                check_outputs_finite(h, start, stop)
+                if labels is None:
+                    y = _draw(family, rng, h, M)
+                else:
+                    y = family.check_labels(labels[start:stop, ...], h)[None, ...]
+                return family.score(h, y)  # (M, b, C)
+
+            if use_pullback:  # one backward pass per draw: t = sᵀ ∂h/∂z directly
+                d = model.pullback(Xb, score)
+                per_block = [(b, xp.sum(b.jac * b.jac, axis=0)) for b in d.blocks]
             else:
-                y = family.check_labels(labels[start:stop, ...], h)[None, ...]
-            s = family.score(h, y)  # (M, b, C)
-            for block in d.blocks:
-                for name, value in _block_estimate(h, s, block, family, est, xp).items():
+                d = model.derivatives(Xb, hessian=est == "i2")
+                s = score(d.outputs)
+                per_block = [(b, _per_input(d.outputs, s, b.jac, b.diag_hess, family, est, xp)) for b in d.blocks]
+            for block, per in per_block:
+                for name, value in _aggregate(block, per, xp).items():
                     check_outputs_finite(value, start, stop, f"estimates of {name!r}")
                     sums[name] = sums[name] + value if name in sums else value
             bar.update()
@@ -136,14 +146,18 @@ def _per_input(h, s, jac, diag_hess, family, est, xp):
     return M * family.fisher(h, jac) - xp.sum(_project(s, diag_hess, xp), axis=0)
 
 
-def _block_estimate(h, s, block, family, est, xp) -> dict:
+def _aggregate(block, per, xp) -> dict:
+    """Sum a per-input, per-column (b, k) quantity over the batch, for every group of the block.
+
+    Both estimators scale with a_b² for a dense weight W[a, b] (u and w scale with
+    a_b and a_b², and so do (sᵀu)² and uᵀΛu − sᵀw).
+    """
     if isinstance(block, DenseBlock):
-        per_neuron = _per_input(h, s, block.jac, block.diag_hess, family, est, xp)  # (b, out)
-        weight = xp.matmul(xp.permute_dims(per_neuron, (1, 0)), block.inputs * block.inputs)  # a_b² scaling
-        out = {block.weight: xp.reshape(weight, (-1,))}
+        weight = xp.matmul(xp.permute_dims(per, (1, 0)), block.inputs * block.inputs)
+        out = {block.weight: weight_flat(block, weight)}
         if block.bias is not None:
-            out[block.bias] = xp.sum(per_neuron, axis=0)
+            out[block.bias] = xp.sum(per, axis=0)
         return out
     if isinstance(block, ColumnBlock):
-        return {block.group: xp.sum(_per_input(h, s, block.jac, block.diag_hess, family, est, xp), axis=0)}
+        return {block.group: xp.sum(per, axis=0)}
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")
