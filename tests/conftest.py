@@ -8,34 +8,13 @@ array_api_strict, torch and jax is importable.
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 
-CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
-GPU_BACKENDS = ("cupy", "torch-cuda", "jax-gpu")
-
-
-def _requested() -> tuple[tuple[str, ...], bool]:
-    env = os.environ.get("FISHERCORE_BACKENDS", "").strip()
-    if env:
-        names = tuple(n.strip() for n in env.split(",") if n.strip())
-        unknown = set(names) - set(CPU_BACKENDS) - set(GPU_BACKENDS)
-        if unknown:
-            raise pytest.UsageError(f"FISHERCORE_BACKENDS: unknown backends {sorted(unknown)}")
-        return names, True
-    names = ["numpy"]
-    for mod in ("array_api_strict", "torch", "jax"):
-        if importlib.util.find_spec(mod) is not None:
-            names.append(mod)
-    return tuple(names), False
-
-
-BACKENDS, REQUIRED = _requested()
+from helpers import BACKENDS, DEVIATIONS, REQUIRED
 
 
 class Backend(NamedTuple):
@@ -113,5 +92,20 @@ def xp(backend):
     return backend.xp
 
 
+@pytest.fixture
+def jax_x64():
+    """JAX with float64 enabled (switched on here, inside a fixture, never at import)."""
+    return get_backend("jax")
+
+
 def pytest_report_header(config):
     return f"fishercore backends: {', '.join(BACKENDS)} ({'required' if REQUIRED else 'auto-detected'})"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The largest deviation from the float64 NumPy reference, per backend and dtype."""
+    if not DEVIATIONS:
+        return
+    terminalreporter.section("largest deviation from the float64 NumPy reference (max |got - ref| / max |ref|)")
+    for (kind, dtype), (err, where) in sorted(DEVIATIONS.items()):
+        terminalreporter.write_line(f"{kind:<22} {dtype:<8} {err:.2e}   ({where})")

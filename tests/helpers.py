@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import os
 from typing import NamedTuple
 
 import numpy as np
+import pytest
 
 import fishercore as fc
 from fishercore.backends import mlp
+
+CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+GPU_BACKENDS = ("cupy", "torch-cuda", "jax-gpu")
+
+
+def _requested() -> tuple[tuple[str, ...], bool]:
+    env = os.environ.get("FISHERCORE_BACKENDS", "").strip()
+    if env:
+        names = tuple(n.strip() for n in env.split(",") if n.strip())
+        unknown = set(names) - set(CPU_BACKENDS) - set(GPU_BACKENDS)
+        if unknown:
+            raise pytest.UsageError(f"FISHERCORE_BACKENDS: unknown backends {sorted(unknown)}")
+        return names, True
+    names = ["numpy"]
+    for mod in ("array_api_strict", "torch", "jax"):
+        if importlib.util.find_spec(mod) is not None:
+            names.append(mod)
+    return tuple(names), False
+
+
+BACKENDS, REQUIRED = _requested()
+
+# (backend kind, dtype) -> (largest normwise relative deviation, where); filled by the cross-backend suite
+DEVIATIONS: dict = {}
+
+
+def record_deviation(kind, dtype, err, where):
+    key = (kind, str(dtype))
+    if err > DEVIATIONS.get(key, (-1.0, ""))[0]:
+        DEVIATIONS[key] = (float(err), where)
+
+
+def require_framework(name: str):
+    """Import a framework for a test module: fail if FISHERCORE_BACKENDS names it, else skip if absent."""
+    if not any(b == name or b.startswith(name + "-") for b in BACKENDS):
+        pytest.skip(f"{name} is not among the backends of this run ({', '.join(BACKENDS)})", allow_module_level=True)
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if REQUIRED:
+            raise RuntimeError(f"{name} is required by FISHERCORE_BACKENDS but cannot be imported: {e}") from e
+        pytest.skip(f"{name} not installed", allow_module_level=True)
+
 
 ACTIVATIONS = mlp.ACTIVATIONS
 SMOOTH = ("tanh", "sigmoid", "softplus", "gelu", "elu")

@@ -37,3 +37,24 @@ def test_readme_starts_with_install_and_test_commands():
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_docs_examples_run(script, tmp_path):
     subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=tmp_path)
+
+
+PAGES = sorted((ROOT / "docs").rglob("*.md"))
+
+
+def _page_framework(page):
+    return {"torch.md": "torch", "jax.md": "jax"}.get(page.name)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_docs_pages_run(page, tmp_path):
+    """Every ```python block of a docs page runs (pages of a framework need it selected)."""
+    from helpers import require_framework
+
+    name = _page_framework(page)
+    if name:
+        require_framework(name)
+    code = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S))
+    if not code:
+        pytest.skip("no code on this page")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)

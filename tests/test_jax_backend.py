@@ -1,0 +1,153 @@
+"""The JAX adapter against JAX's own autodiff of the sampled log-likelihood, layouts, and refusals."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fishercore as fc
+from helpers import family_obj, make_layers, require_framework
+
+jax = require_framework("jax")
+import jax.numpy as jnp  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+from fishercore.backends import jax as fc_jax  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _x64(jax_x64):
+    """Every test here runs with float64 enabled, switched on by the fixture (never at import)."""
+
+
+def _pairs(arch="2h", seed=0):
+    return [(jnp.asarray(W), jnp.asarray(b)) for W, b in make_layers(arch, seed)]
+
+
+def _loglik(family, h, y):
+    """ℓ written with jax's own functions (not fishercore's)."""
+    if family.name == "categorical":
+        return jax.nn.log_softmax(h)[y]
+    if family.name == "gaussian":
+        return jnp.sum(jax.scipy.stats.norm.logpdf(y, h, jnp.sqrt(family.variance)))
+    return jnp.sum(y * jax.nn.log_sigmoid(h) + (1 - y) * jax.nn.log_sigmoid(-h))
+
+
+def _apply(activation):
+    act = fc_jax._activation(activation, 0.01, 1.0)
+
+    def apply(params, x):
+        a = x
+        for i, (W, b) in enumerate(params):
+            z = a @ W.T + b
+            a = act(z) if i < len(params) - 1 else z
+        return a
+
+    return apply
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian", "bernoulli"])
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
+def test_single_draw_equals_jax_autodiff(family, activation):
+    """Î1 (one draw) = (jax.grad ℓ)², Î2 (one draw) = −diag jax.hessian ℓ, averaged over inputs."""
+    fam = family_obj(family)
+    params = _pairs("1h", seed=3)
+    X = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3)))
+    model = fc_jax.from_mlp(params, activation)
+    y = fc.sample_labels(model, X, fam, seed=2)[0]
+    flat, unravel = ravel_pytree(params)
+    apply = _apply(activation)
+
+    def ll(theta, x, yi):
+        return _loglik(fam, apply(unravel(theta), x[None])[0], yi)
+
+    g = jnp.stack([jax.grad(ll)(flat, X[i], y[i]) for i in range(3)])
+    H = jnp.stack([jnp.diag(jax.hessian(ll)(flat, X[i], y[i])) for i in range(3)])
+    for est, want in (("i1", jnp.mean(g**2, 0)), ("i2", -jnp.mean(H, 0))):
+        got = fc.estimate(model, X, fam, estimator=est, seed=2)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-13)
+
+
+def test_flax_layout_is_the_transposed_pair_layout():
+    pairs = _pairs("3h", seed=4)
+    flax = [{"kernel": W.T, "bias": b} for W, b in pairs]
+    X = jnp.asarray(np.random.default_rng(0).normal(size=(9, 3)))
+    a = fc.analyze(fc_jax.from_mlp(pairs, "sigmoid"), X, "bernoulli", batch_size=4)
+    b = fc.analyze(fc_jax.from_mlp(flax, "sigmoid"), X, "bernoulli", batch_size=4)
+    assert [g.name for g in a.groups][:2] == ["0.0", "0.1"]
+    assert [(g.name, g.shape) for g in b.groups][:2] == [("0.bias", (4,)), ("0.kernel", (3, 4))]
+    for f in ("fisher", "v1", "v2", "var_x", "v1_upper"):
+        ga, gb = a.unflatten(getattr(a, f)), b.unflatten(getattr(b, f))
+        for i in range(4):
+            np.testing.assert_allclose(gb[f"{i}.kernel"], ga[f"{i}.0"].T, rtol=1e-12, atol=1e-300)
+            np.testing.assert_allclose(gb[f"{i}.bias"], ga[f"{i}.1"], rtol=1e-12, atol=1e-300)
+
+
+def test_from_function_equals_from_mlp_with_dict_params():
+    pairs = _pairs("2h", seed=5)
+    params = {"hidden": [{"w": W, "b": b} for W, b in pairs[:-1]], "head": {"w": pairs[-1][0], "b": pairs[-1][1]}}
+
+    def apply(p, x):
+        a = x
+        for layer in p["hidden"]:
+            a = jnp.tanh(a @ layer["w"].T + layer["b"])
+        return a @ p["head"]["w"].T + p["head"]["b"]
+
+    X = jnp.asarray(np.random.default_rng(2).normal(size=(7, 4)))
+    fn = fc_jax.from_function(apply, params, chunk=9)
+    assert [g.name for g in fn.groups] == ["head.b", "head.w", "hidden.0.b", "hidden.0.w", "hidden.1.b", "hidden.1.w"]
+    a, b = fc.analyze(fn, X, batch_size=3), fc.analyze(fc_jax.from_mlp(pairs, "tanh"), X)
+    ga, gb = a.unflatten(a.v2), b.unflatten(b.v2)
+    np.testing.assert_allclose(ga["hidden.0.w"], gb["0.0"], rtol=1e-10)
+    np.testing.assert_allclose(ga["head.b"], gb["2.1"], atol=0)
+
+
+def test_import_flips_no_global_switch(tmp_path):
+    code = "import jax, fishercore.backends.jax; print(jax.config.jax_enable_x64)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "False"
+
+
+def test_float32_params():
+    params = [(jnp.asarray(W, dtype=jnp.float32), jnp.asarray(b, dtype=jnp.float32)) for W, b in make_layers("1h")]
+    res = fc.analyze(fc_jax.from_mlp(params, "tanh"), jnp.ones((4, 3), dtype=jnp.float32))
+    assert res.fisher.dtype == jnp.float32
+
+
+REFUSALS = {
+    "empty": (lambda: fc_jax.from_mlp([]), TypeError, "params"),
+    "unknown activation": (lambda: fc_jax.from_mlp(_pairs(), "swish"), ValueError, "activation"),
+    "chain mismatch": (lambda: fc_jax.from_mlp([_pairs()[0], _pairs()[0]]), ValueError, "params[1]"),
+    "kernel rank": (lambda: fc_jax.from_mlp([{"kernel": jnp.ones(3), "bias": jnp.ones(3)}]), ValueError, "params[0]"),
+    "extra keys": (lambda: fc_jax.from_mlp([{"kernel": jnp.ones((3, 2)), "scale": jnp.ones(2)}]), ValueError,
+                   "params[0]"),
+    "numpy leaf": (lambda: fc_jax.from_mlp([(np.ones((2, 3)), np.ones(2))]), TypeError, "params: leaf '0.0'"),
+    "integer leaf": (lambda: fc_jax.from_mlp([(jnp.ones((2, 3), dtype=jnp.int32), jnp.ones(2))]), TypeError,
+                     "params: leaf '0.0'"),
+    "NaN leaf": (lambda: fc_jax.from_mlp([(jnp.full((2, 3), jnp.nan), jnp.ones(2))]), ValueError, "params: leaf"),
+    "too many parameters": (lambda: fc_jax.from_function(lambda p, x: x, {"w": jnp.zeros((300, 100))}), ValueError,
+                            "params: 30000 parameters exceed"),
+    "not callable": (lambda: fc_jax.from_function(None, {"w": jnp.zeros(2)}), TypeError, "apply_fn"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals(case):
+    fn, exc, msg = REFUSALS[case]
+    with pytest.raises(exc) as info:
+        fn()
+    assert str(info.value).startswith(msg), str(info.value)
+
+
+@pytest.mark.parametrize("make,exc,msg", [
+    (lambda: np.zeros((4, 3)), TypeError, "X: expected a jax.Array"),
+    (lambda: jnp.zeros((4, 3), dtype=jnp.float32), TypeError, "X: dtype float32 differs"),
+    (lambda: jnp.zeros((4, 5)), ValueError, "X: expected 3 features"),
+    (lambda: jnp.zeros((4, 3), dtype=jnp.int32), TypeError, "X: expected a real floating"),
+], ids=["numpy", "float32", "width", "integer"])
+def test_bad_inputs(make, exc, msg):
+    X = make()  # made inside the test, after the fixture enabled float64
+    with pytest.raises(exc) as info:
+        fc.analyze(fc_jax.from_mlp(_pairs("1h"), "tanh"), X)
+    assert str(info.value).startswith(msg), str(info.value)

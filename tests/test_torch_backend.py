@@ -1,0 +1,212 @@
+"""The torch adapter against torch's own autodiff of the sampled log-likelihood, BackPACK, and refusals."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import fishercore as fc
+from helpers import REQUIRED, family_obj, require_framework
+
+torch = require_framework("torch")
+from fishercore.backends import torch as fc_torch  # noqa: E402
+
+F64 = torch.float64
+
+
+def _net(*widths, act=torch.nn.Tanh, seed=0):
+    torch.manual_seed(seed)
+    mods = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        mods.append(torch.nn.Linear(a, b))
+        if i < len(widths) - 2:
+            mods.append(act())
+    return torch.nn.Sequential(*mods).to(F64)
+
+
+def _loglik(family, h, y):
+    """ℓ written with torch's own functions (not fishercore's)."""
+    if family.name == "categorical":
+        return torch.log_softmax(h, -1).gather(-1, y[..., None])[..., 0]
+    if family.name == "gaussian":
+        return torch.distributions.Normal(h, family.variance ** 0.5).log_prob(y).sum(-1)
+    return -torch.nn.functional.binary_cross_entropy_with_logits(h, y, reduction="none").sum(-1)
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian", "bernoulli"])
+@pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.Softplus, torch.nn.ReLU])
+def test_single_draw_equals_torch_autodiff(family, act):
+    """Î1 (one draw) = (torch.func.grad ℓ)²; Î2 (one draw) = −diag torch.func.hessian ℓ, per input, averaged."""
+    fam = family_obj(family)
+    net = _net(3, 4, 3, act=act, seed=1)
+    X = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    model = fc_torch.from_sequential(net)
+    y = fc.sample_labels(model, X, fam, seed=5)[0]
+    names = [n for n, _ in net.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    shapes = [p.shape for p in net.parameters()]
+
+    def ll(theta, x, yi):
+        parts, k = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = theta[k:k + s.numel()].reshape(s)
+            k += s.numel()
+        return _loglik(fam, torch.func.functional_call(net, parts, (x[None],))[0], yi)
+
+    g = torch.stack([torch.func.grad(ll)(flat, X[i], y[i]) for i in range(3)])
+    H = torch.stack([torch.diagonal(torch.func.hessian(ll)(flat, X[i], y[i])) for i in range(3)])
+    for est, want in (("i1", (g**2).mean(0)), ("i2", -H.mean(0))):
+        got = fc.estimate(model, X, fam, estimator=est, seed=5)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # BackPACK's own hooks
+def test_fisher_matches_backpack_diag_ggn_exact():
+    """BackPACK's DiagGGNExact: CrossEntropyLoss(mean) = categorical Fisher; MSELoss(mean) = Gaussian Fisher with
+    σ² = ½ divided by C (the mean runs over the n·C squared errors: ℓ = −Σ(h − y)², Hessian 2I/(nC))."""
+    if not REQUIRED:  # the torch tox environment installs it; elsewhere it is optional
+        pytest.importorskip("backpack")
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    net = _net(5, 7, 6, 4, seed=3)
+    X = torch.randn(13, 5, dtype=F64, generator=torch.Generator().manual_seed(4))
+    for loss, y, family, scale in (
+        (torch.nn.CrossEntropyLoss(reduction="mean"), torch.randint(0, 4, (13,)), "categorical", 1.0),
+        (torch.nn.MSELoss(reduction="mean"), torch.randn(13, 4, dtype=F64), fc.Gaussian(variance=0.5), 1 / 4),
+    ):
+        bp_net = extend(copy.deepcopy(net))  # BackPACK's hooks stay on the copy
+        with backpack(DiagGGNExact()):
+            extend(loss)(bp_net(X), y).backward()
+        want = torch.cat([p.diag_ggn_exact.reshape(-1) for p in bp_net.parameters()])
+        got = fc.analyze(fc_torch.from_sequential(net), X, family, batch_size=5).fisher * scale
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+class Skip(torch.nn.Module):
+    """Skip connection and a custom forward: from_module's case."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.hid, self.out = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.inp(x))
+        return self.out(a + torch.nn.functional.gelu(self.hid(a), approximate="tanh"))
+
+
+@pytest.mark.parametrize("family", ["categorical", "bernoulli"])
+def test_from_module_equals_full_columns_of_the_same_module(family):
+    """Per-neuron factors by output perturbation = exact full columns by jacrev/jvp over the parameters."""
+    net = Skip().to(F64)
+    X = torch.randn(10, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    full = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)), params, chunk=17)
+    a = fc.analyze(fc_torch.from_module(net), X, family, batch_size=3)
+    b = fc.analyze(full, X, family, batch_size=4)
+    assert [g.name for g in a.groups] == ["inp.weight", "inp.bias", "hid.weight", "hid.bias", "out.weight", "out.bias"]
+    for f in ("fisher", "v1", "v2", "c12", "var_x", "v1_upper", "v2_lower"):
+        torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-10, atol=1e-14)
+    for est in ("i1", "i2"):
+        got = fc.estimate(fc_torch.from_module(net), X, family, estimator=est, seed=1, n_draws=2)
+        want = fc.estimate(full, X, family, estimator=est, seed=1, n_draws=2)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_flatten_first_and_image_inputs():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.Sigmoid(), torch.nn.Linear(5, 3))
+    net = net.to(F64)
+    X = torch.randn(7, 3, 4, dtype=F64)
+    res = fc.analyze(fc_torch.from_sequential(net), X, batch_size=3)
+    flat = torch.nn.Sequential(*list(net)[1:])
+    torch.testing.assert_close(res.fisher, fc.analyze(fc_torch.from_sequential(flat), X.reshape(7, 12)).fisher)
+    assert [g.name for g in res.groups] == ["1.weight", "1.bias", "3.weight", "3.bias"]
+
+
+def test_gelu_exact_form_uses_torch_autodiff():
+    """GELU(approximate='none') has no closed form in the hand-written MLP, but torch's autodiff handles it."""
+    net = _net(3, 5, 2, act=torch.nn.GELU, seed=2)
+    X = torch.randn(6, 3, dtype=F64)
+    model = fc_torch.from_sequential(net)
+    full = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)),
+                                  {k: v.detach() for k, v in net.named_parameters()})
+    torch.testing.assert_close(fc.analyze(model, X).v2, fc.analyze(full, X).v2, rtol=1e-10, atol=1e-14)
+
+
+def test_float32_module():
+    net = _net(3, 5, 2, seed=4).float()
+    res = fc.analyze(fc_torch.from_sequential(net), torch.randn(6, 3))
+    assert res.fisher.dtype == torch.float32
+
+
+class Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.scale = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def _seq(*mods):
+    return fc_torch.from_sequential(torch.nn.Sequential(*mods))
+
+
+REFUSALS = {
+    "conv layer": (lambda: _seq(torch.nn.Linear(4, 4), torch.nn.Conv1d(1, 1, 1)), ValueError,
+                   "module: layer '1' (Conv1d)"),
+    "flatten not first": (lambda: _seq(torch.nn.Linear(4, 4), torch.nn.Flatten()), ValueError,
+                          "module: layer '1' (Flatten)"),
+    "no linear": (lambda: fc_torch.from_sequential(torch.nn.Sequential(torch.nn.Tanh())), ValueError, "module"),
+    "not sequential": (lambda: fc_torch.from_sequential(Skip()), TypeError, "module"),
+    "not a module": (lambda: fc_torch.from_module(3), TypeError, "module"),
+    "non-linear parameter": (lambda: fc_torch.from_module(Scaled()), ValueError, "module: parameter 'scale'"),
+    "too many parameters": (lambda: fc_torch.from_function(lambda p, x: x, {"w": torch.zeros(300, 100)}),
+                            ValueError, "params: 30000 parameters exceed the exact full-column path's limit of 20000"),
+    "function not callable": (lambda: fc_torch.from_function(3, {"w": torch.zeros(2)}), TypeError, "fn"),
+    "NaN weight": (lambda: fc_torch.from_function(lambda p, x: x, {"w": torch.tensor([float("nan")])}),
+                   ValueError, "params: parameter 'w' contains NaN"),
+    "backward hooks": (lambda: fc_torch.from_sequential(_hooked()), ValueError, "module: submodules"),
+}
+
+
+def _hooked():
+    net = _net(2, 2)
+    net[0].register_full_backward_hook(lambda *a: None)
+    return net
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals(case):
+    fn, exc, msg = REFUSALS[case]
+    with pytest.raises(exc) as info:
+        fn()
+    assert str(info.value).startswith(msg), str(info.value)
+
+
+def test_linear_applied_twice_is_refused():
+    with pytest.raises(ValueError, match="^module: nn.Linear 'lin' is applied 2 times"):
+        fc.analyze(fc_torch.from_module(Twice().to(F64)), torch.randn(4, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("X,exc,msg", [
+    (np.zeros((4, 3)), TypeError, "X: expected a torch.Tensor"),
+    (torch.zeros(4, 3), TypeError, "X: dtype torch.float32 differs"),
+    (torch.zeros(4, 3, dtype=torch.int64), TypeError, "X: expected a real floating"),
+    (torch.zeros(4, 5, dtype=F64), ValueError, "X: the module cannot run"),
+    (torch.zeros(3, dtype=F64), ValueError, "X: expected a batch"),
+])
+def test_bad_inputs(X, exc, msg):
+    with pytest.raises(exc) as info:
+        fc.analyze(fc_torch.from_sequential(_net(3, 4, 2)), X)
+    assert str(info.value).startswith(msg), str(info.value)
