@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from array_api_compat import device
 
 from fishercore._protocol import ColumnBlock, DenseBlock, Derivatives, make_groups
+from fishercore._validation import check_full_column_budget
 
 __all__ = ["ACTIVATIONS", "JaxFunction", "JaxMLP", "from_function", "from_mlp"]
 
@@ -258,11 +259,7 @@ class JaxFunction:
         self.device = device(leaves[0])
         self.apply_fn, self.params, self.leaves, self.treedef = apply_fn, params, leaves, treedef
         self.groups = make_groups([(n, tuple(leaf.shape)) for n, leaf in zip(names, leaves)])
-        P = sum(g.size for g in self.groups)
-        if P > max_params:
-            raise ValueError(f"params: {P} parameters exceed the exact full-column path's limit of {max_params} "
-                             "(its cost grows with P × n forward passes); raise max_params, or use from_mlp, "
-                             "whose cost grows with the layer widths")
+        check_full_column_budget(self.groups, max_params, "from_mlp")
         self.chunk = int(chunk)
         self.n_outputs = None
         self._jac = jax.jit(vmap(jacrev(self._single), in_axes=(None, 0)))

@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from fishercore._protocol import ColumnBlock, DenseBlock, Derivatives, make_groups
+from fishercore._validation import check_full_column_budget
 
 __all__ = ["ELEMENTWISE", "TorchFunction", "TorchModule", "from_function", "from_module", "from_sequential"]
 
@@ -288,11 +289,7 @@ class TorchFunction:
         self.params = {str(k): v.detach() for k, v in params.items()}
         self.dtype, self.device = _model_dtype_device(self.params, "params")
         self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
-        P = sum(g.size for g in self.groups)
-        if P > max_params:
-            raise ValueError(f"params: {P} parameters exceed the exact full-column path's limit of {max_params} "
-                             "(its cost grows with P × n forward passes); raise max_params, or use "
-                             "from_sequential/from_module, whose cost grows with the layer widths")
+        check_full_column_budget(self.groups, max_params, "from_sequential/from_module")
         self.chunk = int(chunk)
         self.n_outputs = None
 

@@ -10,8 +10,8 @@ import numbers
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-__all__ = ["check_choice", "check_finite", "check_floating_array", "check_positive_int", "check_positive_real",
-           "check_probability"]
+__all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_positive_int",
+           "check_positive_real", "check_probability"]
 
 
 def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
@@ -47,6 +47,16 @@ def check_choice(value, name: str, choices) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
         raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
     return value.lower()
+
+
+def check_full_column_budget(groups, max_params: int, alternative: str) -> int:
+    """The exact full-column path costs P × n forward passes: refuse more than ``max_params``."""
+    P = sum(g.size for g in groups)
+    if P > max_params:
+        raise ValueError(f"params: {P} parameters exceed the exact full-column path's limit of {max_params} "
+                         f"(its cost grows with P × n forward passes); raise max_params, or use {alternative}, "
+                         "whose cost grows with the layer widths")
+    return P
 
 
 def check_probability(x, name: str) -> float:

@@ -50,6 +50,9 @@ def _make_backend(name: str) -> Backend:
         import jax
 
         jax.config.update("jax_enable_x64", True)  # inside the fixture, never at import
+        # On GPUs JAX multiplies float32 matrices in TF32 by default (~3 digits; 6e-4 seen on an
+        # H200); the float32 tolerance assumes true float32 products.
+        jax.config.update("jax_default_matmul_precision", "highest")
         platform = "gpu" if name == "jax-gpu" else "cpu"
         dev = jax.devices(platform)[0]
 
@@ -95,7 +98,7 @@ def xp(backend):
 @pytest.fixture
 def jax_x64():
     """JAX with float64 enabled (switched on here, inside a fixture, never at import)."""
-    return get_backend("jax")
+    return get_backend("jax-gpu" if "jax" not in BACKENDS and "jax-gpu" in BACKENDS else "jax")
 
 
 def pytest_report_header(config):

@@ -25,7 +25,7 @@ from array_api_compat import array_namespace
 
 import fishercore as fc
 from fishercore.backends import mlp
-from helpers import ACTIVATIONS, ARCHS, BACKENDS, Problem, family_obj, make_layers, record_deviation
+from helpers import ACTIVATIONS, ARCHS, BACKENDS, Problem, family_obj, jax_mlp_apply, make_layers, record_deviation
 
 FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
 N, BATCH = 11, 4  # the batch size does not divide n
@@ -82,55 +82,49 @@ class _Stack:
         return Stack()
 
 
-def _jax_apply(activation):
-    from fishercore.backends import jax as fc_jax
-
-    act = fc_jax._activation(activation, 0.01, 1.0)
-
-    def apply(params, x):
-        a = x
-        for i, (W, b) in enumerate(params):
-            z = a @ W.T + b
-            a = act(z) if i < len(params) - 1 else z
-        return a
-
-    return apply
-
-
 def build(kind, p: Problem, dtype):
     """(model, X, to_ref) with to_ref mapping a flat result to the reference's flat order (numpy)."""
     layers = [(W.astype(dtype), b.astype(dtype)) for W, b in make_layers(p.arch, p.seed)]
     X = np.random.default_rng(p.seed + 1).normal(size=(p.n, ARCHS[p.arch][0])).astype(dtype)
-    if kind == "mlp-torch-tensors" or kind.startswith("torch"):
+    if kind == "mlp-cupy":
+        import cupy
+
+        return mlp.MLP([(cupy.asarray(W), cupy.asarray(b)) for W, b in layers], p.activation), cupy.asarray(X), \
+            cupy.asnumpy
+    if kind.startswith(("mlp-torch", "torch")):
         import torch
 
-        Xt = torch.from_numpy(X)
+        dev = "cuda" if kind.endswith("-cuda") else "cpu"
+        Xt = torch.from_numpy(X).to(dev)
         to_ref = lambda a: a.detach().cpu().numpy()  # noqa: E731
-        if kind == "mlp-torch-tensors":
-            return mlp.MLP([(torch.from_numpy(W), torch.from_numpy(b)) for W, b in layers], p.activation), Xt, to_ref
+        if kind.startswith("mlp-torch"):
+            return mlp.MLP([(torch.from_numpy(W).to(dev), torch.from_numpy(b).to(dev)) for W, b in layers],
+                           p.activation), Xt, to_ref
         from fishercore.backends import torch as fc_torch
 
-        if kind == "torch-sequential":
-            return fc_torch.from_sequential(_torch_sequential(layers, p.activation, dtype)), Xt, to_ref
+        if kind.startswith("torch-sequential"):
+            return fc_torch.from_sequential(_torch_sequential(layers, p.activation, dtype).to(dev)), Xt, to_ref
         if kind == "torch-module":
             return fc_torch.from_module(_Stack.build(layers, p.activation, dtype)), Xt, to_ref
         seq = _torch_sequential(layers, p.activation, dtype)
         params = {k: v.detach() for k, v in seq.named_parameters()}
         fn = lambda prm, x: torch.func.functional_call(seq, prm, (x,))  # noqa: E731
         return fc_torch.from_function(fn, params), Xt, to_ref
+    import jax
     import jax.numpy as jnp
 
     from fishercore.backends import jax as fc_jax
 
-    Xj = jnp.asarray(X)
-    pairs = [(jnp.asarray(W), jnp.asarray(b)) for W, b in layers]
+    dev = jax.devices("gpu" if kind.endswith("-gpu") else "cpu")[0]
+    Xj = jax.device_put(X, dev)
+    pairs = [(jax.device_put(W, dev), jax.device_put(b, dev)) for W, b in layers]
     to_ref = np.asarray
-    if kind == "mlp-jax-arrays":
+    if kind.startswith("mlp-jax"):
         return mlp.MLP(pairs, p.activation), Xj, to_ref
-    if kind == "jax-mlp":
+    if kind.startswith("jax-mlp") and kind != "jax-mlp-flax":
         return fc_jax.from_mlp(pairs, p.activation), Xj, to_ref
     if kind == "jax-function":
-        return fc_jax.from_function(_jax_apply(p.activation), pairs), Xj, to_ref
+        return fc_jax.from_function(jax_mlp_apply(p.activation), pairs), Xj, to_ref
     # Flax layout: groups in pytree order ("i.bias", "i.kernel"), kernels (in, out)
     model = fc_jax.from_mlp([{"kernel": jnp.asarray(W.T), "bias": jnp.asarray(b)} for W, b in layers],
                             p.activation)
@@ -150,12 +144,21 @@ def _kinds():
         kinds += ["mlp-torch-tensors", "torch-sequential", "torch-module", "torch-function"]
     if "jax" in BACKENDS:
         kinds += ["mlp-jax-arrays", "jax-mlp", "jax-mlp-flax", "jax-function"]
+    if "cupy" in BACKENDS:
+        kinds += ["mlp-cupy"]
+    if "torch-cuda" in BACKENDS:
+        kinds += ["mlp-torch-cuda", "torch-sequential-cuda"]
+    if "jax-gpu" in BACKENDS:
+        kinds += ["mlp-jax-gpu", "jax-mlp-gpu"]
     return kinds
 
 
 KINDS = _kinds()
-# the full-column paths cost P × n forward passes: run them on one architecture
-CASES = [(p, k) for p in PROBLEMS for k in KINDS if not (k.endswith("function") and p.arch != "2h")]
+GPU_KINDS = ("mlp-cupy", "mlp-torch-cuda", "torch-sequential-cuda", "mlp-jax-gpu", "jax-mlp-gpu")
+# the full-column paths cost P × n forward passes, and a GPU check must fit in minutes:
+# those run on the 2-hidden-layer problems (still every activation and family)
+CASES = [(p, k) for p in PROBLEMS for k in KINDS
+         if p.arch == "2h" or not (k.endswith("function") or k in GPU_KINDS)]
 
 
 def _compare(got, ref, rtol, label, kind, dtype):
@@ -190,7 +193,7 @@ def _check(p, kind, dtype, rtol):
 
 @pytest.mark.parametrize("p,kind", CASES, ids=[f"{p.id}-{k}-float64" for p, k in CASES])
 def test_float64_agrees_with_numpy_reference(p, kind, request):
-    if kind.startswith("jax") or kind == "mlp-jax-arrays":
+    if "jax" in kind:
         request.getfixturevalue("jax_x64")
     _check(p, kind, "float64", 1e-10)
 
@@ -200,6 +203,6 @@ CASES32 = [(p, k) for p in FLOAT32 for k in KINDS if not k.endswith("function")]
 
 @pytest.mark.parametrize("p,kind", CASES32, ids=[f"{p.id}-{k}-float32" for p, k in CASES32])
 def test_float32_within_stated_tolerance(p, kind, request):
-    if kind.startswith("jax") or kind == "mlp-jax-arrays":
+    if "jax" in kind:
         request.getfixturevalue("jax_x64")  # float32 arrays side by side with the float64 reference
     _check(p, kind, "float32", 1e-4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fishercore as fc
-from helpers import family_obj, make_layers, require_framework
+from helpers import assert_raises_named, family_obj, jax_mlp_apply, make_layers, require_framework
 
 jax = require_framework("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -34,19 +34,6 @@ def _loglik(family, h, y):
     return jnp.sum(y * jax.nn.log_sigmoid(h) + (1 - y) * jax.nn.log_sigmoid(-h))
 
 
-def _apply(activation):
-    act = fc_jax._activation(activation, 0.01, 1.0)
-
-    def apply(params, x):
-        a = x
-        for i, (W, b) in enumerate(params):
-            z = a @ W.T + b
-            a = act(z) if i < len(params) - 1 else z
-        return a
-
-    return apply
-
-
 @pytest.mark.parametrize("family", ["categorical", "gaussian", "bernoulli"])
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
 def test_single_draw_equals_jax_autodiff(family, activation):
@@ -57,7 +44,7 @@ def test_single_draw_equals_jax_autodiff(family, activation):
     model = fc_jax.from_mlp(params, activation)
     y = fc.sample_labels(model, X, fam, seed=2)[0]
     flat, unravel = ravel_pytree(params)
-    apply = _apply(activation)
+    apply = jax_mlp_apply(activation)
 
     def ll(theta, x, yi):
         return _loglik(fam, apply(unravel(theta), x[None])[0], yi)
@@ -134,10 +121,7 @@ REFUSALS = {
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusals(case):
-    fn, exc, msg = REFUSALS[case]
-    with pytest.raises(exc) as info:
-        fn()
-    assert str(info.value).startswith(msg), str(info.value)
+    assert_raises_named(*REFUSALS[case])
 
 
 @pytest.mark.parametrize("make,exc,msg", [
@@ -148,6 +132,4 @@ def test_refusals(case):
 ], ids=["numpy", "float32", "width", "integer"])
 def test_bad_inputs(make, exc, msg):
     X = make()  # made inside the test, after the fixture enabled float64
-    with pytest.raises(exc) as info:
-        fc.analyze(fc_jax.from_mlp(_pairs("1h"), "tanh"), X)
-    assert str(info.value).startswith(msg), str(info.value)
+    assert_raises_named(lambda: fc.analyze(fc_jax.from_mlp(_pairs("1h"), "tanh"), X), exc, msg)

@@ -5,7 +5,7 @@ import pytest
 
 import fishercore as fc
 from fishercore.backends import mlp
-from helpers import Problem, make_layers, make_problem
+from helpers import Problem, assert_raises_named, make_layers, make_problem
 
 GOOD = make_layers("1h")  # 3 -> 6 -> 4
 X_GOOD = np.random.default_rng(0).normal(size=(5, 3))
@@ -79,10 +79,7 @@ def _call(entry, **kw):
 
 @pytest.mark.parametrize("case", list(MLP_CASES))
 def test_bad_mlp(case):
-    fn, exc, name = MLP_CASES[case]
-    with pytest.raises(exc) as info:
-        fn()
-    assert str(info.value).startswith(name), str(info.value)
+    assert_raises_named(*MLP_CASES[case])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns of the overflow, then we raise
@@ -90,9 +87,7 @@ def test_bad_mlp(case):
 @pytest.mark.parametrize("case", list(DATA_CASES))
 def test_bad_data_and_options(entry, case):
     kw, exc, name = DATA_CASES[case]
-    with pytest.raises(exc) as info:
-        _call(entry, **kw)
-    assert str(info.value).startswith(name), str(info.value)
+    assert_raises_named(lambda: _call(entry, **kw), exc, name)
 
 
 ESTIMATE_CASES = {
@@ -115,9 +110,7 @@ ESTIMATE_CASES = {
 @pytest.mark.parametrize("case", list(ESTIMATE_CASES))
 def test_bad_estimate_arguments(case):
     kw, exc, name = ESTIMATE_CASES[case]
-    with pytest.raises(exc) as info:
-        _call("estimate", **kw)
-    assert str(info.value).startswith(name), str(info.value)
+    assert_raises_named(lambda: _call("estimate", **kw), exc, name)
 
 
 RESULT_CASES = {
@@ -138,10 +131,7 @@ RESULT_CASES = {
 
 @pytest.mark.parametrize("case", list(RESULT_CASES))
 def test_bad_result_and_family_arguments(case):
-    fn, exc, name = RESULT_CASES[case]
-    with pytest.raises(exc) as info:
-        fn()
-    assert str(info.value).startswith(name), str(info.value)
+    assert_raises_named(*RESULT_CASES[case])
 
 
 def test_mixed_array_libraries(backend):
