@@ -1,0 +1,155 @@
+"""`fishercore report` end to end on tiny configurations: files, numbers, errors, interruption."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import BACKENDS
+
+pytest.importorskip("matplotlib")  # the report extra; installed by every tox environment
+from fishercore.report import cli  # noqa: E402
+
+TINY = ["--epochs", "2", "--hidden", "6,5", "--quiet"]
+
+
+def _run(tmp_path, *args):
+    return cli.main(["report", "--out", str(tmp_path / "out"), *TINY, *args])
+
+
+def _check_fisher_outputs(out, epochs=2):
+    for name in ("report.html", "report.md", "results.json", "results.csv", "fisher_grid.png", "i2_better.png",
+                 "sample_size.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert [e["epoch"] for e in res["epochs"]] == list(range(epochs + 1))
+    groups = res["epochs"][-1]["groups"]
+    last = [g for g in groups if g.startswith(sorted({g.split(".")[0] for g in groups}, key=int)[-1] + ".")]
+    assert last and all(groups[g]["v2"] == 0 and groups[g]["v2_max"] == 0 for g in last)  # Î2 exact
+    for e in res["epochs"]:
+        for g, r in e["groups"].items():
+            assert r["bounds_hold"], (e["epoch"], g)  # every parameter: lower ≤ v ≤ upper
+            assert r["v1_lower"] <= r["v1"] * (1 + 1e-9) <= r["v1_upper"] * (1 + 1e-9) + 1e-300
+            assert r["v2_lower"] <= r["v2"] * (1 + 1e-9) <= r["v2_upper"] * (1 + 1e-9) + 1e-300
+            assert r["fisher"] > 0 and 0 <= r["i2_better"] <= 1
+    rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + (epochs + 1) * len(groups)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "src=\"fisher_grid.png\"" not in html  # standalone
+    md = (out / "report.md").read_text()
+    assert "Î2 is exact" in md and "bounds bracket the exact variances" in md
+    return res
+
+
+def test_default_classification_study_tiny(tmp_path):
+    assert _run(tmp_path, "--backend", "numpy") == 0
+    res = _check_fisher_outputs(tmp_path / "out")
+    assert res["config"]["dataset"] == "digits" and res["config"]["widths"] == [64, 6, 5, 10]
+    assert 0 <= res["epochs"][-1]["test_accuracy"] <= 1
+    assert res["epochs"][-1]["train_loss"] < res["epochs"][0]["train_loss"]  # it trained
+
+
+def test_regression_study_tiny(tmp_path):
+    assert _run(tmp_path, "--backend", "numpy", "--task", "regression", "--activation", "tanh") == 0
+    res = _check_fisher_outputs(tmp_path / "out")
+    assert res["config"]["dataset"] == "diabetes" and res["config"]["family"] == "Gaussian(variance=1.0)"
+    for r in res["epochs"][-1]["groups"].values():  # Gaussian: v1 = 2 I² per input, and the bounds are tight
+        assert r["v1_lower"] == pytest.approx(r["v1"], rel=1e-9) == r["v1_upper"]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "jax") if b in BACKENDS])
+def test_study_on_framework_backends_matches_numpy(tmp_path, backend):
+    """Same initial weights, minibatches and Adam: the framework's own training gives the same study."""
+    assert cli.main(["report", "--out", str(tmp_path / "np"), *TINY, "--backend", "numpy"]) == 0
+    assert cli.main(["report", "--out", str(tmp_path / backend), *TINY, "--backend", backend]) == 0
+    a = json.loads((tmp_path / "np" / "results.json").read_text())["epochs"][-1]
+    b = _check_fisher_outputs(tmp_path / backend)["epochs"][-1]
+    assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-8)
+    for g, r in a["groups"].items():
+        assert b["groups"][g]["fisher"] == pytest.approx(r["fisher"], rel=1e-6)
+
+
+def test_natural_gradient_study(tmp_path):
+    assert _run(tmp_path, "--study", "natural-gradient") == 0
+    out = tmp_path / "out"
+    res = json.loads((out / "results.json").read_text())
+    runs = {(r["problem"], r["method"]): r for r in res["runs"]}
+    assert len(runs) == 6
+    for problem in ("linear regression", "logistic regression"):
+        # the models are linear in θ: Î2 equals the exact diagonal draw by draw, so the runs coincide
+        np.testing.assert_allclose(runs[(problem, "i2")]["mean_test_nll"], runs[(problem, "exact")]["mean_test_nll"],
+                                   rtol=1e-10)
+        assert runs[(problem, "exact")]["mean_test_nll"][-1] < runs[(problem, "exact")]["mean_test_nll"][0]
+    assert (out / "natural_gradient.png").stat().st_size > 0 and "final test NLL" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "missing.npz"], "--data: no such file"),
+    (["--data", "{bad_ext}"], "--data: expected a .npz"),
+    (["--data", "{no_label}"], "--data: no_label.csv has no column 'label'"),
+    (["--data", "{npz_wrong}"], "--data: npz_wrong.npz lacks the arrays ['y']"),
+    (["--out", "{file_as_dir}/sub"], "--out: cannot write"),
+])
+def test_bad_arguments_fail_before_training_with_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "data.txt").write_text("1,2\n")
+    (tmp_path / "no_label.csv").write_text("a,b,y\n1,2,0\n")
+    np.savez(tmp_path / "npz_wrong.npz", X=np.zeros((20, 3)))
+    (tmp_path / "file").write_text("not a folder")
+    subs = {"bad_ext": tmp_path / "data.txt", "no_label": tmp_path / "no_label.csv",
+            "npz_wrong": tmp_path / "npz_wrong.npz", "file_as_dir": tmp_path / "file"}
+    args = [a.format(**subs) for a in args]
+    code = cli.main(["report", "--out", str(tmp_path / "out"), *TINY, "--backend", "numpy", *args]
+                    if "--out" not in args else ["report", *TINY, "--backend", "numpy", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()  # nothing trained
+
+
+def test_user_csv_and_npz_data(tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    lines = ["f1,f2,f3,f4,cls"] + [",".join(map(str, [*x, c])) for x, c in zip(X, y)]
+    (tmp_path / "d.csv").write_text("\n".join(lines))
+    assert cli.main(["report", "--out", str(tmp_path / "a"), *TINY, "--backend", "numpy",
+                     "--data", str(tmp_path / "d.npz")]) == 0
+    assert cli.main(["report", "--out", str(tmp_path / "b"), *TINY, "--backend", "numpy",
+                     "--data", str(tmp_path / "d.csv"), "--label-column", "cls"]) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["config"]["widths"] == [4, 6, 5, 3] == b["config"]["widths"]
+    assert a["epochs"][-1]["test_loss"] == pytest.approx(b["epochs"][-1]["test_loss"], rel=1e-12)
+
+
+def test_interrupted_run_keeps_finished_epochs(tmp_path, monkeypatch, capsys):
+    from fishercore.report import study
+
+    calls = {"n": 0}
+    real = study.group_records
+
+    def interrupt_after_two(res, names=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(res, names)
+
+    monkeypatch.setattr(study, "group_records", interrupt_after_two)
+    assert cli.main(["report", "--out", str(tmp_path / "out"), "--epochs", "5", "--hidden", "4", "--quiet",
+                     "--backend", "numpy"]) == 130
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [e["epoch"] for e in res["epochs"]] == [0, 1]
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_console_script_and_usage_errors(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fishercore.report.cli", "report", "--epochs", "0"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "--epochs: expected a positive integer" in out.stderr
+    assert out.stderr.count("\n") == 1
+    help_text = subprocess.run([sys.executable, "-m", "fishercore.report.cli", "report", "--help"],
+                               capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    for option in ("--activation", "--task", "--data", "--hidden", "--epochs", "--backend", "--seed", "--out",
+                   "--quiet", "--study"):
+        assert option in help_text
