@@ -30,7 +30,7 @@ from array_api_compat import device
 from fishercore._protocol import ColumnBlock, DenseBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
-__all__ = ["ACTIVATIONS", "JaxFunction", "JaxMLP", "from_function", "from_mlp"]
+__all__ = ["ACTIVATIONS", "JaxFunction", "JaxMLP", "from_function", "from_mlp", "mlp_apply"]
 
 #: Activation names accepted by :func:`from_mlp` (the same as the hand-written MLP's).
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "softplus", "gelu", "elu")
@@ -51,6 +51,24 @@ def _activation(name, negative_slope, alpha):
         "gelu": partial(jax.nn.gelu, approximate=True),
         "elu": partial(jax.nn.elu, alpha=alpha),
     }[name.lower()]
+
+
+def mlp_apply(activation="tanh", *, negative_slope: float = 0.01, alpha: float = 1.0):
+    """``apply(params, x)`` of an MLP given as ``(W, b)`` pairs (W: (out, in)), in plain ``jax.numpy``.
+
+    A pure function for ``jax.grad``, ``jax.jit`` or :func:`from_function`; the same network as
+    ``from_mlp(params, activation)``.
+    """
+    act = _activation(activation, negative_slope, alpha)
+
+    def apply(params, x):
+        a = x
+        for i, (W, b) in enumerate(params):
+            z = a @ W.T + b
+            a = act(z) if i < len(params) - 1 else z
+        return a
+
+    return apply
 
 
 def _key_name(entry) -> str:

@@ -33,12 +33,41 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from fishercore._protocol import ColumnBlock, DenseBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
-__all__ = ["ELEMENTWISE", "TorchFunction", "TorchModule", "from_function", "from_module", "from_sequential"]
+__all__ = ["ACTIVATION_MODULES", "ELEMENTWISE", "TorchFunction", "TorchModule", "from_function", "from_module",
+           "from_sequential", "sequential_from_layers"]
 
 #: Modules accepted between the Linear layers of :func:`from_sequential`.
 ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.GELU, nn.ELU, nn.Identity)
 
 DEFAULT_MAX_PARAMS = 20_000
+
+#: The torch module for each activation name of the hand-written MLP (GELU in its tanh form).
+ACTIVATION_MODULES = {
+    "identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus, "gelu": lambda: nn.GELU(approximate="tanh"), "elu": nn.ELU,
+}
+
+
+def sequential_from_layers(layers, activation="tanh", *, dtype=torch.float64) -> nn.Sequential:
+    """``nn.Sequential(Linear, act, ..., Linear)`` holding the given weights.
+
+    ``layers`` is a list of ``(W, b)`` (NumPy arrays or tensors, ``W`` of shape (out, in), ``b``
+    possibly None) as :class:`fishercore.backends.mlp.MLP` takes them; ``activation`` a name of
+    :data:`ACTIVATION_MODULES` — the same network as ``mlp.MLP(layers, activation)``.
+    """
+    if activation not in ACTIVATION_MODULES:
+        raise ValueError(f"activation: unknown activation {activation!r}; expected one of {list(ACTIVATION_MODULES)}")
+    mods = []
+    for i, (W, b) in enumerate(layers):
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=b is not None).to(dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.as_tensor(W))
+            if b is not None:
+                lin.bias.copy_(torch.as_tensor(b))
+        mods.append(lin)
+        if i < len(layers) - 1:
+            mods.append(ACTIVATION_MODULES[activation]())
+    return nn.Sequential(*mods)
 
 
 def _check_tensor(X, name, *, dtype, device):

@@ -35,14 +35,7 @@ def build(name, layers, X):
             return mlp.MLP([(torch.from_numpy(W), torch.from_numpy(b)) for W, b in layers], "tanh"), Xt
         from fishercore.backends import torch as fc_torch
 
-        mods = []
-        for i, (W, b) in enumerate(layers):
-            lin = torch.nn.Linear(W.shape[1], W.shape[0]).double()
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(W))
-                lin.bias.copy_(torch.from_numpy(b))
-            mods += [lin] + ([torch.nn.Tanh()] if i < len(layers) - 1 else [])
-        return fc_torch.from_sequential(torch.nn.Sequential(*mods)), Xt
+        return fc_torch.from_sequential(fc_torch.sequential_from_layers(layers, "tanh")), Xt
     import jax
     import jax.numpy as jnp
 

@@ -20,9 +20,6 @@ from . import ReportError
 BACKENDS = ("torch", "jax", "numpy")
 ADAM = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8)
 
-TORCH_ACTIVATIONS = {"identity": "Identity", "relu": "ReLU", "leaky_relu": "LeakyReLU", "tanh": "Tanh",
-                     "sigmoid": "Sigmoid", "softplus": "Softplus", "gelu": "GELU", "elu": "ELU"}
-
 
 def resolve_backend(name: str) -> str:
     """``auto``: torch if installed, else numpy."""
@@ -98,18 +95,10 @@ class TorchTrainer:
     def __init__(self, layers, activation, family):
         import torch
 
+        from fishercore.backends.torch import sequential_from_layers
+
         self.torch = torch
-        mods = []
-        for i, (W, b) in enumerate(layers):
-            lin = torch.nn.Linear(W.shape[1], W.shape[0]).double()
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(W))
-                lin.bias.copy_(torch.from_numpy(b))
-            mods.append(lin)
-            if i < len(layers) - 1:
-                act = getattr(torch.nn, TORCH_ACTIVATIONS[activation])
-                mods.append(act(approximate="tanh") if activation == "gelu" else act())
-        self.net = torch.nn.Sequential(*mods)
+        self.net = sequential_from_layers(layers, activation)
         self.family = family
         self.opt = torch.optim.Adam(self.net.parameters(), lr=ADAM["lr"], betas=(ADAM["b1"], ADAM["b2"]),
                                     eps=ADAM["eps"])
@@ -152,14 +141,7 @@ class JaxTrainer:
         self.m = tree_map(jnp.zeros_like, self.params)
         self.v = tree_map(jnp.zeros_like, self.params)
         self.t = 0
-        act = fc_jax._activation(activation, 0.01, 1.0)
-
-        def forward(params, x):
-            a = x
-            for i, (W, b) in enumerate(params):
-                z = a @ W.T + b
-                a = act(z) if i < len(params) - 1 else z
-            return a
+        forward = fc_jax.mlp_apply(activation)
 
         def loss(params, x, y):
             return -jnp.mean(family.log_likelihood(forward(params, x), y))

@@ -56,22 +56,6 @@ def require_framework(name: str):
         pytest.skip(f"{name} not installed", allow_module_level=True)
 
 
-def jax_mlp_apply(activation):
-    """apply(params, x) of an MLP given as (W, b) pairs, written in plain jax.numpy."""
-    from fishercore.backends import jax as fc_jax
-
-    act = fc_jax._activation(activation, 0.01, 1.0)
-
-    def apply(params, x):
-        a = x
-        for i, (W, b) in enumerate(params):
-            z = a @ W.T + b
-            a = act(z) if i < len(params) - 1 else z
-        return a
-
-    return apply
-
-
 def assert_raises_named(fn, exc, prefix):
     """fn() raises exc with a message that starts with prefix (the argument's name, then the problem)."""
     with pytest.raises(exc) as info:

@@ -25,7 +25,7 @@ from array_api_compat import array_namespace
 
 import fishercore as fc
 from fishercore.backends import mlp
-from helpers import ACTIVATIONS, ARCHS, BACKENDS, Problem, family_obj, jax_mlp_apply, make_layers, record_deviation
+from helpers import ACTIVATIONS, ARCHS, BACKENDS, Problem, family_obj, make_layers, record_deviation
 
 FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
 N, BATCH = 11, 4  # the batch size does not divide n
@@ -37,26 +37,12 @@ PROBLEMS += [Problem(arch, act, fam, n=N) for fam in ("gaussian", "bernoulli")
 FLOAT32 = [Problem("2h", act, fam, n=N) for act, fam in (("tanh", "categorical"), ("softplus", "gaussian"),
                                                          ("elu", "bernoulli"))]
 
-TORCH_ACT = {
-    "identity": "Identity", "relu": "ReLU", "leaky_relu": "LeakyReLU", "tanh": "Tanh", "sigmoid": "Sigmoid",
-    "softplus": "Softplus", "gelu": "GELU", "elu": "ELU",
-}
-
-
 def _torch_sequential(layers, activation, dtype):
     import torch
 
-    mods = []
-    for i, (W, b) in enumerate(layers):
-        lin = torch.nn.Linear(W.shape[1], W.shape[0]).to(getattr(torch, dtype))
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(W))
-            lin.bias.copy_(torch.from_numpy(b))
-        mods.append(lin)
-        if i < len(layers) - 1:
-            act = getattr(torch.nn, TORCH_ACT[activation])
-            mods.append(act(approximate="tanh") if activation == "gelu" else act())
-    return torch.nn.Sequential(*mods)
+    from fishercore.backends.torch import sequential_from_layers
+
+    return sequential_from_layers(layers, activation, dtype=getattr(torch, dtype))
 
 
 class _Stack:
@@ -124,7 +110,7 @@ def build(kind, p: Problem, dtype):
     if kind.startswith("jax-mlp") and kind != "jax-mlp-flax":
         return fc_jax.from_mlp(pairs, p.activation), Xj, to_ref
     if kind == "jax-function":
-        return fc_jax.from_function(jax_mlp_apply(p.activation), pairs), Xj, to_ref
+        return fc_jax.from_function(fc_jax.mlp_apply(p.activation), pairs), Xj, to_ref
     # Flax layout: groups in pytree order ("i.bias", "i.kernel"), kernels (in, out)
     model = fc_jax.from_mlp([{"kernel": jnp.asarray(W.T), "bias": jnp.asarray(b)} for W, b in layers],
                             p.activation)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fishercore as fc
-from helpers import assert_raises_named, family_obj, jax_mlp_apply, make_layers, require_framework
+from helpers import assert_raises_named, family_obj, make_layers, require_framework
 
 jax = require_framework("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -44,7 +44,7 @@ def test_single_draw_equals_jax_autodiff(family, activation):
     model = fc_jax.from_mlp(params, activation)
     y = fc.sample_labels(model, X, fam, seed=2)[0]
     flat, unravel = ravel_pytree(params)
-    apply = jax_mlp_apply(activation)
+    apply = fc_jax.mlp_apply(activation)
 
     def ll(theta, x, yi):
         return _loglik(fam, apply(unravel(theta), x[None])[0], yi)
