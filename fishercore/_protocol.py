@@ -109,14 +109,35 @@ class Derivatives(NamedTuple):
     blocks: tuple  # DenseBlock | ColumnBlock, covering every group once
 
 
-def weight_flat(block: DenseBlock, per_weight: Array) -> Array:
+def weight_flat(transposed: bool, per_weight: Array) -> Array:
     """Flatten a per-weight (out, in) array in the group's own row-major order."""
     from array_api_compat import array_namespace
 
     xp = array_namespace(per_weight)
-    if block.transposed:
+    if transposed:
         per_weight = xp.permute_dims(per_weight, (1, 0))
     return xp.reshape(per_weight, (-1,))
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn, xp, static_argnames=()):
+    """``fn`` jit-compiled when the arrays are JAX's, else ``fn`` itself.
+
+    Eager JAX compiles every primitive for every new shape; one compiled program per
+    block is far cheaper.  JAX is taken from ``sys.modules`` — it is already imported
+    whenever JAX arrays reach the core — so fishercore itself never imports it.
+    """
+    from array_api_compat import is_jax_namespace
+
+    if not is_jax_namespace(xp):
+        return fn
+    if fn not in _COMPILED:
+        import sys
+
+        _COMPILED[fn] = sys.modules["jax"].jit(fn, static_argnames=static_argnames)
+    return _COMPILED[fn]
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from array_api_compat import array_namespace
 
 from . import _validation as V
 from ._progress import Progress
-from ._protocol import Array, ColumnBlock, DenseBlock, ParamGroup, weight_flat
+from ._protocol import Array, ColumnBlock, DenseBlock, ParamGroup, compiled, weight_flat
 from .bounds import variance_bounds
 from .families import Family, get_family
 
@@ -140,28 +140,37 @@ def _product_centred_ss(F, G, xp):
     return xp.minimum(xp.maximum(out, xp.zeros_like(out)), S2)
 
 
-def _dense_weight_sums(stats: PerInputStats, block: DenseBlock) -> FisherSums:
+def _dense_weight_sums(stats: PerInputStats, inputs: Array, transposed: bool) -> FisherSums:
     """Σ_x stat_a(x) a_b(x)^k for every W[a, b], flattened in the group's order."""
-    xp = array_namespace(block.inputs)
-    sq = block.inputs * block.inputs
+    xp = array_namespace(inputs)
+    sq = inputs * inputs
     powers = {2: sq, 4: sq * sq}
-    sums = [None if k is None else weight_flat(block, xp.matmul(xp.permute_dims(s, (1, 0)), powers[k]))
+    sums = [None if k is None else weight_flat(transposed, xp.matmul(xp.permute_dims(s, (1, 0)), powers[k]))
             for s, k in zip((stats.fisher, None) + tuple(stats[1:]), _WEIGHT_POWER)]
-    sums[1] = weight_flat(block, _product_centred_ss(stats.fisher, sq, xp))
+    sums[1] = weight_flat(transposed, _product_centred_ss(stats.fisher, sq, xp))
     return FisherSums(*sums)
+
+
+def _dense_sums(outputs, jac, diag_hess, inputs, spectrum, family, transposed):
+    stats = fisher_stats(outputs, jac, diag_hess, family, spectrum=spectrum)
+    return _dense_weight_sums(stats, inputs, transposed), _sums_over_inputs(stats)
+
+
+def _column_sums(outputs, jac, diag_hess, spectrum, family):
+    return _sums_over_inputs(fisher_stats(outputs, jac, diag_hess, family, spectrum=spectrum))
 
 
 def block_sums(outputs: Array, block, family: Family, spectrum=None) -> dict:
     """Sums over the batch for every group of one derivative block: name → FisherSums."""
+    xp = array_namespace(outputs)
+    spectrum = compiled(family.spectrum, xp)(outputs) if spectrum is None else spectrum
     if isinstance(block, DenseBlock):
-        stats = fisher_stats(outputs, block.jac, block.diag_hess, family, spectrum=spectrum)
-        out = {block.weight: _dense_weight_sums(stats, block)}
-        if block.bias is not None:
-            out[block.bias] = _sums_over_inputs(stats)
-        return out
+        weight, bias = compiled(_dense_sums, xp, ("family", "transposed"))(
+            outputs, block.jac, block.diag_hess, block.inputs, spectrum, family=family, transposed=block.transposed)
+        return {block.weight: weight} if block.bias is None else {block.weight: weight, block.bias: bias}
     if isinstance(block, ColumnBlock):
-        stats = fisher_stats(outputs, block.jac, block.diag_hess, family, spectrum=spectrum)
-        return {block.group: _sums_over_inputs(stats)}
+        return {block.group: compiled(_column_sums, xp, ("family",))(outputs, block.jac, block.diag_hess, spectrum,
+                                                                      family=family)}
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")
 
 
@@ -457,7 +466,7 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int = DEFAULT_
         for start, stop in steps:
             d = model.derivatives(X[start:stop, ...])
             check_outputs_finite(d.outputs, start, stop)
-            spectrum = family.spectrum(d.outputs)
+            spectrum = compiled(family.spectrum, xp)(d.outputs)
             for block in d.blocks:
                 for name, s in block_sums(d.outputs, block, family, spectrum).items():
                     check_outputs_finite(xp.stack(s), start, stop, f"statistics of {name!r}")

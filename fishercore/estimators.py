@@ -24,7 +24,7 @@ from array_api_compat import array_namespace, device
 
 from . import _validation as V
 from ._progress import Progress
-from ._protocol import Array, ColumnBlock, DenseBlock, weight_flat
+from ._protocol import Array, ColumnBlock, DenseBlock, compiled, weight_flat
 from .analysis import DEFAULT_BATCH_SIZE, _batches, check_model_and_data, check_outputs_finite
 
 __all__ = ["estimate", "sample_labels"]
@@ -124,11 +124,13 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
 
             if use_pullback:  # one backward pass per draw: t = sᵀ ∂h/∂z directly
                 d = model.pullback(Xb, score)
-                per_block = [(b, xp.sum(b.jac * b.jac, axis=0)) for b in d.blocks]
+                per_block = [(b, compiled(_squares, xp)(b.jac)) for b in d.blocks]
             else:
                 d = model.derivatives(Xb, hessian=est == "i2")
                 s = score(d.outputs)
-                per_block = [(b, _per_input(d.outputs, s, b.jac, b.diag_hess, family, est, xp)) for b in d.blocks]
+                per_input = compiled(_per_input, xp, ("family", "est"))
+                per_block = [(b, per_input(d.outputs, s, b.jac, b.diag_hess, family=family, est=est))
+                             for b in d.blocks]
             for block, per in per_block:
                 for name, value in _aggregate(block, per, xp).items():
                     check_outputs_finite(value, start, stop, f"estimates of {name!r}")
@@ -137,13 +139,26 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
 
 
-def _per_input(h, s, jac, diag_hess, family, est, xp):
+def _squares(t):
+    """Σ over draws of t², (M, b, k) → (b, k)."""
+    xp = array_namespace(t)
+    return xp.sum(t * t, axis=0)
+
+
+def _per_input(h, s, jac, diag_hess, family, est):
     """Σ over draws of one draw's estimate, per input and column: (b, k)."""
+    xp = array_namespace(h)
     if est == "i1":
         t = _project(s, jac, xp)
         return xp.sum(t * t, axis=0)
     M = s.shape[0]
     return M * family.fisher(h, jac) - xp.sum(_project(s, diag_hess, xp), axis=0)
+
+
+def _dense_aggregate(per, inputs, transposed):
+    xp = array_namespace(per)
+    weight = xp.matmul(xp.permute_dims(per, (1, 0)), inputs * inputs)
+    return weight_flat(transposed, weight), xp.sum(per, axis=0)
 
 
 def _aggregate(block, per, xp) -> dict:
@@ -153,11 +168,8 @@ def _aggregate(block, per, xp) -> dict:
     a_b and a_b², and so do (sᵀu)² and uᵀΛu − sᵀw).
     """
     if isinstance(block, DenseBlock):
-        weight = xp.matmul(xp.permute_dims(per, (1, 0)), block.inputs * block.inputs)
-        out = {block.weight: weight_flat(block, weight)}
-        if block.bias is not None:
-            out[block.bias] = xp.sum(per, axis=0)
-        return out
+        weight, bias = compiled(_dense_aggregate, xp, ("transposed",))(per, block.inputs, transposed=block.transposed)
+        return {block.weight: weight} if block.bias is None else {block.weight: weight, block.bias: bias}
     if isinstance(block, ColumnBlock):
         return {block.group: xp.sum(per, axis=0)}
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")

@@ -153,3 +153,14 @@ def test_console_script_and_usage_errors(tmp_path):
     for option in ("--activation", "--task", "--data", "--hidden", "--epochs", "--backend", "--seed", "--out",
                    "--quiet", "--study"):
         assert option in help_text
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_missing_framework_is_a_one_line_error(tmp_path, capsys, monkeypatch, backend):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == backend else real(name, *a))
+    assert cli.main(["report", "--out", str(tmp_path / "out"), *TINY, "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--backend {backend}: {backend} is not installed" in err
