@@ -10,7 +10,16 @@ that follow — for a real network and data set, on any array-API library.
 """
 
 from ._protocol import ColumnBlock, DenseBlock, Derivatives, Model, ParamGroup, make_groups
-from .analysis import FisherAnalysis, FisherSums, GroupSummary, PerInputStats, Summary, analyze, fisher_stats
+from .analysis import (
+                       FisherAnalysis,
+                       FisherSums,
+                       GroupSummary,
+                       PerInputStats,
+                       Summary,
+                       analyze,
+                       fisher_stats,
+                       load_analysis,
+)
 from .bounds import Bounds, variance_bounds
 from .estimators import estimate, sample_labels
 from .families import Bernoulli, Categorical, Family, Gaussian, Moments, Spectrum, get_family
@@ -21,5 +30,5 @@ __all__ = [
     "Bernoulli", "Bounds", "Categorical", "ColumnBlock", "DenseBlock", "Derivatives", "Family",
     "FisherAnalysis", "FisherSums", "Gaussian", "GroupSummary", "Model", "Moments", "ParamGroup",
     "PerInputStats", "Spectrum", "Summary", "analyze", "estimate", "fisher_stats", "get_family",
-    "make_groups", "sample_labels", "variance_bounds",
+    "load_analysis", "make_groups", "sample_labels", "variance_bounds",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 
 from . import _validation as V
 from ._progress import Progress
@@ -24,7 +24,7 @@ from ._protocol import Array, ColumnBlock, DenseBlock, ParamGroup, compiled, wei
 from .bounds import variance_bounds
 from .families import Family, get_family
 
-__all__ = ["FisherAnalysis", "FisherSums", "PerInputStats", "Summary", "analyze", "fisher_stats"]
+__all__ = ["FisherAnalysis", "FisherSums", "PerInputStats", "Summary", "analyze", "fisher_stats", "load_analysis"]
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -371,6 +371,21 @@ class FisherAnalysis(NamedTuple):
 
     __add__ = merge
 
+    def save(self, path) -> None:
+        """Write the sums, ``n_inputs``, groups and family to an ``.npz`` file (exact; see :func:`load_analysis`).
+
+        Partial analyses of a long run saved this way can be loaded later and merged with the rest.
+        """
+        import json
+
+        import numpy as np
+
+        arrays = {f"sums_{k}": _host(v) for k, v in zip(FisherSums._fields, self.sums)}
+        meta = {"format": "fishercore.FisherAnalysis/1", "n_inputs": int(self.n_inputs),
+                "groups": [[g.name, list(g.shape), g.offset] for g in self.groups],
+                "family": self.family.name, "variance": getattr(self.family, "variance", None)}
+        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
     def unflatten(self, values: Array) -> dict:
         """Split a (P,) array into ``{group name: array of the group's shape}``."""
         xp = array_namespace(values)
@@ -394,6 +409,55 @@ class FisherAnalysis(NamedTuple):
                 float(xp.mean(xp.astype(sl["v2"] < sl["v1"], f.dtype))),
             ))
         return Summary(rows)
+
+
+def _host(x):
+    """A NumPy copy of any array-API array (via DLPack, moved to the CPU first when needed)."""
+    import numpy as np
+    from array_api_compat import to_device
+
+    try:
+        return np.from_dlpack(x).copy()
+    except (RuntimeError, TypeError, ValueError, BufferError):
+        return np.asarray(to_device(x, "cpu"))
+
+
+def load_analysis(path, model=None, *, like=None) -> FisherAnalysis:
+    """Read a :meth:`FisherAnalysis.save` file back, bit for bit.
+
+    Parameters
+    ----------
+    path : str or path-like
+        An ``.npz`` written by :meth:`FisherAnalysis.save`.
+    model : Model, optional
+        When given, the file's parameter groups must be the model's (name, shape and order),
+        so that a partial analysis is only ever merged with analyses of the same model.
+    like : array, optional
+        Return arrays in this array's library and on its device (NumPy by default).
+    """
+    import json
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            sums = {k: f[f"sums_{k}"] for k in FisherSums._fields}
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"path: {path} is not a saved FisherAnalysis ({e})") from e
+    if meta.get("format") != "fishercore.FisherAnalysis/1":
+        raise ValueError(f"path: {path} has an unknown format {meta.get('format')!r}")
+    groups = tuple(ParamGroup(n, tuple(s), o) for n, s, o in meta["groups"])
+    if model is not None and tuple(model.groups) != groups:
+        mine = [(g.name, g.shape) for g in model.groups]
+        theirs = [(g.name, g.shape) for g in groups]
+        raise ValueError(f"path: {path} holds an analysis of other parameter groups {theirs} than the model's {mine}")
+    family = get_family(meta["family"]) if meta["variance"] is None else get_family(meta["family"]).__class__(
+        variance=meta["variance"])
+    if like is not None:
+        xp = array_namespace(like)
+        sums = {k: xp.asarray(v, dtype=getattr(xp, str(v.dtype)), device=device(like)) for k, v in sums.items()}
+    return FisherAnalysis(FisherSums(**sums), int(meta["n_inputs"]), groups, family)
 
 
 def _batches(n: int, batch_size: int):

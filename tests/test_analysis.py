@@ -214,3 +214,39 @@ def test_float32_follows_float64(backend):
     for f in FIELDS:
         r = getattr(ref, f)
         np.testing.assert_allclose(backend.to_numpy(getattr(res, f)), r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_round_trip_exactly(backend, family, tmp_path):
+    """A saved partial analysis loads back bit for bit, in the caller's library, and merges as before."""
+    p = Problem("2h", "tanh", family, n=13)
+    model, X = make_problem(p, backend)
+    fam = family_obj(family)
+    first = fc.analyze(model, X[:6, ...], fam)
+    first.save(tmp_path / "partial.npz")
+    loaded = fc.load_analysis(tmp_path / "partial.npz", model, like=X)
+    assert loaded.n_inputs == 6 and loaded.groups == first.groups and loaded.family == fam
+    for a, b in zip(first.sums, loaded.sums):
+        assert array_namespace(b) is backend.xp and b.dtype == a.dtype and device(b) == device(a)
+        np.testing.assert_array_equal(backend.to_numpy(b), backend.to_numpy(a))
+    resumed = loaded.merge(fc.analyze(model, X[6:, ...], fam))
+    whole = fc.analyze(model, X, fam)
+    for f in FIELDS:
+        want = backend.to_numpy(getattr(whole, f))
+        # rounding is relative to each field's scale; var_x's is F² (it is exactly 0 where I(x) is constant)
+        scale = np.abs(backend.to_numpy(whole.fisher)).max() ** 2 if f == "var_x" else np.abs(want).max()
+        np.testing.assert_allclose(backend.to_numpy(getattr(resumed, f)), want, rtol=1e-12, atol=1e-14 * scale)
+
+
+def test_load_refuses_other_models_and_other_files(tmp_path):
+    model, X = make_problem(Problem("2h", "tanh", "categorical"))
+    fc.analyze(model, X).save(tmp_path / "a.npz")
+    other, _ = make_problem(Problem("1h", "tanh", "categorical"))
+    with pytest.raises(ValueError, match="^path: .* holds an analysis of other parameter groups"):
+        fc.load_analysis(tmp_path / "a.npz", other)
+    np.savez(tmp_path / "b.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="^path: .* is not a saved FisherAnalysis"):
+        fc.load_analysis(tmp_path / "b.npz")
+    with pytest.raises(ValueError, match="^path: "):
+        fc.load_analysis(tmp_path / "missing.npz")
+    assert isinstance(fc.load_analysis(tmp_path / "a.npz").fisher, np.ndarray)
