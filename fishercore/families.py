@@ -199,24 +199,28 @@ class Categorical(Family):
 
     def fisher(self, outputs, jac):
         xp = array_namespace(outputs, jac)
-        p = _softmax(outputs, xp)[:, :, None]
-        d = jac - xp.sum(p * jac, axis=-2, keepdims=True)
-        return xp.sum(p * d * d, axis=-2)
+        p = _softmax(outputs, xp)[:, None, :]
+        d = jac - xp.matmul(p, jac)
+        return xp.matmul(p, d * d)[:, 0, :]
 
     def moments(self, outputs, jac, diag_hess):
         xp = array_namespace(outputs, jac, diag_hess)
-        p = _softmax(outputs, xp)[:, :, None]
-        d = jac - xp.sum(p * jac, axis=-2, keepdims=True)
+        p = _softmax(outputs, xp)[:, None, :]  # (n, 1, C): E_Y[x] = p @ x, a matmul per input
+
+        def mean(x):
+            return xp.matmul(p, x)
+
+        d = jac - mean(jac)
         d2 = d * d
-        fisher = xp.sum(p * d2, axis=-2)
-        e = d2 - fisher[:, None, :]
-        wc = diag_hess - xp.sum(p * diag_hess, axis=-2, keepdims=True)
+        fisher = mean(d2)
+        e = d2 - fisher
+        wc = diag_hess - mean(diag_hess)
         return Moments(
-            fisher=fisher,
-            third=xp.sum(p * d2 * d, axis=-2),
-            v1=xp.sum(p * e * e, axis=-2),
-            v2=xp.sum(p * wc * wc, axis=-2),
-            c12=-xp.sum(p * e * wc, axis=-2),
+            fisher=fisher[:, 0, :],
+            third=mean(d2 * d)[:, 0, :],
+            v1=mean(e * e)[:, 0, :],
+            v2=mean(wc * wc)[:, 0, :],
+            c12=-mean(e * wc)[:, 0, :],
         )
 
     def spectrum(self, outputs):
