@@ -6,10 +6,12 @@ r"""JAX adapter: derivatives from ``jax`` (``jacrev``, ``jvp``, ``vjp``, ``vmap`
 * :func:`from_function` — any pure ``apply_fn(params, x) -> h`` of a parameter pytree:
   exact full columns, chunked.
 
-Dense layers hand the core per-neuron factors, computed as in the torch adapter:
-perturb each pre-activation ``z_l + δ_l``; ``∂h/∂z_l`` is ``jacrev`` in ``δ_l``, the
-diagonal of ``∂²h/∂z_l²`` is forward-over-forward ``jvp`` along each basis vector of
-``z_l``, and Î1 uses one ``vjp`` per label draw.
+Dense layers hand the core per-neuron factors, computed as in the torch adapter's
+``from_sequential``: perturb each pre-activation ``z_l + δ_l``; ``∂h/∂z_l`` is
+``jacrev`` in ``δ_l``; ``φ'`` and ``φ''`` of each activation come from ``jvp`` with a
+tangent of ones and are contracted along the chain of weights into the diagonal of
+``∂²h/∂z_l²`` (:mod:`fishercore.backends._dense`); Î1 uses one ``vjp`` per label draw.
+:func:`from_function` differentiates per parameter (forward-over-forward ``jvp``).
 
 Group names come from the pytree paths, keys joined by dots (``"0.0"``/``"0.1"`` for
 ``(W, b)`` pairs, ``"0.kernel"``/``"0.bias"`` for Flax layers), in the pytree's leaf
@@ -30,10 +32,15 @@ from array_api_compat import device
 from fishercore._protocol import ColumnBlock, DenseBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
+from ._dense import chain_workspace, hessian_factors, matmul_shared
+
 __all__ = ["ACTIVATIONS", "JaxFunction", "JaxMLP", "from_function", "from_mlp", "mlp_apply"]
 
 #: Activation names accepted by :func:`from_mlp` (the same as the hand-written MLP's).
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "softplus", "gelu", "elu")
+
+#: Activations whose second derivative vanishes wherever it is defined.
+PIECEWISE_LINEAR = ("identity", "relu", "leaky_relu")
 
 DEFAULT_MAX_PARAMS = 20_000
 
@@ -165,6 +172,7 @@ class JaxMLP:
             raise ValueError(f"activation: expected one name or {n_hidden} names (one per hidden layer), "
                              f"got {len(acts)}")
         self.activations = tuple(_activation(a, negative_slope, alpha) for a in acts)
+        self.piecewise_linear = tuple(a.lower() in PIECEWISE_LINEAR for a in acts)
         self.Ws, self.bs, self.layout = tuple(Ws), tuple(bs), tuple(layout)
         self.groups = make_groups([(n, tuple(leaf.shape)) for n, leaf in zip(names, leaves)])
         self.n_inputs, self.n_outputs = int(Ws[0].shape[1]), int(Ws[-1].shape[0])
@@ -199,16 +207,24 @@ class JaxMLP:
         deltas = self._zeros(X.shape[0], X.dtype)
         h, inputs = self._forward(X, None)
         jac = vmap(jacrev(self._single, argnums=1))(X, deltas)
-        hess = [None] * len(self.Ws)
-        if hessian:
-            for l in range(len(self.Ws)):
-                basis = jnp.eye(self.Ws[l].shape[0], dtype=X.dtype)
+        if not hessian:
+            return h, inputs, jac, [None] * len(self.Ws)
+        # φ', φ'' of each hidden activation by jvp with a tangent of ones (φ is elementwise),
+        # contracted along the chain of weights with the work shared by all outputs.
+        d1, curv = [], []
+        for l, act in enumerate(self.activations):
+            z = inputs[l] @ self.Ws[l].T
+            if self.bs[l] is not None:
+                z = z + self.bs[l]
+            ones = jnp.ones_like(z)
 
-                def along(x, ds, e, l=l):
-                    return _basis_second_derivative(lambda d: self._single(x, ds[:l] + (d,) + ds[l + 1:]), ds[l], e)
+            def dphi(t, act=act, ones=ones):
+                return jvp(act, (t,), (ones,))[1]
 
-                hess[l] = vmap(lambda x, ds, along=along, basis=basis: vmap(lambda e: along(x, ds, e))(basis))(
-                    X, deltas).transpose(0, 2, 1)
+            d1.append(dphi(z))
+            curv.append(None if self.piecewise_linear[l] else
+                        matmul_shared(jac[l + 1], self.Ws[l + 1]) * jvp(dphi, (z,), (ones,))[1][:, None, :])
+        hess = hessian_factors(self.Ws, d1, curv, jac)
         return h, inputs, jac, hess
 
     def _pull_impl(self, X, s):
@@ -220,6 +236,14 @@ class JaxMLP:
 
         grads = vmap(one)(X, deltas, jnp.swapaxes(s, 0, 1))
         return [jnp.swapaxes(g, 0, 1) for g in grads]
+
+    def workspace_per_input(self, hessian: bool = True) -> int:
+        """Bytes per input the compiled derivatives hold beyond the blocks (used to size batches)."""
+        outs = [int(W.shape[0]) for W in self.Ws]
+        per_pass = sum(outs) + sum(int(W.shape[1]) for W in self.Ws)
+        curved = [not pl for pl in self.piecewise_linear] + [False]
+        itemsize = jnp.dtype(self.dtype).itemsize
+        return 2 * self.n_outputs * per_pass * itemsize + (chain_workspace(outs, curved, itemsize) if hessian else 0)
 
     def _blocks(self, inputs, jac, hess):
         return tuple(DenseBlock(w, b, a, j, g, t) for (w, b, t), a, j, g in zip(self.layout, inputs, jac, hess))

@@ -29,6 +29,8 @@ from array_api_compat import array_namespace, device, is_array_api_obj
 from fishercore import _validation as V
 from fishercore._protocol import DenseBlock, Derivatives, make_groups
 
+from ._dense import chain_workspace, hessian_factors, matmul_shared
+
 __all__ = ["ACTIVATIONS", "MLP"]
 
 
@@ -115,10 +117,9 @@ def _activation(name, negative_slope: float, alpha: float) -> Activation:
     return Activation(name, fn, linear)
 
 
-def _matmul_shared(A, W, xp):
-    """``A @ W`` for a stack A (n, r, k) and one matrix W (k, m), as a single (n·r) × k product."""
-    n, r, k = A.shape
-    return xp.reshape(xp.matmul(xp.reshape(A, (n * r, k)), W), (n, r, W.shape[1]))
+def _itemsize(dtype) -> int:
+    size = getattr(dtype, "itemsize", None)
+    return int(size) if size else (4 if "32" in str(dtype) else 8)
 
 
 class MLP:
@@ -253,44 +254,20 @@ class MLP:
         jac[L - 1] = xp.broadcast_to(eye, (n, C, C))
         curv = [None] * (L - 1)  # K_m = φ''(z_m) ⊙ (B_{m+1} W_{m+1})
         for m in range(L - 2, -1, -1):
-            BW = _matmul_shared(jac[m + 1], Ws[m + 1], xp)
+            BW = matmul_shared(jac[m + 1], Ws[m + 1])
             jac[m] = BW * d1[m][:, None, :]
             if d2[m] is not None:
                 curv[m] = BW * d2[m][:, None, :]
-        hess = self._hessian_factors(curv, d1, jac) if hessian else [None] * L
+        hess = hessian_factors(Ws, d1, curv, jac) if hessian else [None] * L
         return Derivatives(h, self._blocks(inputs, jac, hess))
 
-    def _hessian_factors(self, curv, d1, jac):
-        r"""``γ_l = Σ_{m ≥ l} K_m @ (∂z_m/∂z_l)²`` for every layer, each (n, C, n_l).
-
-        Work is organised by the curvature's source m, shared by all C outputs:
-
-        * ``m = l``: ``K_l`` itself;
-        * ``m = l + 1``: ``∂z_m/∂z_l = W_m diag φ'(z_l)``, so the term is
-          ``(K_m @ W_m²) ⊙ φ'(z_l)²`` — one shared matrix product, no per-input Jacobian;
-        * ``m ≥ l + 2``: the per-input Jacobian carried backward from m,
-          ``∂z_m/∂z_l = ((∂z_m/∂z_{l+1}) @ W_{l+1}) ⊙ φ'(z_l)`` (an (n·n_m) × n_{l+1}
-          product with the shared weight), squared and contracted with ``K_m``.
-
-        Memory: the largest per-input Jacobian, n × n_m × n_l, and only for nets
-        with two or more curved hidden layers above a layer.
-        """
-        xp, L = self.xp, len(self.layers)
-        Ws = [W for W, _ in self.layers]
-        gamma = [curv[l] if curv[l] is not None else xp.zeros_like(jac[l]) for l in range(L - 1)]
-        gamma.append(xp.zeros_like(jac[L - 1]))
-        for m in range(1, L - 1):
-            K = curv[m]
-            if K is None:
-                continue
-            W, g = Ws[m], d1[m - 1]
-            gamma[m - 1] = gamma[m - 1] + _matmul_shared(K, W * W, xp) * (g * g)[:, None, :]
-            if m >= 2:
-                J = W[None, :, :] * g[:, None, :]  # ∂z_m/∂z_{m−1}, (n, n_m, n_{m−1})
-                for l in range(m - 2, -1, -1):
-                    J = _matmul_shared(J, Ws[l + 1], xp) * d1[l][:, None, :]
-                    gamma[l] = gamma[l] + xp.matmul(K, J * J)
-        return gamma
+    def workspace_per_input(self, hessian: bool = True) -> int:
+        """Bytes per input :meth:`derivatives` holds beyond its blocks (used to size batches)."""
+        if not hessian:
+            return 0
+        widths = [int(W.shape[0]) for W, _ in self.layers]
+        curved = [not a.piecewise_linear for a in self.activations] + [False]
+        return chain_workspace(widths, curved, _itemsize(self.dtype))
 
     def _blocks(self, inputs, jac, hess):
         blocks = []

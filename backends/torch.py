@@ -12,9 +12,14 @@ output ``z_l`` is perturbed, ``z_l + δ_l`` (a forward hook), and with
 ``f(x, δ) = h``:
 
 * ``∂h/∂z_l = ∂f/∂δ_l`` at ``δ = 0`` — ``jacrev``, C backward passes per input;
-* ``diag ∂²h/∂z_l²[c, a] = d²/dt² f(x, δ_l = t e_a)`` — forward-over-forward ``jvp``
-  along each basis vector ``e_a`` of ``z_l``, so the cost grows with the layer
-  widths, not with the number of parameters;
+* ``diag ∂²h/∂z_l²``: for :func:`from_sequential`, ``φ'`` and ``φ''`` of each block
+  of activations by ``jvp`` (elementwise, so a tangent of ones suffices), contracted
+  along the chain of Linear weights with the work shared by all C outputs
+  (:mod:`fishercore.backends._dense`, the contraction the hand-written MLP uses too);
+  for :func:`from_module`, which knows nothing of the graph between the Linear
+  layers, ``d²/dt² f(x, δ_l = t e_a)`` — forward-over-forward ``jvp`` along each basis
+  vector ``e_a`` of ``z_l`` (independent of any shared code, and slower: one pass
+  per neuron);
 * for Î1, ``sᵀ ∂h/∂z_l`` — one ``vjp`` (backward pass) per label draw.
 
 Every transform is ``vmap``-ed over inputs (and directions, and draws); there are
@@ -33,8 +38,10 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from fishercore._protocol import ColumnBlock, DenseBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
-__all__ = ["ACTIVATION_MODULES", "ELEMENTWISE", "TorchFunction", "TorchModule", "from_function", "from_module",
-           "from_sequential", "sequential_from_layers"]
+from ._dense import chain_workspace, hessian_factors, matmul_shared
+
+__all__ = ["ACTIVATION_MODULES", "ELEMENTWISE", "TorchFunction", "TorchModule", "TorchSequential", "from_function",
+           "from_module", "from_sequential", "sequential_from_layers"]
 
 #: Modules accepted between the Linear layers of :func:`from_sequential`.
 ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.GELU, nn.ELU, nn.Identity)
@@ -199,6 +206,22 @@ class TorchModule:
         with torch.no_grad():
             return self._call(X)
 
+    def _widths(self):
+        return [lin.out_features for _, lin in self.linears], [lin.in_features for _, lin in self.linears]
+
+    def workspace_per_input(self, hessian: bool = True) -> int:
+        """Bytes per input the vmapped transforms hold beyond the blocks (used to size batches).
+
+        ``jacrev``: C cotangents through every layer; the per-neuron Hessian pass: one
+        forward-over-forward per neuron of the widest layer, each holding every layer's
+        values three times (primal and two tangents).
+        """
+        outs, ins = self._widths()
+        per_pass = sum(outs) + sum(ins)
+        C = self.n_outputs or outs[-1]
+        second = 3 * max(outs) * per_pass if hessian else 0
+        return (2 * C * per_pass + second) * self.dtype.itemsize
+
     def _make_blocks(self, inputs, jac, hess):
         return tuple(DenseBlock(*self._names[name], a, j, g)
                      for (name, _), a, j, g in zip(self.linears, inputs, jac, hess))
@@ -243,6 +266,77 @@ class TorchModule:
             grads = vmap(one)(X, deltas, s.transpose(0, 1))  # per layer (n, M, out)
         grads = [g.transpose(0, 1) for g in grads]
         return Derivatives(h, self._make_blocks(inputs, grads, [None] * len(grads)))
+
+
+#: Activation modules whose second derivative vanishes wherever it is defined.
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+
+
+class TorchSequential(TorchModule):
+    """``nn.Sequential(Linear, act, ..., Linear)`` (use :func:`from_sequential`).
+
+    Hessian factors without one pass per neuron: ``φ'`` and ``φ''`` of each block of
+    activations between two Linear layers by ``torch.func.jvp`` (the block is
+    elementwise, so a tangent of ones gives its derivative), ``∂h/∂z`` by ``jacrev``,
+    contracted along the chain of Linear weights (:mod:`fishercore.backends._dense`).
+    A Sequential that does not end with a Linear uses :class:`TorchModule`'s
+    per-neuron path.
+    """
+
+    def __init__(self, module: nn.Sequential):
+        super().__init__(module)
+        blocks, pre = [], True
+        for _, m in module.named_children():
+            if isinstance(m, nn.Linear):
+                blocks.append((m, []))
+                pre = False
+            elif not pre:
+                blocks[-1][1].append(m)
+        self._chain = blocks
+        self._structured = not blocks[-1][1]
+
+    def workspace_per_input(self, hessian: bool = True) -> int:
+        if not self._structured:
+            return super().workspace_per_input(hessian)
+        outs, ins = self._widths()
+        curved = [not all(isinstance(m, PIECEWISE_LINEAR) for m in acts) for _, acts in self._chain]
+        C = self.n_outputs or outs[-1]
+        return 2 * C * (sum(outs) + sum(ins)) * self.dtype.itemsize + (
+            chain_workspace(outs, curved, self.dtype.itemsize) if hessian else 0)
+
+    def _activation_derivatives(self, acts, z):
+        """``φ'(z)`` and ``φ''(z)`` (None if piecewise linear) of an elementwise block, by jvp."""
+        def phi(t):
+            for m in acts:
+                t = m(t)
+            return t
+
+        ones = torch.ones_like(z)
+
+        def dphi(t):
+            return jvp(phi, (t,), (ones,))[1]
+
+        d1 = dphi(z)
+        if all(isinstance(m, PIECEWISE_LINEAR) for m in acts):
+            return d1, None
+        return d1, jvp(dphi, (z,), (ones,))[1]
+
+    def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
+        if not (hessian and self._structured):
+            return super().derivatives(X, hessian=hessian)
+        h, inputs = self._forward(X)
+        deltas = self._zero_deltas(X.shape[0])
+        with torch.no_grad():
+            jac = list(vmap(jacrev(self._single, argnums=1))(X, deltas))  # per layer (n, C, out)
+            Ws = [lin.weight.detach() for lin, _ in self._chain]
+            d1, curv = [], []
+            for l, (lin, acts) in enumerate(self._chain[:-1]):
+                z = nn.functional.linear(inputs[l], Ws[l], None if lin.bias is None else lin.bias.detach())
+                g1, g2 = self._activation_derivatives(acts, z)
+                d1.append(g1)
+                curv.append(None if g2 is None else matmul_shared(jac[l + 1], Ws[l + 1]) * g2[:, None, :])
+            hess = hessian_factors(Ws, d1, curv, jac)
+        return Derivatives(h, self._make_blocks(inputs, jac, hess))
 
 
 def from_module(module: nn.Module) -> TorchModule:
@@ -298,7 +392,7 @@ def from_sequential(module: nn.Sequential) -> TorchModule:
             raise ValueError(f"module: layer {name!r} ({type(m).__name__}) is not supported by from_sequential; "
                              f"supported: Linear, Flatten (first), {', '.join(c.__name__ for c in ELEMENTWISE)}; "
                              "use from_module or from_function")
-    return TorchModule(module)
+    return TorchSequential(module)
 
 
 class TorchFunction:

@@ -63,7 +63,7 @@ def timed(job, repeat):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--backends", default="numpy,mlp-torch,torch,jax,mlp-jax")
     args = ap.parse_args()
     rng = np.random.default_rng(0)

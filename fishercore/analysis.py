@@ -19,15 +19,13 @@ from typing import NamedTuple
 from array_api_compat import array_namespace, device
 
 from . import _validation as V
+from ._batching import DEFAULT_MEMORY_BUDGET, Batches, check_batching
 from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, ParamGroup, compiled, weight_flat
 from .bounds import variance_bounds
 from .families import Family, get_family
 
 __all__ = ["FisherAnalysis", "FisherSums", "PerInputStats", "Summary", "analyze", "fisher_stats", "load_analysis"]
-
-DEFAULT_BATCH_SIZE = 256
-
 
 class PerInputStats(NamedTuple):
     """Exact statistics for each input and parameter (or neuron)."""
@@ -160,10 +158,20 @@ def _column_sums(outputs, jac, diag_hess, spectrum, family):
     return _sums_over_inputs(fisher_stats(outputs, jac, diag_hess, family, spectrum=spectrum))
 
 
+def _family_spectrum(outputs, family):
+    return family.spectrum(outputs)
+
+
+def _spectrum(outputs, family, xp):
+    # Compiled as a plain function with the family static: a jit of the bound method
+    # family.spectrum would be keyed on a short-lived object and recompile every call.
+    return compiled(_family_spectrum, xp, ("family",))(outputs, family=family)
+
+
 def block_sums(outputs: Array, block, family: Family, spectrum=None) -> dict:
     """Sums over the batch for every group of one derivative block: name → FisherSums."""
     xp = array_namespace(outputs)
-    spectrum = compiled(family.spectrum, xp)(outputs) if spectrum is None else spectrum
+    spectrum = _spectrum(outputs, family, xp) if spectrum is None else spectrum
     if isinstance(block, DenseBlock):
         weight, bias = compiled(_dense_sums, xp, ("family", "transposed"))(
             outputs, block.jac, block.diag_hess, block.inputs, spectrum, family=family, transposed=block.transposed)
@@ -460,12 +468,7 @@ def load_analysis(path, model=None, *, like=None) -> FisherAnalysis:
     return FisherAnalysis(FisherSums(**sums), int(meta["n_inputs"]), groups, family)
 
 
-def _batches(n: int, batch_size: int):
-    for start in range(0, n, batch_size):
-        yield start, min(start + batch_size, n)
-
-
-def check_model_and_data(model, X, family, batch_size):
+def check_model_and_data(model, X, family, batch_size, memory_budget=DEFAULT_MEMORY_BUDGET):
     """Shared argument checks of :func:`analyze` and :func:`estimate`."""
     from ._protocol import Model
 
@@ -473,12 +476,13 @@ def check_model_and_data(model, X, family, batch_size):
         raise TypeError("model: expected a fishercore model (e.g. fishercore.backends.mlp.MLP), "
                         f"got {type(model).__name__}")
     family = get_family(family)
+    batch_size, memory_budget = check_batching(batch_size, memory_budget)
     X = model.check_inputs(X)
     family.check_outputs(model.n_outputs)
     if X.shape[0] == 0:
         raise ValueError("X: empty data set (0 inputs)")
     V.check_finite(X, "X")
-    return family, X, V.check_positive_int(batch_size, "batch_size")
+    return family, X, Batches(X.shape[0], batch_size, memory_budget)
 
 
 def check_outputs_finite(h, start, stop, what="outputs"):
@@ -488,8 +492,8 @@ def check_outputs_finite(h, start, stop, what="outputs"):
                                  "(overflow in the network; check the weights and input scale)")
 
 
-def analyze(model, X: Array, family="categorical", *, batch_size: int = DEFAULT_BATCH_SIZE,
-            progress: bool = False) -> FisherAnalysis:
+def analyze(model, X: Array, family="categorical", *, batch_size: int | None = None,
+            memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> FisherAnalysis:
     r"""Exact diagonal Fisher, variances of Î1 and Î2, and their bounds over a data set.
 
     Parameters
@@ -500,8 +504,13 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int = DEFAULT_
         Inputs, in the model's array library, dtype and device.
     family : {"categorical", "gaussian", "bernoulli"} or Family
         Output distribution ``p(y | h)``.
-    batch_size : int
-        Inputs per batch; memory is bounded by the batch, results do not depend on it.
+    batch_size : int, optional
+        Inputs per batch.  By default batches are sized to ``memory_budget`` (after a
+        first batch of 32 inputs that measures the per-input footprint).  Results do
+        not depend on the batching.
+    memory_budget : float
+        Bytes of working memory per batch when ``batch_size`` is None (512 MiB by
+        default); an estimate, not a hard limit.
     progress : bool
         Show a progress bar over batches (only on a terminal).
 
@@ -521,16 +530,17 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int = DEFAULT_
     >>> bool(np.all(res.v2[-10:] == 0))   # last layer: Î2 is exact
     True
     """
-    family, X, batch_size = check_model_and_data(model, X, family, batch_size)
+    family, X, batches = check_model_and_data(model, X, family, batch_size, memory_budget)
     n = X.shape[0]
     xp = array_namespace(X)
     sums: dict = {}
-    steps = list(_batches(n, batch_size))
-    with Progress(len(steps), progress, "analyze") as bar:
-        for start, stop in steps:
+    with Progress(len(batches), progress, "analyze") as bar:
+        for start, stop in batches:
             d = model.derivatives(X[start:stop, ...])
+            batches.fit(d.blocks, stop - start, model, hessian=True)
+            bar.total = len(batches)
             check_outputs_finite(d.outputs, start, stop)
-            spectrum = compiled(family.spectrum, xp)(d.outputs)
+            spectrum = _spectrum(d.outputs, family, xp)
             for block in d.blocks:
                 for name, s in block_sums(d.outputs, block, family, spectrum).items():
                     check_outputs_finite(xp.stack(s), start, stop, f"statistics of {name!r}")

@@ -23,9 +23,10 @@ import numpy as np
 from array_api_compat import array_namespace, device
 
 from . import _validation as V
+from ._batching import DEFAULT_MEMORY_BUDGET
 from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, compiled, weight_flat
-from .analysis import DEFAULT_BATCH_SIZE, _batches, check_model_and_data, check_outputs_finite
+from .analysis import check_model_and_data, check_outputs_finite
 
 __all__ = ["estimate", "sample_labels"]
 
@@ -46,18 +47,21 @@ def _rng(seed):
 
 
 def sample_labels(model, X: Array, family="categorical", *, n_draws: int = 1, seed=None,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> Array:
+                  batch_size: int | None = None) -> Array:
     """Labels drawn from the model exactly as :func:`estimate` draws them.
 
     Returns (M, n) class indices for the categorical family, (M, n, C) targets
-    for the Gaussian and Bernoulli families, in the model's array library.
+    for the Gaussian and Bernoulli families, in the model's array library.  Only
+    outputs are computed, ``batch_size`` (default 1024) inputs at a time.
     """
-    family, X, batch_size = check_model_and_data(model, X, family, batch_size)
+    family, X, _ = check_model_and_data(model, X, family, batch_size)
     M = V.check_positive_int(n_draws, "n_draws")
     rng = _rng(seed)
     xp = array_namespace(X)
     parts = []
-    for a, b in _batches(X.shape[0], batch_size):
+    size = 1024 if batch_size is None else batch_size
+    for a in range(0, X.shape[0], size):
+        b = min(a + size, X.shape[0])
         h = model.outputs(X[a:b, ...])
         check_outputs_finite(h, a, b)
         parts.append(_draw(family, rng, h, M))
@@ -70,7 +74,8 @@ def _project(score, jac, xp):
 
 
 def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_draws: int = 1, seed=None,
-             labels: Array | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> Array:
+             labels: Array | None = None, batch_size: int | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
+             progress: bool = False) -> Array:
     r"""Monte-Carlo estimate of the diagonal Fisher, (P,).
 
     Parameters
@@ -90,12 +95,14 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
         it estimates ``E_data[∇ℓ∇ℓᵀ]`` rather than the Fisher — and is provided only
         for comparison.  Class indices (n,) for the categorical family, (n, C)
         otherwise.  Incompatible with ``n_draws > 1``.
+    batch_size, memory_budget, progress
+        As in :func:`fishercore.analyze`.
 
     Returns
     -------
     (P,) array in the flat parameter order, the model's namespace, dtype and device.
     """
-    family, X, batch_size = check_model_and_data(model, X, family, batch_size)
+    family, X, batches = check_model_and_data(model, X, family, batch_size, memory_budget)
     est = V.check_choice(estimator, "estimator", ("i1", "i2"))
     M = V.check_positive_int(n_draws, "n_draws")
     xp = array_namespace(X)
@@ -109,9 +116,8 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
         rng = _rng(seed)
     use_pullback = est == "i1" and callable(getattr(model, "pullback", None))
     sums: dict = {}
-    steps = list(_batches(n, batch_size))
-    with Progress(len(steps), progress, f"estimate {est}") as bar:
-        for start, stop in steps:
+    with Progress(len(batches), progress, f"estimate {est}") as bar:
+        for start, stop in batches:
             Xb = X[start:stop, ...]
 
             def score(h, start=start, stop=stop):
@@ -131,6 +137,8 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
                 per_input = compiled(_per_input, xp, ("family", "est"))
                 per_block = [(b, per_input(d.outputs, s, b.jac, b.diag_hess, family=family, est=est))
                              for b in d.blocks]
+            batches.fit(d.blocks, stop - start, model, hessian=est == "i2")
+            bar.total = len(batches)
             for block, per in per_block:
                 for name, value in _aggregate(block, per, xp).items():
                     check_outputs_finite(value, start, stop, f"estimates of {name!r}")

@@ -131,6 +131,35 @@ def test_batch_size_and_merge_are_exact():
         one.merge(3)
 
 
+def test_batches_sized_to_the_memory_budget_give_the_same_numbers():
+    from fishercore._batching import FIRST_BATCH, MAX_AUTO_BATCH, Batches, bytes_per_input
+
+    model, X = make_problem(Problem("3h", "tanh", "categorical", n=90))
+    one = fc.analyze(model, X, batch_size=90)
+    for budget in (1.0, 2e5, 1e9):  # one input per batch after the first, a few per batch, all at once
+        auto = fc.analyze(model, X, memory_budget=budget)
+        for f in FIELDS:
+            np.testing.assert_allclose(getattr(auto, f), getattr(one, f), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(fc.estimate(model, X, seed=2, memory_budget=1.0), fc.estimate(model, X, seed=2),
+                               rtol=1e-13)
+    # the sizes: the first batch measures, the rest fit the budget, capped at MAX_AUTO_BATCH
+    d = model.derivatives(X[:FIRST_BATCH])
+    per_input = bytes_per_input(d.blocks, FIRST_BATCH, model.workspace_per_input(True))
+    held = sum(np.asarray(a).nbytes for b in d.blocks for a in (b.jac, b.diag_hess, b.inputs)) / FIRST_BATCH
+    assert held < per_input < 40 * held
+    for budget, size in ((1.0, 1), (10.5 * per_input, 10), (1e12, 90)):
+        batches = Batches(90, None, budget)
+        spans = []
+        for start, stop in batches:
+            spans.append(stop - start)
+            batches.fit(d.blocks, FIRST_BATCH, model, True)
+        assert spans[0] == FIRST_BATCH and set(spans[1:-1]) <= {min(size, 90 - FIRST_BATCH)}
+        assert sum(spans) == 90 and len(spans) == len(batches)
+    big = Batches(10**6, None, 1e15)
+    big.fit(d.blocks, FIRST_BATCH, model, True)
+    assert big.size == MAX_AUTO_BATCH
+
+
 def test_var_x_and_variance_formulas():
     model, X = make_problem(Problem("2h", "tanh", "categorical", n=9))
     res = fc.analyze(model, X)
