@@ -7,10 +7,12 @@ r"""JAX adapter: derivatives from ``jax`` (``jacrev``, ``jvp``, ``vjp``, ``vmap`
   exact full columns, chunked.
 
 Dense layers hand the core per-neuron factors, computed as in the torch adapter's
-``from_sequential``: perturb each pre-activation ``z_l + δ_l``; ``∂h/∂z_l`` is
-``jacrev`` in ``δ_l``; ``φ'`` and ``φ''`` of each activation come from ``jvp`` with a
-tangent of ones and are contracted along the chain of weights into the diagonal of
-``∂²h/∂z_l²`` (:mod:`fishercore.backends._dense`); Î1 uses one ``vjp`` per label draw.
+``from_sequential``: perturb each pre-activation ``z_l + δ_l`` (δ of shape (n, out),
+one row per input, which reaches only that input's outputs); ``∂h/∂z_l`` takes one
+``vjp`` of the batched forward per output; ``φ'`` and ``φ''`` of each activation come
+from ``jvp`` with a tangent of ones and are contracted along the chain of weights into
+the diagonal of ``∂²h/∂z_l²`` (:mod:`fishercore.backends._dense`); Î1 uses one ``vjp``
+per label draw.
 :func:`from_function` differentiates per parameter (forward-over-forward ``jvp``).
 
 Group names come from the pytree paths, keys joined by dots (``"0.0"``/``"0.1"`` for
@@ -178,6 +180,7 @@ class JaxMLP:
         self.n_inputs, self.n_outputs = int(Ws[0].shape[1]), int(Ws[-1].shape[0])
         self._derivs = jax.jit(self._derivs_impl, static_argnames="hessian")
         self._pull = jax.jit(self._pull_impl)
+        self._fwd = jax.jit(lambda X: self._forward(X, None))
         self._out = jax.jit(lambda X: self._forward(X, None)[0])
 
     def __repr__(self) -> str:
@@ -197,16 +200,18 @@ class JaxMLP:
             a = self.activations[l](z) if l < len(self.Ws) - 1 else z
         return a, inputs
 
-    def _single(self, x, deltas):
-        return self._forward(x[None], tuple(d[None] for d in deltas))[0][0]
-
     def _zeros(self, n, dtype):
         return tuple(jnp.zeros((n, W.shape[0]), dtype) for W in self.Ws)
 
     def _derivs_impl(self, X, hessian):
         deltas = self._zeros(X.shape[0], X.dtype)
         h, inputs = self._forward(X, None)
-        jac = vmap(jacrev(self._single, argnums=1))(X, deltas)
+        # The batch's δ_l (n, out) reaches only its own input's outputs, so one vjp of the
+        # batched forward per output c gives every input's row of ∂h_c/∂z_l.
+        C = self.n_outputs
+        onehot = jnp.broadcast_to(jnp.eye(C, dtype=X.dtype)[:, None, :], (C, X.shape[0], C))
+        pull = vjp(lambda ds: self._forward(X, ds)[0], deltas)[1]
+        jac = [jnp.swapaxes(g, 0, 1) for g in vmap(lambda c: pull(c)[0])(onehot)]  # per layer (n, C, out)
         if not hessian:
             return h, inputs, jac, [None] * len(self.Ws)
         # φ', φ'' of each hidden activation by jvp with a tangent of ones (φ is elementwise),
@@ -228,14 +233,9 @@ class JaxMLP:
         return h, inputs, jac, hess
 
     def _pull_impl(self, X, s):
-        deltas = self._zeros(X.shape[0], X.dtype)
-
-        def one(x, ds, si):
-            pull = vjp(lambda d: self._single(x, d), ds)[1]
-            return vmap(lambda c: pull(c)[0])(si)
-
-        grads = vmap(one)(X, deltas, jnp.swapaxes(s, 0, 1))
-        return [jnp.swapaxes(g, 0, 1) for g in grads]
+        """Per-input ``sᵀ ∂h/∂z_l`` for each draw: one vjp of the batched forward per draw (M, n, out)."""
+        pull = vjp(lambda ds: self._forward(X, ds)[0], self._zeros(X.shape[0], X.dtype))[1]
+        return list(vmap(lambda c: pull(c)[0])(s))
 
     def workspace_per_input(self, hessian: bool = True) -> int:
         """Bytes per input the compiled derivatives hold beyond the blocks (used to size batches)."""
@@ -263,7 +263,7 @@ class JaxMLP:
         return Derivatives(h, self._blocks(inputs, jac, hess))
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
-        h, inputs = self._forward(X, None)
+        h, inputs = self._fwd(X)
         grads = self._pull(X, cotangent_fn(h))
         return Derivatives(h, self._blocks(inputs, grads, [None] * len(grads)))
 

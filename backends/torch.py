@@ -295,6 +295,27 @@ class TorchSequential(TorchModule):
         self._chain = blocks
         self._structured = not blocks[-1][1]
 
+    def _batched_pull(self, X):
+        """vjp of the batched forward in the perturbations δ_l (n, out_l): row i of each
+        cotangent reaches only input i, so the result holds every input's ``cᵀ ∂h/∂z_l``."""
+        return vjp(lambda ds: self._call(X, ds), self._zero_deltas(X.shape[0]))[1]
+
+    def pullback(self, X, cotangent_fn) -> Derivatives:
+        """``sᵀ ∂h/∂z_l`` for every draw: one vjp of the batched forward per draw."""
+        h, inputs = self._forward(X)
+        s = cotangent_fn(h)  # (M, n, C)
+        with torch.no_grad():
+            pull = self._batched_pull(X)
+            grads = vmap(lambda c: pull(c)[0])(s)  # per layer (M, n, out)
+        return Derivatives(h, self._make_blocks(inputs, list(grads), [None] * len(grads)))
+
+    def _jacobians(self, X, C):
+        """``∂h/∂z_l`` (n, C, out) for every layer: one batched vjp per output."""
+        n = X.shape[0]
+        onehot = torch.eye(C, dtype=self.dtype, device=self.device)[:, None, :].expand(C, n, C)
+        pull = self._batched_pull(X)
+        return [g.transpose(0, 1) for g in vmap(lambda c: pull(c)[0])(onehot)]
+
     def workspace_per_input(self, hessian: bool = True) -> int:
         if not self._structured:
             return super().workspace_per_input(hessian)
@@ -322,12 +343,15 @@ class TorchSequential(TorchModule):
         return d1, jvp(dphi, (z,), (ones,))[1]
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
-        if not (hessian and self._structured):
-            return super().derivatives(X, hessian=hessian)
         h, inputs = self._forward(X)
-        deltas = self._zero_deltas(X.shape[0])
         with torch.no_grad():
-            jac = list(vmap(jacrev(self._single, argnums=1))(X, deltas))  # per layer (n, C, out)
+            jac = self._jacobians(X, h.shape[1])  # per layer (n, C, out)
+            if not hessian:
+                return Derivatives(h, self._make_blocks(inputs, jac, [None] * len(jac)))
+            if not self._structured:
+                deltas = self._zero_deltas(X.shape[0])
+                hess = [self._diag_hessian(X, deltas, l) for l in range(len(self.linears))]
+                return Derivatives(h, self._make_blocks(inputs, jac, hess))
             Ws = [lin.weight.detach() for lin, _ in self._chain]
             d1, curv = [], []
             for l, (lin, acts) in enumerate(self._chain[:-1]):

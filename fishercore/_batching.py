@@ -4,8 +4,8 @@ With ``batch_size=None`` the first batch holds :data:`FIRST_BATCH` inputs; its d
 blocks show what one input costs — the model's arrays, the core's temporaries for the
 largest block, and the model's own workspace when it declares one
 (``model.workspace_per_input(hessian)``, bytes) — and the remaining batches are sized so
-that one batch stays within ``memory_budget`` bytes (and at most :data:`MAX_AUTO_BATCH`
-inputs).  Results do not depend on the
+that one batch stays within ``memory_budget`` bytes (and, for eager CPU libraries, at
+most :data:`MAX_AUTO_BATCH` inputs).  Results do not depend on the
 batching (sums merge exactly), only memory and speed do.
 """
 
@@ -22,10 +22,22 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 #: Inputs in the first batch, which measures the per-input footprint.
 FIRST_BATCH = 32
 
-#: Largest automatic batch: beyond a few hundred inputs larger batches stop paying
-#: (measured: NumPy analyze of a 784-512-512-10 MLP is fastest at 512, of a
-#: 64-128-128-10 MLP at 256, and 10-30 % slower at 1024).
+#: Largest automatic batch for libraries that run eagerly on the CPU (NumPy, torch,
+#: array_api_strict): beyond a few hundred inputs larger batches stop paying (measured:
+#: NumPy analyze of a 784-512-512-10 MLP is fastest at 512, of a 64-128-128-10 MLP at
+#: 256, and 10-30 % slower at 1024).  JAX (compiled) and GPU arrays gain from larger
+#: batches and are limited by the budget alone.
 MAX_AUTO_BATCH = 512
+
+
+def auto_cap(X) -> int | None:
+    """:data:`MAX_AUTO_BATCH` for eager CPU libraries, None (the budget alone) for JAX and GPUs."""
+    from array_api_compat import device, is_cupy_array, is_jax_array
+
+    if is_jax_array(X) or is_cupy_array(X):
+        return None
+    dev = str(device(X)).lower()
+    return None if ("cuda" in dev or "gpu" in dev or "mps" in dev) else MAX_AUTO_BATCH
 
 # Arrays of a block's (C, k) size that the core holds at once while reducing it
 # (moments, centred columns, per-input statistics and their products).
@@ -73,8 +85,8 @@ def bytes_per_input(blocks, n_inputs: int, workspace: int = 0) -> int:
 class Batches:
     """``for start, stop in batches: ...; batches.fit(blocks, model, hessian)`` after the first."""
 
-    def __init__(self, n: int, batch_size: int | None, memory_budget: float):
-        self.n, self.budget = n, memory_budget
+    def __init__(self, n: int, batch_size: int | None, memory_budget: float, cap: int | None = MAX_AUTO_BATCH):
+        self.n, self.budget, self.cap = n, memory_budget, cap
         self.auto = batch_size is None
         self.size = min(n, FIRST_BATCH) if self.auto else batch_size
         self.fitted = not self.auto
@@ -98,5 +110,6 @@ class Batches:
             return
         ws = getattr(model, "workspace_per_input", None)
         per_input = bytes_per_input(blocks, n_inputs, ws(hessian) if callable(ws) else 0)
-        self.size = max(1, min(self.n, MAX_AUTO_BATCH, int(self.budget // per_input)))
+        size = min(self.n, int(self.budget // per_input))
+        self.size = max(1, size if self.cap is None else min(size, self.cap))
         self.fitted = True

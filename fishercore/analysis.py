@@ -19,7 +19,7 @@ from typing import NamedTuple
 from array_api_compat import array_namespace, device
 
 from . import _validation as V
-from ._batching import DEFAULT_MEMORY_BUDGET, Batches, check_batching
+from ._batching import DEFAULT_MEMORY_BUDGET, Batches, auto_cap, check_batching
 from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, ParamGroup, compiled, weight_flat
 from .bounds import variance_bounds
@@ -482,14 +482,34 @@ def check_model_and_data(model, X, family, batch_size, memory_budget=DEFAULT_MEM
     if X.shape[0] == 0:
         raise ValueError("X: empty data set (0 inputs)")
     V.check_finite(X, "X")
-    return family, X, Batches(X.shape[0], batch_size, memory_budget)
+    return family, X, Batches(X.shape[0], batch_size, memory_budget, auto_cap(X))
 
 
-def check_outputs_finite(h, start, stop, what="outputs"):
-    xp = array_namespace(h)
-    if not bool(xp.all(xp.isfinite(h))):
-        raise FloatingPointError(f"model: {what} are NaN or inf for inputs {start}..{stop - 1} "
-                                 "(overflow in the network; check the weights and input scale)")
+def _all_finite(*arrays):
+    xp = array_namespace(*arrays)
+    return xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays]))
+
+
+def check_results_finite(values, start, stop, what="outputs"):
+    """Raise FloatingPointError naming the inputs (and group) when a batch's results are not finite.
+
+    ``values``: one array, or a dict name → array or tuple of arrays (checked with one
+    device synchronisation; the culprit is looked up only on failure).
+    """
+    def finite(arrays):
+        return bool(compiled(_all_finite, array_namespace(*arrays))(*arrays))
+
+    def flat(v):
+        return list(v) if isinstance(v, (tuple, list)) else [v]
+
+    if not isinstance(values, dict):
+        values = {None: values}
+    if finite([a for v in values.values() for a in flat(v)]):
+        return
+    name = next(k for k, v in values.items() if not finite(flat(v)))
+    label = what if name is None else f"{what} of {name!r}"
+    raise FloatingPointError(f"model: {label} are NaN or inf for inputs {start}..{stop - 1} "
+                             "(overflow in the network; check the weights and input scale)")
 
 
 def analyze(model, X: Array, family="categorical", *, batch_size: int | None = None,
@@ -506,8 +526,9 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
         Output distribution ``p(y | h)``.
     batch_size : int, optional
         Inputs per batch.  By default batches are sized to ``memory_budget`` (after a
-        first batch of 32 inputs that measures the per-input footprint).  Results do
-        not depend on the batching.
+        first batch of 32 inputs that measures the per-input footprint), and hold at
+        most 512 inputs for NumPy and torch on the CPU, where larger batches are not
+        faster.  Results do not depend on the batching.
     memory_budget : float
         Bytes of working memory per batch when ``batch_size`` is None (512 MiB by
         default); an estimate, not a hard limit.
@@ -539,12 +560,14 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
             d = model.derivatives(X[start:stop, ...])
             batches.fit(d.blocks, stop - start, model, hessian=True)
             bar.total = len(batches)
-            check_outputs_finite(d.outputs, start, stop)
+            check_results_finite(d.outputs, start, stop)
             spectrum = _spectrum(d.outputs, family, xp)
+            batch = {}
             for block in d.blocks:
-                for name, s in block_sums(d.outputs, block, family, spectrum).items():
-                    check_outputs_finite(xp.stack(s), start, stop, f"statistics of {name!r}")
-                    sums[name] = _combine(sums[name], start, s, stop - start) if name in sums else s
+                batch.update(block_sums(d.outputs, block, family, spectrum))
+            check_results_finite(batch, start, stop, "statistics")
+            for name, s in batch.items():
+                sums[name] = _combine(sums[name], start, s, stop - start) if name in sums else s
             bar.update()
     missing = [g.name for g in model.groups if g.name not in sums]
     if missing:

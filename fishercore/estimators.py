@@ -26,7 +26,7 @@ from . import _validation as V
 from ._batching import DEFAULT_MEMORY_BUDGET
 from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, compiled, weight_flat
-from .analysis import check_model_and_data, check_outputs_finite
+from .analysis import check_model_and_data, check_results_finite
 
 __all__ = ["estimate", "sample_labels"]
 
@@ -63,7 +63,7 @@ def sample_labels(model, X: Array, family="categorical", *, n_draws: int = 1, se
     for a in range(0, X.shape[0], size):
         b = min(a + size, X.shape[0])
         h = model.outputs(X[a:b, ...])
-        check_outputs_finite(h, a, b)
+        check_results_finite(h, a, b)
         parts.append(_draw(family, rng, h, M))
     return xp.concat(parts, axis=1)
 
@@ -121,36 +121,47 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
             Xb = X[start:stop, ...]
 
             def score(h, start=start, stop=stop):
-                check_outputs_finite(h, start, stop)
+                check_results_finite(h, start, stop)
                 if labels is None:
-                    y = _draw(family, rng, h, M)
-                else:
-                    y = family.check_labels(labels[start:stop, ...], h)[None, ...]
+                    noise = family.noise(rng, h.shape[0], M, h.shape[1])
+                    noise = xp.asarray(noise, dtype=h.dtype, device=device(h))
+                    return compiled(_score_from_noise, xp, ("family",))(h, noise, family=family)
+                y = family.check_labels(labels[start:stop, ...], h)[None, ...]
                 return family.score(h, y)  # (M, b, C)
 
+            batch = {}
             if use_pullback:  # one backward pass per draw: t = sᵀ ∂h/∂z directly
                 d = model.pullback(Xb, score)
-                per_block = [(b, compiled(_squares, xp)(b.jac)) for b in d.blocks]
+                for b in d.blocks:
+                    batch.update(_aggregate(b, None, xp))
             else:
                 d = model.derivatives(Xb, hessian=est == "i2")
                 s = score(d.outputs)
                 per_input = compiled(_per_input, xp, ("family", "est"))
-                per_block = [(b, per_input(d.outputs, s, b.jac, b.diag_hess, family=family, est=est))
-                             for b in d.blocks]
+                for b in d.blocks:
+                    batch.update(_aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, family=family, est=est), xp))
             batches.fit(d.blocks, stop - start, model, hessian=est == "i2")
             bar.total = len(batches)
-            for block, per in per_block:
-                for name, value in _aggregate(block, per, xp).items():
-                    check_outputs_finite(value, start, stop, f"estimates of {name!r}")
-                    sums[name] = sums[name] + value if name in sums else value
+            check_results_finite(batch, start, stop, "estimates")
+            for name, value in batch.items():
+                sums[name] = sums[name] + value if name in sums else value
             bar.update()
     return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
+
+
+def _score_from_noise(h, noise, family):
+    """Scores (M, b, C) of labels drawn by inverse transform from the noise."""
+    return family.score(h, family.labels_from_noise(h, noise))
 
 
 def _squares(t):
     """Σ over draws of t², (M, b, k) → (b, k)."""
     xp = array_namespace(t)
     return xp.sum(t * t, axis=0)
+
+
+def _dense_squares(t, inputs, transposed):
+    return _dense_aggregate(_squares(t), inputs, transposed)
 
 
 def _per_input(h, s, jac, diag_hess, family, est):
@@ -172,12 +183,19 @@ def _dense_aggregate(per, inputs, transposed):
 def _aggregate(block, per, xp) -> dict:
     """Sum a per-input, per-column (b, k) quantity over the batch, for every group of the block.
 
+    ``per=None``: the block is a pullback's, and the quantity is Σ over draws of its ``jac`` squared.
+
     Both estimators scale with a_b² for a dense weight W[a, b] (u and w scale with
     a_b and a_b², and so do (sᵀu)² and uᵀΛu − sᵀw).
     """
     if isinstance(block, DenseBlock):
-        weight, bias = compiled(_dense_aggregate, xp, ("transposed",))(per, block.inputs, transposed=block.transposed)
+        if per is None:  # a pullback block: per-input Σ over draws of (sᵀ ∂h/∂z)², fused with the sums
+            weight, bias = compiled(_dense_squares, xp, ("transposed",))(block.jac, block.inputs,
+                                                                          transposed=block.transposed)
+        else:
+            weight, bias = compiled(_dense_aggregate, xp, ("transposed",))(per, block.inputs,
+                                                                            transposed=block.transposed)
         return {block.weight: weight} if block.bias is None else {block.weight: weight, block.bias: bias}
     if isinstance(block, ColumnBlock):
-        return {block.group: xp.sum(per, axis=0)}
+        return {block.group: xp.sum(compiled(_squares, xp)(block.jac) if per is None else per, axis=0)}
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -15,6 +16,9 @@ from fishercore.backends import mlp
 
 CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
 GPU_BACKENDS = ("cupy", "torch-cuda", "jax-gpu")
+# cross-backend kinds that run on a GPU, and the backend whose device they need
+GPU_KINDS = {"mlp-cupy": "cupy", "mlp-torch-cuda": "torch-cuda", "torch-sequential-cuda": "torch-cuda",
+             "mlp-jax-gpu": "jax-gpu", "jax-mlp-gpu": "jax-gpu"}
 
 
 def _requested() -> tuple[tuple[str, ...], bool]:
@@ -29,7 +33,16 @@ def _requested() -> tuple[tuple[str, ...], bool]:
     for mod in ("array_api_strict", "torch", "jax"):
         if importlib.util.find_spec(mod) is not None:
             names.append(mod)
+    if gpu_present():  # GPU backends join automatically where there is an NVIDIA GPU
+        for name, mod in (("cupy", "cupy"), ("torch-cuda", "torch"), ("jax-gpu", "jax")):
+            if importlib.util.find_spec(mod) is not None:
+                names.append(name)
     return tuple(names), False
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU is visible (cheap: no framework is imported to find out)."""
+    return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
 
 
 BACKENDS, REQUIRED = _requested()
@@ -42,6 +55,86 @@ def record_deviation(kind, dtype, err, where):
     key = (kind, str(dtype))
     if err > DEVIATIONS.get(key, (-1.0, ""))[0]:
         DEVIATIONS[key] = (float(err), where)
+
+
+class NoGPU(Exception):
+    """A GPU backend's library loads, but there is no GPU for it (a skip, never a failure)."""
+
+
+class Backend(NamedTuple):
+    name: str
+    xp: Any  # the array-API namespace fishercore will see
+    asarray: Callable  # numpy array -> backend array (dtype kept)
+    to_numpy: Callable  # backend array -> numpy array
+    device: Any
+
+
+def _make_backend(name: str) -> Backend:
+    from array_api_compat import array_namespace, device
+
+    if name == "numpy":
+        conv, back = np.asarray, np.asarray
+    elif name == "array_api_strict":
+        import array_api_strict as xs
+
+        conv, back = xs.asarray, np.asarray
+    elif name in ("torch", "torch-cuda"):
+        import torch
+
+        dev = "cuda" if name == "torch-cuda" else "cpu"
+        if dev == "cuda" and not torch.cuda.is_available():
+            raise NoGPU("torch.cuda.is_available() is False")
+
+        def conv(a):
+            return torch.asarray(np.ascontiguousarray(a), device=dev)
+
+        def back(t):
+            return t.detach().cpu().numpy()
+    elif name in ("jax", "jax-gpu"):
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # inside the fixture, never at import
+        # On GPUs JAX multiplies float32 matrices in TF32 by default (~3 digits; 6e-4 seen on an
+        # H200); the float32 tolerance assumes true float32 products.
+        jax.config.update("jax_default_matmul_precision", "highest")
+        platform = "gpu" if name == "jax-gpu" else "cpu"
+        try:
+            dev = jax.devices(platform)[0]
+        except RuntimeError as e:
+            raise NoGPU(f"JAX has no {platform} device ({e})") from e
+
+        def conv(a):
+            return jax.device_put(np.asarray(a), dev)
+
+        back = np.asarray
+    elif name == "cupy":
+        import cupy
+
+        try:
+            cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            raise NoGPU(f"CuPy finds no CUDA device ({e})") from e
+        conv, back = cupy.asarray, cupy.asnumpy
+    else:  # pragma: no cover
+        raise ValueError(name)
+    probe = conv(np.zeros(1))
+    return Backend(name, array_namespace(probe), conv, back, device(probe))
+
+
+_CACHE: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _CACHE:
+        try:
+            _CACHE[name] = _make_backend(name)
+        except NoGPU as e:
+            pytest.skip(f"backend {name!r}: no GPU ({e})")
+        except Exception as e:  # noqa: BLE001
+            if REQUIRED:
+                pytest.fail(f"backend {name!r} is required by FISHERCORE_BACKENDS but failed to load: {e!r}")
+            pytest.skip(f"backend {name!r} not available: {e!r}")
+    return _CACHE[name]
 
 
 def require_framework(name: str):

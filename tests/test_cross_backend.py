@@ -25,7 +25,17 @@ from array_api_compat import array_namespace
 
 import fishercore as fc
 from fishercore.backends import mlp
-from helpers import ACTIVATIONS, ARCHS, BACKENDS, Problem, family_obj, make_layers, record_deviation
+from helpers import (
+    ACTIVATIONS,
+    ARCHS,
+    BACKENDS,
+    GPU_KINDS,
+    Problem,
+    family_obj,
+    get_backend,
+    make_layers,
+    record_deviation,
+)
 
 FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
 N, BATCH = 11, 4  # the batch size does not divide n
@@ -140,7 +150,6 @@ def _kinds():
 
 
 KINDS = _kinds()
-GPU_KINDS = ("mlp-cupy", "mlp-torch-cuda", "torch-sequential-cuda", "mlp-jax-gpu", "jax-mlp-gpu")
 # the full-column paths cost P × n forward passes, and a GPU check must fit in minutes:
 # those run on the 2-hidden-layer problems (still every activation and family)
 CASES = [(p, k) for p in PROBLEMS for k in KINDS
@@ -166,6 +175,8 @@ def _check(p, kind, dtype, rtol):
         np.random.default_rng(p.seed + 1).normal(size=(p.n, ARCHS[p.arch][0]))
     fam = family_obj(p.family)
     ref = fc.analyze(ref_model, ref_X, fam, batch_size=BATCH)
+    if kind in GPU_KINDS:
+        get_backend(GPU_KINDS[kind])  # skips when there is no GPU
     model, X, to_ref = build(kind, p, dtype)
     res = fc.analyze(model, X, fam, batch_size=BATCH)
     assert array_namespace(res.fisher) is array_namespace(X) and res.fisher.dtype == X.dtype

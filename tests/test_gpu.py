@@ -1,0 +1,58 @@
+"""GPU: an MNIST-sized network on every GPU backend gives the CPU float64 numbers.
+
+Runs with ``pytest -m gpu`` (or in any run whose backends include cupy, torch-cuda or
+jax-gpu); without a GPU the test is skipped, so ``pytest -m gpu`` passes cleanly there.
+Tolerance: the float64 cross-backend one (1e-10 of each field's scale).
+"""
+
+import numpy as np
+import pytest
+
+import fishercore as fc
+from fishercore.backends import mlp
+from helpers import BACKENDS, GPU_BACKENDS, get_backend
+
+GPU_IN_RUN = [b for b in BACKENDS if b in GPU_BACKENDS]
+FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
+WIDTHS = (784, 512, 512, 10)
+N = 600  # more than one automatic batch on the CPU (32, then at most 512)
+
+
+def _models(name, layers, X):
+    """(label, model, X) for each way this GPU backend runs the network."""
+    backend = get_backend(name)
+    dev_layers = [(backend.asarray(W), backend.asarray(b)) for W, b in layers]
+    Xd = backend.asarray(X)
+    yield f"mlp-{name}", mlp.MLP(dev_layers, "sigmoid"), Xd
+    if name == "torch-cuda":
+        from fishercore.backends import torch as fc_torch
+
+        net = fc_torch.sequential_from_layers(layers, "sigmoid").to("cuda")
+        yield "torch-sequential-cuda", fc_torch.from_sequential(net), Xd
+    if name == "jax-gpu":
+        from fishercore.backends import jax as fc_jax
+
+        yield "jax-mlp-gpu", fc_jax.from_mlp(dev_layers, "sigmoid"), Xd
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_IN_RUN or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no GPU backend in this run (no NVIDIA GPU found, or FISHERCORE_BACKENDS names none)"))])
+def test_mnist_sized_network_on_the_gpu_matches_the_cpu(name):
+    rng = np.random.default_rng(0)
+    layers = [(rng.normal(size=(o, i)) / np.sqrt(i), 0.1 * rng.normal(size=o)) for i, o in zip(WIDTHS[:-1], WIDTHS[1:])]
+    X = rng.random((N, WIDTHS[0]))
+    cpu = mlp.MLP(layers, "sigmoid")
+    ref = fc.analyze(cpu, X)
+    ref_est = {e: fc.estimate(cpu, X, estimator=e, seed=3) for e in ("i1", "i2")}
+    for label, model, Xd in _models(name, layers, X):
+        back = get_backend(name).to_numpy
+        res = fc.analyze(model, Xd)
+        assert type(res.fisher) is type(Xd), label
+        for f in FIELDS:
+            got, want = back(getattr(res, f)), getattr(ref, f)
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() <= 1e-10 * scale, f"{label} {f}"
+        for e, want in ref_est.items():
+            got = back(fc.estimate(model, Xd, estimator=e, seed=3))
+            assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), f"{label} estimate {e}"
