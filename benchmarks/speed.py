@@ -364,7 +364,7 @@ def part_mnist(args, results):
     ref = None
     if not args.gpu:
         try:
-            m = 1024
+            m = 256
             layers = init_layers(MNIST)
             Xs = np.random.default_rng(2).random((m, 784))
             bp = backpack_times(layers, Xs, "sigmoid", "float64", 1)
