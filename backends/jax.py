@@ -36,7 +36,7 @@ from fishercore._validation import check_full_column_budget
 
 from ._dense import chain_workspace, hessian_factors, matmul_shared
 
-__all__ = ["ACTIVATIONS", "JaxFunction", "JaxMLP", "from_function", "from_mlp", "mlp_apply"]
+__all__ = ["ACTIVATIONS", "JaxFunction", "JaxMLP", "analyze_sharded", "from_function", "from_mlp", "mlp_apply"]
 
 #: Activation names accepted by :func:`from_mlp` (the same as the hand-written MLP's).
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "softplus", "gelu", "elu")
@@ -391,3 +391,62 @@ def from_function(apply_fn: Callable, params, *, max_params: int = DEFAULT_MAX_P
     (8,)
     """
     return JaxFunction(apply_fn, params, max_params=max_params, chunk=chunk)
+
+
+def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, devices=None):
+    """:func:`fishercore.analyze` with the inputs sharded over JAX devices (``shard_map`` + ``psum``).
+
+    Each step hands ``batch_size`` inputs to each of the D devices (``devices``, default
+    ``jax.devices()``: the GPUs of a host, or CPU devices made with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=D``); every device computes the sums of
+    its share and ``jax.lax.psum`` reduces them (:func:`fishercore.analysis.all_reduce_sums`).
+    Steps are merged as batches are; inputs left over after the last full step are analysed on
+    the default device.  The result equals ``analyze(model, X, family)`` up to rounding.
+
+    ``model`` is any JAX-traceable fishercore model: :func:`from_mlp`, :func:`from_function`, or
+    the hand-written MLP on JAX arrays.
+    """
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fishercore.analysis import (
+        _combine,
+        _spectrum,
+        all_reduce_sums,
+        analyze,
+        assemble,
+        block_sums,
+        check_model_and_data,
+        check_results_finite,
+    )
+
+    family, X, _ = check_model_and_data(model, X, family, batch_size)
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices: empty")
+    mesh = Mesh(np.array(devices), ("data",))
+    B, D = int(batch_size), len(devices)
+    step = B * D
+
+    def shard(Xs):
+        d = model.derivatives(Xs)
+        spectrum = _spectrum(d.outputs, family, jnp)
+        sums = {}
+        for block in d.blocks:
+            sums.update(block_sums(d.outputs, block, family, spectrum))
+        return {k: all_reduce_sums(s, B, step, lambda t: jax.lax.psum(t, "data")) for k, s in sums.items()}
+
+    run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=P("data"), out_specs=P()))
+    n, full = X.shape[0], (X.shape[0] // step) * step
+    sums, done = None, 0
+    for start in range(0, full, step):
+        s = run(jax.device_put(X[start:start + step], NamedSharding(mesh, P("data"))))
+        check_results_finite(s, start, start + step, "statistics")
+        sums = s if sums is None else {k: _combine(sums[k], done, s[k], step) for k in sums}
+        done += step
+    result = None if sums is None else assemble(model, sums, done, family)
+    if done < n:
+        rest = analyze(model, X[done:], family, batch_size=B)
+        result = rest if result is None else result.merge(rest)
+    return result

@@ -40,8 +40,8 @@ from fishercore._validation import check_full_column_budget
 
 from ._dense import chain_workspace, hessian_factors, matmul_shared
 
-__all__ = ["ACTIVATION_MODULES", "ELEMENTWISE", "TorchFunction", "TorchModule", "TorchSequential", "from_function",
-           "from_module", "from_sequential", "sequential_from_layers"]
+__all__ = ["ACTIVATION_MODULES", "ELEMENTWISE", "TorchFunction", "TorchModule", "TorchSequential", "all_reduce",
+           "from_function", "from_module", "from_sequential", "sequential_from_layers"]
 
 #: Modules accepted between the Linear layers of :func:`from_sequential`.
 ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.GELU, nn.ELU, nn.Identity)
@@ -533,3 +533,49 @@ def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, max_param
     """
     return TorchFunction(fn, params, max_params=max_params, chunk=chunk)
 
+
+
+def all_reduce(analysis, group=None):
+    """The analysis of every process's inputs, from each process's own (``torch.distributed``).
+
+    Call on every rank of an initialised process group (``torchrun`` sets one up; gloo on
+    CPUs, NCCL on GPUs) with that rank's :class:`fishercore.FisherAnalysis` of its share of
+    the data; every rank gets the same result, equal to one analysis of all the data up to
+    rounding.  Two ``all_reduce`` calls carry the sums (see
+    :func:`fishercore.analysis.all_reduce_sums`); an ``all_gather_object`` first checks that
+    every rank analysed the same parameter groups with the same family.
+
+    The analysis must hold torch tensors (analyse torch inputs) on a device the process
+    group's backend serves.
+    """
+    import torch.distributed as dist
+
+    from fishercore.analysis import FisherAnalysis, all_reduce_sums
+
+    if not isinstance(analysis, FisherAnalysis):
+        raise TypeError(f"analysis: expected a fishercore.FisherAnalysis, got {type(analysis).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed: no initialised process group; call "
+                           "torch.distributed.init_process_group first (torchrun provides the environment)")
+    if not isinstance(analysis.sums.fisher, torch.Tensor):
+        raise TypeError(f"analysis: its sums are {type(analysis.sums.fisher).__name__}, not torch tensors; "
+                        "analyse torch inputs on every rank")
+    key = ([(g.name, g.shape) for g in analysis.groups], repr(analysis.family), str(analysis.sums.fisher.dtype))
+    keys = [None] * dist.get_world_size(group)
+    dist.all_gather_object(keys, key, group=group)
+    if any(k != keys[0] for k in keys):
+        bad = next(r for r, k in enumerate(keys) if k != keys[0])
+        raise ValueError(f"analysis: rank {bad} analysed other parameter groups, family or dtype than rank 0 "
+                         f"({keys[bad][1:]} vs {keys[0][1:]})")
+    n = torch.tensor([float(analysis.n_inputs)], dtype=torch.float64, device=analysis.sums.fisher.device)
+    dist.all_reduce(n, group=group)
+    n_total = int(round(n.item()))
+
+    def reduce_sum(t):
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    with torch.no_grad():
+        sums = all_reduce_sums(analysis.sums, analysis.n_inputs, n_total, reduce_sum)
+    return FisherAnalysis(sums, n_total, analysis.groups, analysis.family)

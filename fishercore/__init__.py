@@ -16,7 +16,9 @@ from .analysis import (
                        GroupSummary,
                        PerInputStats,
                        Summary,
+                       all_reduce_sums,
                        analyze,
+                       analyze_batches,
                        fisher_stats,
                        load_analysis,
 )
@@ -29,6 +31,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Bernoulli", "Bounds", "Categorical", "ColumnBlock", "DenseBlock", "Derivatives", "Family",
     "FisherAnalysis", "FisherSums", "Gaussian", "GroupSummary", "Model", "Moments", "ParamGroup",
-    "PerInputStats", "Spectrum", "Summary", "analyze", "estimate", "fisher_stats", "get_family",
-    "load_analysis", "make_groups", "sample_labels", "variance_bounds",
+    "PerInputStats", "Spectrum", "Summary", "all_reduce_sums", "analyze", "analyze_batches", "estimate",
+    "fisher_stats", "get_family", "load_analysis", "make_groups", "sample_labels", "variance_bounds",
 ]

@@ -25,7 +25,8 @@ from ._protocol import Array, ColumnBlock, DenseBlock, ParamGroup, compiled, wei
 from .bounds import variance_bounds
 from .families import Family, get_family
 
-__all__ = ["FisherAnalysis", "FisherSums", "PerInputStats", "Summary", "analyze", "fisher_stats", "load_analysis"]
+__all__ = ["FisherAnalysis", "FisherSums", "PerInputStats", "Summary", "all_reduce_sums", "analyze", "analyze_batches",
+           "fisher_stats", "load_analysis"]
 
 class PerInputStats(NamedTuple):
     """Exact statistics for each input and parameter (or neuron)."""
@@ -80,8 +81,28 @@ def fisher_stats(outputs: Array, jac: Array, diag_hess: Array, family, /, *, spe
         ``I = uᵀΛu``, ``v1 = E[(sᵀu)⁴] − I²``, ``v2 = wᵀΛw``,
         ``c12 = −E[(sᵀu)²(sᵀw)]`` and the bounds of SPEC §3, each (n, k).
     """
-    xp = array_namespace(outputs, jac, diag_hess)
     family = get_family(family)
+    V.check_floating_array(outputs, "outputs", ndim=2)
+    xp = array_namespace(outputs)
+    V.check_floating_array(jac, "jac", xp=xp, ndim=3)
+    V.check_floating_array(diag_hess, "diag_hess", xp=xp, ndim=3)
+    n, C = outputs.shape
+    if tuple(jac.shape[:2]) != (n, C):
+        raise ValueError(f"jac: expected shape ({n}, {C}, k) to match outputs {tuple(outputs.shape)}, "
+                         f"got {tuple(jac.shape)}")
+    if tuple(diag_hess.shape) != tuple(jac.shape):
+        raise ValueError(f"diag_hess: expected the shape of jac {tuple(jac.shape)}, got {tuple(diag_hess.shape)}")
+    if outputs.dtype != jac.dtype or jac.dtype != diag_hess.dtype:
+        raise TypeError(f"jac: dtypes differ (outputs {outputs.dtype}, jac {jac.dtype}, diag_hess {diag_hess.dtype})")
+    family.check_outputs(C)
+    for a, name in ((outputs, "outputs"), (jac, "jac"), (diag_hess, "diag_hess")):
+        V.check_finite(a, name)
+    return _fisher_stats(outputs, jac, diag_hess, family, spectrum)
+
+
+def _fisher_stats(outputs, jac, diag_hess, family, spectrum=None) -> PerInputStats:
+    """:func:`fisher_stats` without argument checks (traceable: used inside jit-compiled code)."""
+    xp = array_namespace(outputs, jac, diag_hess)
     m = family.moments(outputs, jac, diag_hess)
     pu, pw = family.center(jac), family.center(diag_hess)
     spectrum = family.spectrum(outputs) if spectrum is None else spectrum
@@ -150,12 +171,12 @@ def _dense_weight_sums(stats: PerInputStats, inputs: Array, transposed: bool) ->
 
 
 def _dense_sums(outputs, jac, diag_hess, inputs, spectrum, family, transposed):
-    stats = fisher_stats(outputs, jac, diag_hess, family, spectrum=spectrum)
+    stats = _fisher_stats(outputs, jac, diag_hess, family, spectrum)
     return _dense_weight_sums(stats, inputs, transposed), _sums_over_inputs(stats)
 
 
 def _column_sums(outputs, jac, diag_hess, spectrum, family):
-    return _sums_over_inputs(fisher_stats(outputs, jac, diag_hess, family, spectrum=spectrum))
+    return _sums_over_inputs(_fisher_stats(outputs, jac, diag_hess, family, spectrum))
 
 
 def _family_spectrum(outputs, family):
@@ -187,6 +208,24 @@ def _combine(a: FisherSums, na: int, b: FisherSums, nb: int) -> FisherSums:
     d = a.fisher / na - b.fisher / nb
     m2 = a.fisher_m2 + b.fisher_m2 + d * d * (na * nb / (na + nb))
     return FisherSums(*(m2 if f == "fisher_m2" else x + y for f, x, y in zip(FisherSums._fields, a, b)))
+
+
+def all_reduce_sums(sums: FisherSums, n_local: int, n_total, reduce_sum) -> FisherSums:
+    r"""Sums over the inputs of every process, from each process's own sums.
+
+    ``reduce_sum(array)`` is the collective of a distributed engine that sums an array
+    over all processes (``torch.distributed.all_reduce``, ``jax.lax.psum``); every field
+    but the centred one is a plain sum, reduced in one call.  The centred sum of squares
+    uses the global mean ``Ī`` (after the first call) and one more reduction of
+    ``M2_r + n_r (Ī_r − Ī)²`` — every term non-negative, so nothing cancels.
+    """
+    xp = array_namespace(sums.fisher)
+    plain = [f for f in FisherSums._fields if f != "fisher_m2"]
+    total = reduce_sum(xp.stack([getattr(sums, f) for f in plain]))
+    out = {f: total[i, ...] for i, f in enumerate(plain)}
+    d = sums.fisher / n_local - out["fisher"] / n_total
+    out["fisher_m2"] = reduce_sum(sums.fisher_m2 + n_local * (d * d))
+    return FisherSums(**out)
 
 
 def _median(x, xp):
@@ -358,9 +397,10 @@ class FisherAnalysis(NamedTuple):
         else:
             need = self.var_x + v / V.check_positive_int(n_draws, "n_draws")
         f = self.fisher
-        budget = delta * eps * eps * f * f
-        pos = budget > 0
-        ratio = need / xp.where(pos, budget, xp.ones_like(budget))
+        pos = f > 0
+        # (√need / F)² rather than need / F²: F² underflows for confident networks (F ~ 1e-170 and below)
+        rel = xp.sqrt(need) / xp.where(pos, f, xp.ones_like(f))
+        ratio = rel * rel / (delta * eps * eps)
         inf = xp.full_like(need, float("inf"))
         out = xp.where(pos, xp.ceil(ratio), xp.where(need > 0, inf, xp.ones_like(need)))
         return xp.maximum(out, xp.ones_like(out))
@@ -384,19 +424,15 @@ class FisherAnalysis(NamedTuple):
 
         Partial analyses of a long run saved this way can be loaded later and merged with the rest.
         """
-        import json
-
-        import numpy as np
-
-        arrays = {f"sums_{k}": _host(v) for k, v in zip(FisherSums._fields, self.sums)}
-        meta = {"format": "fishercore.FisherAnalysis/1", "n_inputs": int(self.n_inputs),
-                "groups": [[g.name, list(g.shape), g.offset] for g in self.groups],
-                "family": self.family.name, "variance": getattr(self.family, "variance", None)}
-        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        _write(self, path)
 
     def unflatten(self, values: Array) -> dict:
         """Split a (P,) array into ``{group name: array of the group's shape}``."""
+        V.check_floating_array(values, "values", ndim=1)
         xp = array_namespace(values)
+        P = sum(g.size for g in self.groups)
+        if values.shape[0] != P:
+            raise ValueError(f"values: expected one value per parameter ({P}), got {values.shape[0]}")
         return {g.name: xp.reshape(values[g.offset:g.offset + g.size], g.shape) for g in self.groups}
 
     def summary(self) -> Summary:
@@ -419,15 +455,46 @@ class FisherAnalysis(NamedTuple):
         return Summary(rows)
 
 
-def _host(x):
-    """A NumPy copy of any array-API array (via DLPack, moved to the CPU first when needed)."""
+def _write(analysis: FisherAnalysis, path, **extra) -> None:
+    """The .npz of :meth:`FisherAnalysis.save`, with ``extra`` entries in its metadata."""
+    import json
+
     import numpy as np
-    from array_api_compat import to_device
+
+    arrays = {f"sums_{k}": _host(v) for k, v in zip(FisherSums._fields, analysis.sums)}
+    meta = {"format": "fishercore.FisherAnalysis/1", "n_inputs": int(analysis.n_inputs),
+            "groups": [[g.name, list(g.shape), g.offset] for g in analysis.groups],
+            "family": analysis.family.name, "variance": getattr(analysis.family, "variance", None), **extra}
+    try:
+        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    except OSError as e:
+        raise ValueError(f"path: cannot write {path} ({e.strerror or e})") from e
+
+
+def _read_meta(path) -> dict:
+    import json
+
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(str(f["meta"]))
+
+
+def _host(x):
+    """A NumPy copy of any array-API array: DLPack on the CPU, else each library's own copy to the host."""
+    import numpy as np
+    from array_api_compat import is_cupy_array, is_torch_array
 
     try:
         return np.from_dlpack(x).copy()
     except (RuntimeError, TypeError, ValueError, BufferError):
-        return np.asarray(to_device(x, "cpu"))
+        pass
+    if is_cupy_array(x):
+        return x.get()
+    if is_torch_array(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)  # JAX (any device), array_api_strict, ...
 
 
 def load_analysis(path, model=None, *, like=None) -> FisherAnalysis:
@@ -569,8 +636,109 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
             for name, s in batch.items():
                 sums[name] = _combine(sums[name], start, s, stop - start) if name in sums else s
             bar.update()
+    return assemble(model, sums, n, family)
+
+
+def assemble(model, sums: dict, n: int, family) -> FisherAnalysis:
+    """A :class:`FisherAnalysis` from per-group sums ``{name: FisherSums}`` over n inputs."""
     missing = [g.name for g in model.groups if g.name not in sums]
     if missing:
         raise RuntimeError(f"model: derivative blocks do not cover the groups {missing}")
+    xp = array_namespace(sums[model.groups[0].name].fisher)
     flat = FisherSums(*(xp.concat([sums[g.name][i] for g in model.groups]) for i in range(len(FisherSums._fields))))
     return FisherAnalysis(flat, n, tuple(model.groups), family)
+
+
+def analyze_batches(model, batches, family="categorical", *, checkpoint=None, checkpoint_every: int = 1,
+                    memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> FisherAnalysis:
+    r""":func:`analyze` over an iterable of batches (a data loader), resumable from a checkpoint.
+
+    Parameters
+    ----------
+    model, family, memory_budget
+        As in :func:`analyze`.
+    batches : iterable
+        Batches of inputs: arrays (n_b, d), or tuples/lists whose first element is the
+        inputs — a ``torch.utils.data.DataLoader`` yielding ``(x, y)`` works as it is.  To
+        resume, the iterable must yield the same batches in the same order again.
+    checkpoint : str or path-like, optional
+        A file for the partial sums.  If it exists, the analysis it holds (of the first k
+        batches) is loaded — refused if its parameter groups are not the model's — and the
+        first k batches are skipped without computing.  It is rewritten (atomically) every
+        ``checkpoint_every`` batches, at the end, and when an error or interrupt stops the
+        run, so finished batches are never lost.
+    checkpoint_every : int
+        Batches between checkpoints.
+
+    Returns
+    -------
+    FisherAnalysis
+        Of all the batches' inputs; the same as :func:`analyze` on their concatenation.
+    """
+    import os
+
+    family = get_family(family)
+    every = V.check_positive_int(checkpoint_every, "checkpoint_every")
+    done, result = 0, None
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"checkpoint: cannot write to folder {folder}")
+    try:
+        iterator = iter(batches)
+    except TypeError as e:
+        raise TypeError(f"batches: expected an iterable of input batches, got {type(batches).__name__}") from e
+
+    def inputs(batch, i):
+        X = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not hasattr(X, "shape"):
+            raise TypeError(f"batches: batch {i} is a {type(X).__name__}, not an array (or a tuple starting with one)")
+        return X
+
+    saved = [0]  # batches the checkpoint file holds
+
+    def save():
+        if checkpoint is not None and result is not None and done > saved[0]:
+            tmp = f"{checkpoint}.tmp"
+            _write(result, tmp, batches=done)
+            os.replace(tmp, checkpoint)
+            saved[0] = done
+
+    skip = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        skip = saved[0] = int(_read_meta(checkpoint).get("batches", -1))
+        if skip < 0:
+            raise ValueError(f"checkpoint: {checkpoint} is a saved FisherAnalysis but not a checkpoint of "
+                             "analyze_batches (it records no batch count)")
+    with Progress(0, progress, "analyze") as bar:
+        try:
+            for i, batch in enumerate(iterator):
+                X = inputs(batch, i)
+                if i < skip:  # finished before the checkpoint: consumed, not recomputed
+                    if i == skip - 1:
+                        try:
+                            loaded = load_analysis(checkpoint, model, like=X)
+                        except ValueError as e:
+                            raise ValueError(f"checkpoint: {str(e).removeprefix('path: ')}") from e
+                        if loaded.family != family:
+                            raise ValueError(f"checkpoint: {checkpoint} holds a {loaded.family!r} analysis, "
+                                             f"not {family!r}")
+                        result, done = loaded, skip
+                    continue
+                part = analyze(model, X, family, memory_budget=memory_budget)
+                result = part if result is None else result.merge(part)
+                done = i + 1
+                bar.update()
+                if done % every == 0:
+                    save()
+        except BaseException:
+            save()  # keep every finished batch, then report the error
+            raise
+    if done < skip:
+        raise ValueError(f"batches: the checkpoint records {skip} finished batches but the iterable "
+                         f"yields only {done}")
+    if result is None:
+        raise ValueError("batches: no batches (an empty iterable)")
+    save()
+    return result

@@ -69,6 +69,19 @@ def _sigmoid(h, xp):
     return xp.where(h >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+def _eps(dtype) -> float:
+    """Unit roundoff of a real floating dtype (float32 or float64; any namespace)."""
+    return 2.0**-24 if "32" in str(dtype) else 2.0**-53
+
+
+def _sigmoid_pair(h, xp):
+    """``(σ(h), σ(−h))``: p and 1 − p, each to full relative precision (no 1 − p cancellation)."""
+    e = xp.exp(-xp.abs(h))
+    big, small = 1.0 / (1.0 + e), e / (1.0 + e)
+    pos = h >= 0
+    return xp.where(pos, big, small), xp.where(pos, small, big)
+
+
 def _softplus(h, xp):
     return xp.maximum(h, 0.0) + xp.log1p(xp.exp(-xp.abs(h)))
 
@@ -226,9 +239,18 @@ class Categorical(Family):
     def spectrum(self, outputs):
         xp = array_namespace(outputs)
         n, C = outputs.shape
-        p = _softmax(outputs, xp)
+        e = xp.exp(outputs - xp.max(outputs, axis=-1, keepdims=True))
+        z = xp.sum(e, axis=-1, keepdims=True)
+        p = e / z
         eye = xp.eye(C, dtype=outputs.dtype, device=device(outputs))
-        lam = xp.linalg.eigvalsh(eye * p[:, None, :] - p[:, :, None] * p[:, None, :])
+        # Λ_cc = p_c (1 − p_c) with 1 − p_c summed from the other classes, not subtracted from 1
+        # (for a confident class p_c rounds to 1 and p_c − p_c² to 0).
+        rest = xp.matmul(e, 1.0 - eye) / z
+        Lam = -(p[:, :, None] * p[:, None, :]) * (1.0 - eye) + eye * (p * rest)[:, None, :]
+        lam = xp.linalg.eigvalsh(Lam)
+        # eigvalsh is backward stable: each eigenvalue within ~C ε λ_max (Weyl).  The bounds use
+        # the spectrum widened by that much, so they hold whatever the rounding.
+        slack = (4.0 * C * _eps(outputs.dtype)) * lam[:, -1]
         # 𝓜 = Σ_c p_c (m_c − m̄)(m_c − m̄)ᵀ with m_c = vec(d_c d_cᵀ), d_c = e_c − p: its
         # nonzero spectrum is that of the C×C Gram matrix G below (SPEC §3).
         pp = xp.sum(p * p, axis=-1)[:, None, None]
@@ -240,8 +262,9 @@ class Categorical(Family):
         G = r[:, :, None] * r[:, None, :] * (K2 - k[:, :, None] - k[:, None, :] + s)
         m_max = xp.linalg.eigvalsh(G)[:, -1]
         zero = xp.zeros_like(m_max)
+        m_max = xp.maximum(m_max, zero) * (1.0 + 4.0 * C * C * _eps(outputs.dtype))
         # Λ1 = 0 exactly, so on 1⊥ the spectrum is eigs[1:] (ascending order).
-        return Spectrum(xp.maximum(lam[:, 1], zero), lam[:, -1], zero, xp.maximum(m_max, zero))
+        return Spectrum(xp.maximum(lam[:, 1] - slack, zero), lam[:, -1] + slack, zero, m_max)
 
     def labels_from_noise(self, outputs, noise):
         xp = array_namespace(outputs, noise)
@@ -335,32 +358,35 @@ class Bernoulli(Family):
 
     def fisher(self, outputs, jac):
         xp = array_namespace(outputs, jac)
-        p = _sigmoid(outputs, xp)[:, :, None]
-        return xp.sum(p * (1.0 - p) * jac * jac, axis=-2)
+        p, r = _sigmoid_pair(outputs, xp)
+        return xp.sum((p * r)[:, :, None] * jac * jac, axis=-2)
 
     def moments(self, outputs, jac, diag_hess):
         xp = array_namespace(outputs, jac, diag_hess)
-        p = _sigmoid(outputs, xp)[:, :, None]
-        q = p * (1.0 - p)
-        skew = q * (1.0 - 2.0 * p)  # E[s_c³]
+        p, r = _sigmoid_pair(outputs, xp)  # p and 1 − p, both exact for saturated outputs
+        q = (p * r)[:, :, None]
+        tilt = (r - p)[:, :, None]  # 1 − 2p
+        skew = q * tilt  # E[s_c³]
         u2 = jac * jac
         a = q * u2
         before = xp.cumulative_sum(a, axis=-2, include_initial=True)[:, :-1, :]  # Σ_{c'<c} a_c'
         return Moments(
             fisher=xp.sum(a, axis=-2),
             third=xp.sum(skew * u2 * jac, axis=-2),
-            v1=xp.sum(u2 * u2 * q * (1.0 - 2.0 * p) ** 2 + 4.0 * a * before, axis=-2),
+            v1=xp.sum(u2 * u2 * q * tilt * tilt + 4.0 * a * before, axis=-2),
             v2=xp.sum(q * diag_hess * diag_hess, axis=-2),
             c12=-xp.sum(skew * u2 * diag_hess, axis=-2),
         )
 
     def spectrum(self, outputs):
         xp = array_namespace(outputs)
-        p = _sigmoid(outputs, xp)
-        q = xp.sort(p * (1.0 - p), axis=-1)
+        p, r = _sigmoid_pair(outputs, xp)
+        q = p * r
         # 𝓜 on symmetric matrices is block diagonal: q_c(1 − 4 q_c) on the diagonal
-        # entries, 2 q_c q_c' on each off-diagonal pair {c, c'}.
-        diag = q * (1.0 - 4.0 * q)
+        # entries, 2 q_c q_c' on each off-diagonal pair {c, c'}.  1 − 4pq = (p − r)²
+        # exactly (p + r = 1), which does not cancel when p ≈ ½.
+        diag = q * (p - r) * (p - r)
+        q = xp.sort(q, axis=-1)
         m_min, m_max = xp.min(diag, axis=-1), xp.max(diag, axis=-1)
         if outputs.shape[-1] > 1:
             m_min = xp.minimum(m_min, 2.0 * q[:, 0] * q[:, 1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -100,6 +101,12 @@ def main(argv=None) -> int:
     except ReportError as e:
         print(f"fishercore: error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError, FloatingPointError) as e:  # the library's argument errors name the argument
+        if os.environ.get("FISHERCORE_TRACEBACK"):
+            raise
+        print(f"fishercore: error: {type(e).__name__}: {e} (set FISHERCORE_TRACEBACK=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fishercore: interrupted; finished epochs are in {args.out}/results.json", file=sys.stderr)
         return 130

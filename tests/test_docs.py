@@ -8,7 +8,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.py"))
+# the sharded examples start processes or devices and are run, with their output checked, by test_sharded.py
+EXAMPLES = sorted(p for p in (ROOT / "docs" / "examples").glob("*.py") if not p.name.startswith("sharded_"))
 
 
 def _readme_example():

@@ -15,7 +15,7 @@ from helpers import BACKENDS, GPU_BACKENDS, get_backend
 GPU_IN_RUN = [b for b in BACKENDS if b in GPU_BACKENDS]
 FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
 WIDTHS = (784, 512, 512, 10)
-N = 600  # more than one automatic batch on the CPU (32, then at most 512)
+N, BATCH = 600, 300  # two batches of one shape (each new shape costs JAX a compilation)
 
 
 def _models(name, layers, X):
@@ -43,16 +43,16 @@ def test_mnist_sized_network_on_the_gpu_matches_the_cpu(name):
     layers = [(rng.normal(size=(o, i)) / np.sqrt(i), 0.1 * rng.normal(size=o)) for i, o in zip(WIDTHS[:-1], WIDTHS[1:])]
     X = rng.random((N, WIDTHS[0]))
     cpu = mlp.MLP(layers, "sigmoid")
-    ref = fc.analyze(cpu, X)
-    ref_est = {e: fc.estimate(cpu, X, estimator=e, seed=3) for e in ("i1", "i2")}
+    ref = fc.analyze(cpu, X, batch_size=BATCH)
+    ref_est = {e: fc.estimate(cpu, X, estimator=e, seed=3, batch_size=BATCH) for e in ("i1", "i2")}
     for label, model, Xd in _models(name, layers, X):
         back = get_backend(name).to_numpy
-        res = fc.analyze(model, Xd)
+        res = fc.analyze(model, Xd, batch_size=BATCH)
         assert type(res.fisher) is type(Xd), label
         for f in FIELDS:
             got, want = back(getattr(res, f)), getattr(ref, f)
             scale = np.abs(want).max()
             assert np.abs(got - want).max() <= 1e-10 * scale, f"{label} {f}"
         for e, want in ref_est.items():
-            got = back(fc.estimate(model, Xd, estimator=e, seed=3))
+            got = back(fc.estimate(model, Xd, estimator=e, seed=3, batch_size=BATCH))
             assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), f"{label} estimate {e}"

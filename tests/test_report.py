@@ -164,3 +164,22 @@ def test_missing_framework_is_a_one_line_error(tmp_path, capsys, monkeypatch, ba
     assert cli.main(["report", "--out", str(tmp_path / "out"), *TINY, "--backend", backend]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--backend {backend}: {backend} is not installed" in err
+
+
+def test_library_errors_become_one_line_and_a_non_zero_exit(tmp_path, monkeypatch, capsys):
+    """An argument error raised inside the library mid-run: one line naming the argument, exit 1."""
+    from fishercore.report import study
+
+    def bad(*args, **kwargs):
+        raise FloatingPointError("model: outputs are NaN or inf for inputs 0..9 (overflow in the network)")
+
+    monkeypatch.setattr(study.fc, "analyze", bad)
+    code = cli.main(["report", "--out", str(tmp_path / "out"), "--epochs", "1", "--hidden", "4", "--quiet",
+                     "--backend", "numpy"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("fishercore: error: FloatingPointError: model: outputs are NaN")
+    monkeypatch.setenv("FISHERCORE_TRACEBACK", "1")
+    with pytest.raises(FloatingPointError):
+        cli.main(["report", "--out", str(tmp_path / "out2"), "--epochs", "1", "--hidden", "4", "--quiet",
+                  "--backend", "numpy"])

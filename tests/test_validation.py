@@ -134,6 +134,35 @@ RESULT_CASES = {
 }
 
 
+H, U = np.zeros((5, 4)), np.ones((5, 4, 2))
+FUNCTION_CASES = {
+    "fisher_stats outputs 1-D": (lambda: fc.fisher_stats(np.zeros(4), U, U, "categorical"), ValueError, "outputs"),
+    "fisher_stats outputs list": (lambda: fc.fisher_stats([[0.0] * 4], U, U, "categorical"), TypeError, "outputs"),
+    "fisher_stats jac 2-D": (lambda: fc.fisher_stats(H, U[..., 0], U, "categorical"), ValueError, "jac"),
+    "fisher_stats jac rows": (lambda: fc.fisher_stats(H, U[:3], U[:3], "categorical"), ValueError, "jac"),
+    "fisher_stats diag_hess shape": (lambda: fc.fisher_stats(H, U, U[..., :1], "categorical"), ValueError,
+                                     "diag_hess"),
+    "fisher_stats jac integer": (lambda: fc.fisher_stats(H, U.astype(int), U, "categorical"), TypeError, "jac"),
+    "fisher_stats dtypes": (lambda: fc.fisher_stats(H, U.astype(np.float32), U, "categorical"), TypeError, "jac"),
+    "fisher_stats jac NaN": (lambda: fc.fisher_stats(H, _nan(U, (0, 0, 0)), U, "categorical"), ValueError, "jac"),
+    "fisher_stats outputs inf": (lambda: fc.fisher_stats(H + np.inf, U, U, "categorical"), ValueError, "outputs"),
+    "fisher_stats family": (lambda: fc.fisher_stats(H, U, U, "poisson"), ValueError, "family"),
+    "fisher_stats one logit": (lambda: fc.fisher_stats(H[:, :1], U[:, :1], U[:, :1], "categorical"), ValueError,
+                               "model"),
+    "unflatten length": (lambda: RES.unflatten(np.zeros(3)), ValueError, "values"),
+    "unflatten 2-D": (lambda: RES.unflatten(np.zeros((2, 3))), ValueError, "values"),
+    "unflatten list": (lambda: RES.unflatten([0.0]), TypeError, "values"),
+    "save unwritable": (lambda: RES.save("/nonexistent-folder/x.npz"), ValueError, "path"),
+    "load missing": (lambda: fc.load_analysis("/nonexistent-folder/x.npz"), ValueError, "path"),
+    "load not an analysis": (lambda: fc.load_analysis(__file__), ValueError, "path"),
+}
+
+
+@pytest.mark.parametrize("case", list(FUNCTION_CASES))
+def test_bad_function_arguments(case):
+    assert_raises_named(*FUNCTION_CASES[case])
+
+
 @pytest.mark.parametrize("case", list(RESULT_CASES))
 def test_bad_result_and_family_arguments(case):
     assert_raises_named(*RESULT_CASES[case])
