@@ -36,6 +36,7 @@ class Bounds(NamedTuple):
 
 def variance_bounds(moments: Moments, spectrum: Spectrum, jac_sq_norm: Array, hess_sq_norm: Array, /) -> Bounds:
     """Bounds from the projected squared norms ``‖Pu‖²`` and ``‖Pw‖²`` (each (n, k))."""
+    _check_shapes(moments, spectrum, jac_sq_norm, hess_sq_norm)
     xp = array_namespace(jac_sq_norm, hess_sq_norm)
     u4 = jac_sq_norm * jac_sq_norm
     fisher = moments.fisher
@@ -48,3 +49,24 @@ def variance_bounds(moments: Moments, spectrum: Spectrum, jac_sq_norm: Array, he
         v2_lower=spectrum.lam_min[:, None] * hess_sq_norm,
         v2_upper=spectrum.lam_max[:, None] * hess_sq_norm,
     )
+
+
+def _check_shapes(moments, spectrum, jac_sq_norm, hess_sq_norm):
+    from ._validation import check_floating_array
+
+    if not isinstance(moments, Moments):
+        raise TypeError(f"moments: expected fishercore.Moments, got {type(moments).__name__}")
+    if not isinstance(spectrum, Spectrum):
+        raise TypeError(f"spectrum: expected fishercore.Spectrum, got {type(spectrum).__name__}")
+    check_floating_array(jac_sq_norm, "jac_sq_norm", ndim=2)
+    shape = tuple(jac_sq_norm.shape)
+    check_floating_array(hess_sq_norm, "hess_sq_norm", ndim=2)
+    if tuple(hess_sq_norm.shape) != shape:
+        raise ValueError(f"hess_sq_norm: expected the shape of jac_sq_norm {shape}, got {tuple(hess_sq_norm.shape)}")
+    for name in ("fisher", "third"):
+        if tuple(getattr(moments, name).shape) != shape:
+            raise ValueError(f"moments: {name} has shape {tuple(getattr(moments, name).shape)}, expected {shape}")
+    for name in Spectrum._fields:
+        if tuple(getattr(spectrum, name).shape) != shape[:1]:
+            raise ValueError(f"spectrum: {name} has shape {tuple(getattr(spectrum, name).shape)}, "
+                             f"expected ({shape[0]},)")
