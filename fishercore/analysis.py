@@ -527,8 +527,9 @@ def load_analysis(path, model=None, *, like=None) -> FisherAnalysis:
         mine = [(g.name, g.shape) for g in model.groups]
         theirs = [(g.name, g.shape) for g in groups]
         raise ValueError(f"path: {path} holds an analysis of other parameter groups {theirs} than the model's {mine}")
-    family = get_family(meta["family"]) if meta["variance"] is None else get_family(meta["family"]).__class__(
-        variance=meta["variance"])
+    family = get_family(meta["family"])
+    if meta["variance"] is not None:
+        family = type(family)(variance=meta["variance"])
     if like is not None:
         xp = array_namespace(like)
         sums = {k: xp.asarray(v, dtype=getattr(xp, str(v.dtype)), device=device(like)) for k, v in sums.items()}
