@@ -17,7 +17,7 @@ import pytest
 
 import fishercore as fc
 from fishercore.analysis import all_reduce_sums
-from helpers import Problem, assert_raises_named, make_problem, require_framework
+from helpers import BACKENDS, Problem, assert_raises_named, make_problem, require_framework
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
@@ -91,6 +91,7 @@ def test_jax_shard_map_over_four_host_devices(tmp_path):
     print(f"JAX shard_map, 4 host devices: largest deviation {dev:.1e}")
 
 
+@pytest.mark.skipif("jax" not in BACKENDS, reason="jax is not among this run's backends")
 def test_jax_analyze_sharded_on_one_device_with_a_remainder(jax_x64):
     from fishercore.backends import jax as fc_jax
 
