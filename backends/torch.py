@@ -295,25 +295,36 @@ class TorchSequential(TorchModule):
         self._chain = blocks
         self._structured = not blocks[-1][1]
 
-    def _batched_pull(self, X):
-        """vjp of the batched forward in the perturbations δ_l (n, out_l): row i of each
-        cotangent reaches only input i, so the result holds every input's ``cᵀ ∂h/∂z_l``."""
-        return vjp(lambda ds: self._call(X, ds), self._zero_deltas(X.shape[0]))[1]
+    def _forward_pull(self, X):
+        """One forward pass: outputs, each Linear's inputs, and the vjp in the perturbations δ_l.
+
+        δ_l is (n, out_l): row i of a cotangent reaches only input i, so one pull gives every
+        input's ``cᵀ ∂h/∂z_l``.  (A Sequential of Linear and elementwise layers applies each
+        Linear once, to (n, in) inputs.)
+        """
+        def f(ds):
+            record: list = []
+            h = self._call(X, ds, record=record)
+            inputs = [None] * len(self.linears)
+            for i, a in record:
+                inputs[i] = a
+            return h, inputs
+
+        h, pull, inputs = vjp(f, self._zero_deltas(X.shape[0]), has_aux=True)
+        return h, inputs, pull
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
         """``sᵀ ∂h/∂z_l`` for every draw: one vjp of the batched forward per draw."""
-        h, inputs = self._forward(X)
-        s = cotangent_fn(h)  # (M, n, C)
         with torch.no_grad():
-            pull = self._batched_pull(X)
+            h, inputs, pull = self._forward_pull(X)
+            s = cotangent_fn(h)  # (M, n, C)
             grads = vmap(lambda c: pull(c)[0])(s)  # per layer (M, n, out)
         return Derivatives(h, self._make_blocks(inputs, list(grads), [None] * len(grads)))
 
-    def _jacobians(self, X, C):
+    @staticmethod
+    def _jacobians(pull, n, C, like):
         """``∂h/∂z_l`` (n, C, out) for every layer: one batched vjp per output."""
-        n = X.shape[0]
-        onehot = torch.eye(C, dtype=self.dtype, device=self.device)[:, None, :].expand(C, n, C)
-        pull = self._batched_pull(X)
+        onehot = torch.eye(C, dtype=like.dtype, device=like.device)[:, None, :].expand(C, n, C)
         return [g.transpose(0, 1) for g in vmap(lambda c: pull(c)[0])(onehot)]
 
     def workspace_per_input(self, hessian: bool = True) -> int:
@@ -343,9 +354,9 @@ class TorchSequential(TorchModule):
         return d1, jvp(dphi, (z,), (ones,))[1]
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
-        h, inputs = self._forward(X)
         with torch.no_grad():
-            jac = self._jacobians(X, h.shape[1])  # per layer (n, C, out)
+            h, inputs, pull = self._forward_pull(X)
+            jac = self._jacobians(pull, X.shape[0], h.shape[1], h)  # per layer (n, C, out)
             if not hessian:
                 return Derivatives(h, self._make_blocks(inputs, jac, [None] * len(jac)))
             if not self._structured:
