@@ -181,7 +181,6 @@ class JaxMLP:
         self._derivs = jax.jit(self._derivs_impl, static_argnames="hessian")
         self._pull = jax.jit(self._pull_impl)
         self._fwd = jax.jit(lambda X: self._forward(X, None))
-        self._out = jax.jit(lambda X: self._forward(X, None)[0])
 
     def __repr__(self) -> str:
         widths = [self.n_inputs] + [int(W.shape[0]) for W in self.Ws]
@@ -256,7 +255,7 @@ class JaxMLP:
         return X
 
     def outputs(self, X):
-        return self._out(X)
+        return self._fwd(X)[0]
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         h, inputs, jac, hess = self._derivs(X, hessian=hessian)
@@ -412,13 +411,12 @@ def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, de
 
     from fishercore.analysis import (
         _combine,
-        _spectrum,
         all_reduce_sums,
         analyze,
         assemble,
-        block_sums,
         check_model_and_data,
         check_results_finite,
+        derivative_sums,
     )
 
     family, X, _ = check_model_and_data(model, X, family, batch_size)
@@ -430,11 +428,7 @@ def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, de
     step = B * D
 
     def shard(Xs):
-        d = model.derivatives(Xs)
-        spectrum = _spectrum(d.outputs, family, jnp)
-        sums = {}
-        for block in d.blocks:
-            sums.update(block_sums(d.outputs, block, family, spectrum))
+        sums = derivative_sums(model.derivatives(Xs), family, jnp)
         return {k: all_reduce_sums(s, B, step, lambda t: jax.lax.psum(t, "data")) for k, s in sums.items()}
 
     # check_vma=False: the model's vjps pull back cotangents built inside (one-hots, zeros) that

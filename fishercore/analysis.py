@@ -203,6 +203,15 @@ def block_sums(outputs: Array, block, family: Family, spectrum=None) -> dict:
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")
 
 
+def derivative_sums(d, family: Family, xp) -> dict:
+    """Sums over one batch for every group of its :class:`Derivatives`: name → FisherSums (traceable)."""
+    spectrum = _spectrum(d.outputs, family, xp)
+    sums = {}
+    for block in d.blocks:
+        sums.update(block_sums(d.outputs, block, family, spectrum))
+    return sums
+
+
 def _combine(a: FisherSums, na: int, b: FisherSums, nb: int) -> FisherSums:
     """Sums over the union of two disjoint input sets (Chan et al. for the centred term)."""
     d = a.fisher / na - b.fisher / nb
@@ -472,13 +481,21 @@ def _write(analysis: FisherAnalysis, path, **extra) -> None:
         raise ValueError(f"path: cannot write {path} ({e.strerror or e})") from e
 
 
-def _read_meta(path) -> dict:
+def _read(path) -> tuple[dict, dict]:
+    """The metadata and sums of a :meth:`FisherAnalysis.save` file (ValueError naming ``path`` otherwise)."""
     import json
 
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as f:
-        return json.loads(str(f["meta"]))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            sums = {k: f[f"sums_{k}"] for k in FisherSums._fields}
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"path: {path} is not a saved FisherAnalysis ({e})") from e
+    if meta.get("format") != "fishercore.FisherAnalysis/1":
+        raise ValueError(f"path: {path} has an unknown format {meta.get('format')!r}")
+    return meta, sums
 
 
 def _host(x):
@@ -510,18 +527,7 @@ def load_analysis(path, model=None, *, like=None) -> FisherAnalysis:
     like : array, optional
         Return arrays in this array's library and on its device (NumPy by default).
     """
-    import json
-
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            sums = {k: f[f"sums_{k}"] for k in FisherSums._fields}
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"path: {path} is not a saved FisherAnalysis ({e})") from e
-    if meta.get("format") != "fishercore.FisherAnalysis/1":
-        raise ValueError(f"path: {path} has an unknown format {meta.get('format')!r}")
+    meta, sums = _read(path)
     groups = tuple(ParamGroup(n, tuple(s), o) for n, s, o in meta["groups"])
     if model is not None and tuple(model.groups) != groups:
         mine = [(g.name, g.shape) for g in model.groups]
@@ -629,10 +635,7 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
             batches.fit(d.blocks, stop - start, model, hessian=True)
             bar.total = len(batches)
             check_results_finite(d.outputs, start, stop)
-            spectrum = _spectrum(d.outputs, family, xp)
-            batch = {}
-            for block in d.blocks:
-                batch.update(block_sums(d.outputs, block, family, spectrum))
+            batch = derivative_sums(d, family, xp)
             check_results_finite(batch, start, stop, "statistics")
             for name, s in batch.items():
                 sums[name] = _combine(sums[name], start, s, stop - start) if name in sums else s
@@ -708,7 +711,11 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
 
     skip = 0
     if checkpoint is not None and os.path.exists(checkpoint):
-        skip = saved[0] = int(_read_meta(checkpoint).get("batches", -1))
+        try:
+            meta = _read(checkpoint)[0]
+        except ValueError as e:
+            raise ValueError(f"checkpoint: {str(e).removeprefix('path: ')}") from e
+        skip = saved[0] = int(meta.get("batches", -1))
         if skip < 0:
             raise ValueError(f"checkpoint: {checkpoint} is a saved FisherAnalysis but not a checkpoint of "
                              "analyze_batches (it records no batch count)")

@@ -31,11 +31,16 @@ from .analysis import check_model_and_data, check_results_finite
 __all__ = ["estimate", "sample_labels"]
 
 
-def _draw(family, rng, h, n_draws):
-    """Labels for one batch of outputs h (b, C): (M, b) or (M, b, C)."""
+def _noise(family, rng, h, n_draws):
+    """The family's NumPy noise for one batch of outputs h (b, C), in h's library, dtype and device."""
     xp = array_namespace(h)
     noise = family.noise(rng, h.shape[0], n_draws, h.shape[1])
-    return family.labels_from_noise(h, xp.asarray(noise, dtype=h.dtype, device=device(h)))
+    return xp.asarray(noise, dtype=h.dtype, device=device(h))
+
+
+def _draw(family, rng, h, n_draws):
+    """Labels for one batch of outputs h (b, C): (M, b) or (M, b, C)."""
+    return family.labels_from_noise(h, _noise(family, rng, h, n_draws))
 
 
 def _rng(seed):
@@ -123,9 +128,7 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
             def score(h, start=start, stop=stop):
                 check_results_finite(h, start, stop)
                 if labels is None:
-                    noise = family.noise(rng, h.shape[0], M, h.shape[1])
-                    noise = xp.asarray(noise, dtype=h.dtype, device=device(h))
-                    return compiled(_score_from_noise, xp, ("family",))(h, noise, family=family)
+                    return compiled(_score_from_noise, xp, ("family",))(h, _noise(family, rng, h, M), family=family)
                 y = family.check_labels(labels[start:stop, ...], h)[None, ...]
                 return family.score(h, y)  # (M, b, C)
 

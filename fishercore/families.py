@@ -65,8 +65,7 @@ def _log_softmax(h, xp):
 
 
 def _sigmoid(h, xp):
-    e = xp.exp(-xp.abs(h))
-    return xp.where(h >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return _sigmoid_pair(h, xp)[0]
 
 
 def _eps(dtype) -> float:
