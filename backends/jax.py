@@ -1,19 +1,19 @@
-r"""JAX adapter: derivatives from ``jax`` (``jacrev``, ``jvp``, ``vjp``, ``vmap``), jit-compiled.
+r"""JAX adapter: walks a JAX model and hands the layer rules JAX's operations, compiled once per structure.
 
 * :func:`from_mlp` — an MLP given as a parameter pytree: a list of ``(W, b)`` pairs
   with ``W`` of shape (out, in), or a list of ``{"kernel": (in, out), "bias": (out,)}``
-  as Flax's ``Dense`` stores them — with an activation name.
+  as Flax's ``Dense`` stores them — with an activation name.  The dense-chain rule
+  (:mod:`fishercore.backends.rules.dense`, docs/math.md §8), with ``φ'`` and ``φ''`` of each
+  activation from ``jax.jvp``.
 * :func:`from_function` — any pure ``apply_fn(params, x) -> h`` of a parameter pytree:
-  exact full columns, chunked.
+  exact full columns by the column rule (:mod:`fishercore.backends.rules.columns`,
+  docs/math.md §9), chunked.
 
-Dense layers hand the core per-neuron factors, computed as in the torch adapter's
-``from_sequential``: perturb each pre-activation ``z_l + δ_l`` (δ of shape (n, out),
-one row per input, which reaches only that input's outputs); ``∂h/∂z_l`` takes one
-``vjp`` of the batched forward per output; ``φ'`` and ``φ''`` of each activation come
-from ``jvp`` with a tangent of ones and are contracted along the chain of weights into
-the diagonal of ``∂²h/∂z_l²`` (:mod:`fishercore.backends._dense`); Î1 uses one ``vjp``
-per label draw.
-:func:`from_function` differentiates per parameter (forward-over-forward ``jvp``).
+Compilation: the rules are module-level functions jit-compiled with the model's
+*structure* (activations, layout, ``apply_fn``, the pytree structure) as static
+arguments and its arrays as ordinary ones, so a new model of the same structure,
+dtype and shapes reuses the compiled code — models are compiled once per structure,
+not once per instance.
 
 Group names come from the pytree paths, keys joined by dots (``"0.0"``/``"0.1"`` for
 ``(W, b)`` pairs, ``"0.kernel"``/``"0.bias"`` for Flax layers), in the pytree's leaf
@@ -24,51 +24,58 @@ caller's choice).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 from array_api_compat import device
 
-from fishercore._protocol import ColumnBlock, DenseBlock, Derivatives, make_groups
+from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
-from ._dense import chain_workspace, hessian_factors, matmul_shared
+from .ops import ops_for
+from .rules import columns, dense
+from .rules.activations import ACTIVATIONS, PIECEWISE_LINEAR, Autodiff
 
 __all__ = ["ACTIVATIONS", "JaxFunction", "JaxMLP", "analyze_sharded", "from_function", "from_mlp", "mlp_apply"]
 
-#: Activation names accepted by :func:`from_mlp` (the same as the hand-written MLP's).
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "softplus", "gelu", "elu")
-
-#: Activations whose second derivative vanishes wherever it is defined.
-PIECEWISE_LINEAR = ("identity", "relu", "leaky_relu")
-
 DEFAULT_MAX_PARAMS = 20_000
 
+OPS = ops_for(jnp.zeros(()))
 
-def _activation(name, negative_slope, alpha):
+
+@functools.cache
+def _activation_fn(name, negative_slope, alpha):
     if not isinstance(name, str) or name.lower() not in ACTIVATIONS:
         raise ValueError(f"activation: unknown activation {name!r}; expected one of {list(ACTIVATIONS)}")
     return {
         "identity": lambda z: z,
         "relu": jax.nn.relu,
-        "leaky_relu": partial(jax.nn.leaky_relu, negative_slope=negative_slope),
+        "leaky_relu": functools.partial(jax.nn.leaky_relu, negative_slope=negative_slope),
         "tanh": jnp.tanh,
         "sigmoid": jax.nn.sigmoid,
         "softplus": jax.nn.softplus,
-        "gelu": partial(jax.nn.gelu, approximate=True),
-        "elu": partial(jax.nn.elu, alpha=alpha),
+        "gelu": functools.partial(jax.nn.gelu, approximate=True),
+        "elu": functools.partial(jax.nn.elu, alpha=alpha),
     }[name.lower()]
 
 
+@functools.cache
+def _activation(name, negative_slope, alpha) -> Autodiff:
+    """The rule's activation for a name: ``jax.nn``'s function, differentiated by ``jax.jvp`` (one object per name)."""
+    return Autodiff(_activation_fn(name, negative_slope, alpha), OPS, name.lower() in PIECEWISE_LINEAR)
+
+
+@functools.cache
 def mlp_apply(activation="tanh", *, negative_slope: float = 0.01, alpha: float = 1.0):
     """``apply(params, x)`` of an MLP given as ``(W, b)`` pairs (W: (out, in)), in plain ``jax.numpy``.
 
     A pure function for ``jax.grad``, ``jax.jit`` or :func:`from_function`; the same network as
-    ``from_mlp(params, activation)``.
+    ``from_mlp(params, activation)``.  The same arguments give the same function (so compiled
+    code is shared).
     """
-    act = _activation(activation, negative_slope, alpha)
+    act = _activation_fn(activation, negative_slope, alpha)
 
     def apply(params, x):
         a = x
@@ -110,7 +117,7 @@ def _check_leaves(names, leaves, what):
     return dtypes.pop()
 
 
-def _check_inputs(X, dtype, dev):
+def _check_inputs(X, dtype, dev, input_shape):
     if not isinstance(X, jax.Array):
         raise TypeError(f"X: expected a jax.Array for a JAX model, got {type(X).__name__}")
     if not jnp.issubdtype(X.dtype, jnp.floating):
@@ -119,17 +126,10 @@ def _check_inputs(X, dtype, dev):
         raise TypeError(f"X: dtype {X.dtype} differs from the model's {dtype}")
     if device(X) != dev:
         raise ValueError(f"X: device {device(X)} differs from the model's {dev}")
-    if X.ndim < 2:
-        raise ValueError(f"X: expected a batch of inputs (n, ...), got shape {tuple(X.shape)}")
+    if X.ndim < 2 or tuple(X.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"X: expected inputs of shape (n, {', '.join(map(str, input_shape))}), "
+                         f"got {tuple(X.shape)}")
     return X
-
-
-def _basis_second_derivative(f, x0, e):
-    """d²/dt² f(x0 + t e) at t = 0, forward over forward."""
-    return jvp(lambda p: jvp(f, (p,), (e,))[1], (x0,), (e,))[1]
-
-
-jvp, jacrev, vjp, vmap = jax.jvp, jax.jacrev, jax.vjp, jax.vmap
 
 
 class JaxMLP:
@@ -173,98 +173,42 @@ class JaxMLP:
         if len(acts) != n_hidden:
             raise ValueError(f"activation: expected one name or {n_hidden} names (one per hidden layer), "
                              f"got {len(acts)}")
-        self.activations = tuple(_activation(a, negative_slope, alpha) for a in acts)
-        self.piecewise_linear = tuple(a.lower() in PIECEWISE_LINEAR for a in acts)
+        self.activations = tuple(_activation(a, float(negative_slope), float(alpha)) for a in acts) + (None,)
         self.Ws, self.bs, self.layout = tuple(Ws), tuple(bs), tuple(layout)
         self.groups = make_groups([(n, tuple(leaf.shape)) for n, leaf in zip(names, leaves)])
         self.n_inputs, self.n_outputs = int(Ws[0].shape[1]), int(Ws[-1].shape[0])
-        self._derivs = jax.jit(self._derivs_impl, static_argnames="hessian")
-        self._pull = jax.jit(self._pull_impl)
-        self._fwd = jax.jit(lambda X: self._forward(X, None))
 
     def __repr__(self) -> str:
         widths = [self.n_inputs] + [int(W.shape[0]) for W in self.Ws]
         return f"JaxMLP({'-'.join(map(str, widths))}, {self.dtype})"
 
-    def _forward(self, X, deltas):
-        """Batched forward; δ_l added to z_l.  Returns h and the layer inputs."""
-        a, inputs = X, []
-        for l, (W, b) in enumerate(zip(self.Ws, self.bs)):
-            inputs.append(a)
-            z = a @ W.T
-            if b is not None:
-                z = z + b
-            if deltas is not None:
-                z = z + deltas[l]
-            a = self.activations[l](z) if l < len(self.Ws) - 1 else z
-        return a, inputs
-
-    def _zeros(self, n, dtype):
-        return tuple(jnp.zeros((n, W.shape[0]), dtype) for W in self.Ws)
-
-    def _derivs_impl(self, X, hessian):
-        deltas = self._zeros(X.shape[0], X.dtype)
-        h, inputs = self._forward(X, None)
-        # The batch's δ_l (n, out) reaches only its own input's outputs, so one vjp of the
-        # batched forward per output c gives every input's row of ∂h_c/∂z_l.
-        C = self.n_outputs
-        onehot = jnp.broadcast_to(jnp.eye(C, dtype=X.dtype)[:, None, :], (C, X.shape[0], C))
-        pull = vjp(lambda ds: self._forward(X, ds)[0], deltas)[1]
-        jac = [jnp.swapaxes(g, 0, 1) for g in vmap(lambda c: pull(c)[0])(onehot)]  # per layer (n, C, out)
-        if not hessian:
-            return h, inputs, jac, [None] * len(self.Ws)
-        # φ', φ'' of each hidden activation by jvp with a tangent of ones (φ is elementwise),
-        # contracted along the chain of weights with the work shared by all outputs.
-        d1, curv = [], []
-        for l, act in enumerate(self.activations):
-            z = inputs[l] @ self.Ws[l].T
-            if self.bs[l] is not None:
-                z = z + self.bs[l]
-            ones = jnp.ones_like(z)
-
-            def dphi(t, act=act, ones=ones):
-                return jvp(act, (t,), (ones,))[1]
-
-            d1.append(dphi(z))
-            curv.append(None if self.piecewise_linear[l] else
-                        matmul_shared(jac[l + 1], self.Ws[l + 1]) * jvp(dphi, (z,), (ones,))[1][:, None, :])
-        hess = hessian_factors(self.Ws, d1, curv, jac)
-        return h, inputs, jac, hess
-
-    def _pull_impl(self, X, s):
-        """Per-input ``sᵀ ∂h/∂z_l`` for each draw: one vjp of the batched forward per draw (M, n, out)."""
-        pull = vjp(lambda ds: self._forward(X, ds)[0], self._zeros(X.shape[0], X.dtype))[1]
-        return list(vmap(lambda c: pull(c)[0])(s))
-
-    def workspace_per_input(self, hessian: bool = True) -> int:
-        """Bytes per input the compiled derivatives hold beyond the blocks (used to size batches)."""
-        outs = [int(W.shape[0]) for W in self.Ws]
-        per_pass = sum(outs) + sum(int(W.shape[1]) for W in self.Ws)
-        curved = [not pl for pl in self.piecewise_linear] + [False]
-        itemsize = jnp.dtype(self.dtype).itemsize
-        return 2 * self.n_outputs * per_pass * itemsize + (chain_workspace(outs, curved, itemsize) if hessian else 0)
-
-    def _blocks(self, inputs, jac, hess):
-        return tuple(DenseBlock(w, b, a, j, g, t) for (w, b, t), a, j, g in zip(self.layout, inputs, jac, hess))
+    def _forward(self, X, order):
+        return OPS.jit(dense.forward, ("activations", "order"))(self.Ws, self.bs, X, activations=self.activations,
+                                                                 order=order)
 
     # -- the protocol -----------------------------------------------------------
     def check_inputs(self, X):
-        _check_inputs(X, self.dtype, self.device)
-        if X.ndim != 2 or X.shape[1] != self.n_inputs:
-            raise ValueError(f"X: expected {self.n_inputs} features per input, got shape {tuple(X.shape)}")
-        return X
+        return _check_inputs(X, self.dtype, self.device, (self.n_inputs,))
 
     def outputs(self, X):
-        return self._fwd(X)[0]
+        return self._forward(X, 0)[0]
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
-        h, inputs, jac, hess = self._derivs(X, hessian=hessian)
-        return Derivatives(h, self._blocks(inputs, jac, hess))
+        derivs = OPS.jit(dense.derivatives, ("activations", "hessian"))
+        h, inputs, jac, hess = derivs(self.Ws, self.bs, X, activations=self.activations, hessian=hessian)
+        return Derivatives(h, dense.dense_blocks(self.layout, inputs, jac, hess))
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
-        h, inputs = self._fwd(X)
-        grads = self._pull(X, cotangent_fn(h))
-        return Derivatives(h, self._blocks(inputs, grads, [None] * len(grads)))
+        """``sᵀ ∂h/∂z_l`` (n, M, out) for every draw: the rule's backpropagation of the scores."""
+        h, inputs, d1, _ = self._forward(X, 1)
+        grads = OPS.jit(dense.backpropagate)(self.Ws, d1, jnp.swapaxes(cotangent_fn(h), 0, 1))[0]
+        return Derivatives(h, dense.dense_blocks(self.layout, inputs, grads, [None] * len(grads)))
+
+    def workspace_per_input(self, hessian: bool = True) -> int:
+        """Bytes per input the compiled derivatives hold beyond the blocks (used to size batches)."""
+        widths = [int(W.shape[0]) for W in self.Ws]
+        curved = [act is not None and not act.piecewise_linear for act in self.activations]
+        return dense.workspace(widths, curved, jnp.dtype(self.dtype).itemsize, hessian)
 
 
 def from_mlp(params: Sequence, activation="tanh", *, negative_slope: float = 0.01, alpha: float = 1.0) -> JaxMLP:
@@ -289,10 +233,43 @@ def from_mlp(params: Sequence, activation="tanh", *, negative_slope: float = 0.0
     return JaxMLP(params, activation, negative_slope=negative_slope, alpha=alpha)
 
 
+# -- any function: the column rule, compiled once per (apply_fn, pytree structure, shapes) ----
+def _single(apply_fn, params, x):
+    return apply_fn(params, x[None])[0]
+
+
+def _function_outputs(leaves, X, *, apply_fn, treedef):
+    return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), X)
+
+
+def _function_jacobian(leaves, X, eye, *, apply_fn, treedef):
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: _single(apply_fn, p, x), params, eye))(X)
+    return jax.tree_util.tree_leaves(jac)  # per leaf (n, C, *shape)
+
+
+def _function_hessian(leaves, X, directions, *, apply_fn, treedef, index):
+    def one(x):
+        def f(p):
+            return _single(apply_fn, jax.tree_util.tree_unflatten(treedef, leaves[:index] + [p] + leaves[index + 1:]),
+                           x)
+
+        return columns.diag_hessian(OPS, f, leaves[index], directions)
+
+    return OPS.vmap(one)(X)  # (n, k, C)
+
+
+def _function_pullback(leaves, X, s, *, apply_fn, treedef):
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    grads = OPS.vmap(lambda x, si: columns.pullback(OPS, lambda p: _single(apply_fn, p, x), params, si))(X, s)
+    return jax.tree_util.tree_leaves(grads)  # per leaf (n, M, *shape)
+
+
 class JaxFunction:
     """Any pure ``apply_fn(params, x) -> h`` of a parameter pytree, with exact full columns."""
 
-    def __init__(self, apply_fn: Callable, params, *, max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256):
+    def __init__(self, apply_fn: Callable, params, *, input_shape, max_params: int = DEFAULT_MAX_PARAMS,
+                 chunk: int = 256):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn: expected a callable apply_fn(params, x) -> h, got {type(apply_fn).__name__}")
         names, leaves, treedef = _named_leaves(params)
@@ -302,94 +279,77 @@ class JaxFunction:
         self.groups = make_groups([(n, tuple(leaf.shape)) for n, leaf in zip(names, leaves)])
         check_full_column_budget(self.groups, max_params, "from_mlp")
         self.chunk = int(chunk)
-        self.n_outputs = None
-        self._jac = jax.jit(vmap(jacrev(self._single), in_axes=(None, 0)))
-        self._hess = jax.jit(self._hess_impl, static_argnames="index")
-        self._pull = jax.jit(self._pull_impl)
-        self._out = jax.jit(apply_fn)
+        if input_shape is None:
+            raise TypeError("input_shape: from_function needs the shape of one input (without the batch axis), "
+                            "e.g. input_shape=(784,), to learn the output width when the model is built")
+        try:
+            self.input_shape = tuple(int(s) for s in input_shape)
+        except TypeError as e:
+            raise TypeError(f"input_shape: expected the shape of one input (a tuple of ints), got {input_shape!r}") \
+                from e
+        try:
+            h = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *self.input_shape), self.dtype))
+        except (TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"input_shape: apply_fn cannot run on one input of shape {self.input_shape} ({e})") from e
+        if len(getattr(h, "shape", ())) != 2:
+            raise ValueError(f"apply_fn: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
+        self.n_outputs = int(h.shape[1])
+        self._static = {"apply_fn": apply_fn, "treedef": treedef}
 
     def __repr__(self) -> str:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
 
-    def _single(self, params, x):
-        return self.apply_fn(params, x[None])[0]
-
     def check_inputs(self, X):
-        _check_inputs(X, self.dtype, self.device)
-        try:
-            h = self.apply_fn(self.params, X[:1])
-        except (TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"X: apply_fn cannot run on inputs of shape {tuple(X.shape)}: {e}") from e
-        if getattr(h, "ndim", None) != 2:
-            raise ValueError(f"apply_fn: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
-        self.n_outputs = int(h.shape[1])
-        return X
+        return _check_inputs(X, self.dtype, self.device, self.input_shape)
 
     def outputs(self, X):
-        return self._out(self.params, X)
-
-    def _hess_impl(self, leaves, X, basis, index):
-        def along(x, e):
-            def f(p):
-                params = jax.tree_util.tree_unflatten(self.treedef, leaves[:index] + [p] + leaves[index + 1:])
-                return self._single(params, x)
-
-            return _basis_second_derivative(f, leaves[index], e)
-
-        return vmap(lambda x: vmap(lambda e: along(x, e))(basis))(X)  # (n, k, C)
+        return OPS.jit(_function_outputs, ("apply_fn", "treedef"))(self.leaves, X, **self._static)
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         n = X.shape[0]
-        h = self.outputs(X)
-        jac = jax.tree_util.tree_leaves(self._jac(self.params, X))
+        eye = jnp.eye(self.n_outputs, dtype=self.dtype)
+        jac = OPS.jit(_function_jacobian, ("apply_fn", "treedef"))(self.leaves, X, eye, **self._static)
+        hess = OPS.jit(_function_hessian, ("apply_fn", "treedef", "index"))
         blocks = []
         for i, g in enumerate(self.groups):
-            u = jac[i].reshape(n, -1, g.size)
             w = None
             if hessian:
-                parts = []
-                for start in range(0, g.size, self.chunk):
-                    k = min(self.chunk, g.size - start)
-                    basis = jnp.eye(k, g.size, k=start, dtype=self.dtype).reshape(k, *g.shape)
-                    parts.append(self._hess(self.leaves, X, basis, index=i))
-                w = jnp.concatenate(parts, axis=1).transpose(0, 2, 1)
-            blocks.append(ColumnBlock(g.name, u, w))
-        return Derivatives(h, tuple(blocks))
+                def chunk(start, k, i=i, g=g):
+                    E = columns.unit_directions(jnp, g.shape, start, k, dtype=self.dtype, device=self.device)
+                    return hess(self.leaves, X, E, index=i, **self._static)
 
-    def _pull_impl(self, params, X, s):
-        def one(x, si):
-            pull = vjp(lambda p: self._single(p, x), params)[1]
-            return vmap(lambda c: pull(c)[0])(si)
-
-        return vmap(one)(X, jnp.swapaxes(s, 0, 1))  # pytree of (n, M, *shape)
+                w = columns.chunked(g.size, self.chunk, chunk)
+            blocks.append(ColumnBlock(g.name, jac[i].reshape(n, -1, g.size), w))
+        return Derivatives(self.outputs(X), tuple(blocks))
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
         h = self.outputs(X)
-        s = cotangent_fn(h)
-        grads = jax.tree_util.tree_leaves(self._pull(self.params, X, s))
-        n, M = X.shape[0], s.shape[0]
-        blocks = tuple(ColumnBlock(g.name, jnp.swapaxes(grads[i].reshape(n, M, g.size), 0, 1), None)
-                       for i, g in enumerate(self.groups))
-        return Derivatives(h, blocks)
+        s = jnp.swapaxes(cotangent_fn(h), 0, 1)  # (n, M, C)
+        grads = OPS.jit(_function_pullback, ("apply_fn", "treedef"))(self.leaves, X, s, **self._static)
+        n, M = s.shape[:2]
+        return Derivatives(h, tuple(ColumnBlock(g.name, grads[i].reshape(n, M, g.size), None)
+                                    for i, g in enumerate(self.groups)))
 
 
-def from_function(apply_fn: Callable, params, *, max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256) -> JaxFunction:
-    """Adapt any pure ``apply_fn(params, x) -> h`` (x a batch (n, ...), h of shape (n, C)).
+def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: int = DEFAULT_MAX_PARAMS,
+                  chunk: int = 256) -> JaxFunction:
+    """Adapt any pure ``apply_fn(params, x) -> h`` (x a batch (n, *input_shape), h of shape (n, C)).
 
     Exact full Jacobian columns and Hessian diagonals per parameter, jit-compiled and
     chunked over ``chunk`` parameters at a time; more than ``max_params`` parameters
-    are refused.
+    are refused.  ``input_shape`` (the shape of one input, without the batch axis) is
+    required: ``jax.eval_shape`` on it gives the output width when the model is built.
 
     Examples
     --------
     >>> import jax, jax.numpy as jnp, fishercore as fc
     >>> from fishercore.backends import jax as fc_jax
     >>> params = {"w": jnp.ones((3, 2)), "s": jnp.ones(2)}
-    >>> model = fc_jax.from_function(lambda p, x: jnp.sin(x @ p["w"]) * p["s"], params)
+    >>> model = fc_jax.from_function(lambda p, x: jnp.sin(x @ p["w"]) * p["s"], params, input_shape=(3,))
     >>> fc.analyze(model, jnp.ones((5, 3)), "gaussian").fisher.shape
     (8,)
     """
-    return JaxFunction(apply_fn, params, max_params=max_params, chunk=chunk)
+    return JaxFunction(apply_fn, params, input_shape=input_shape, max_params=max_params, chunk=chunk)
 
 
 def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, devices=None):
@@ -398,9 +358,10 @@ def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, de
     Each step hands ``batch_size`` inputs to each of the D devices (``devices``, default
     ``jax.devices()``: the GPUs of a host, or CPU devices made with
     ``XLA_FLAGS=--xla_force_host_platform_device_count=D``); every device computes the sums of
-    its share and ``jax.lax.psum`` reduces them (:func:`fishercore.analysis.all_reduce_sums`).
-    Steps are merged as batches are; inputs left over after the last full step are analysed on
-    the default device.  The result equals ``analyze(model, X, family)`` up to rounding.
+    its share and ``jax.lax.psum`` reduces them with :func:`fishercore.all_reduce_sums`, the
+    reduction every analysis uses.  Steps are accumulated as batches are; inputs left over
+    after the last full step are analysed on the default device.  The result equals
+    ``analyze(model, X, family)`` up to rounding.
 
     ``model`` is any JAX-traceable fishercore model: :func:`from_mlp`, :func:`from_function`, or
     the hand-written MLP on JAX arrays.
@@ -409,40 +370,32 @@ def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, de
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from fishercore.analysis import (
-        _combine,
-        all_reduce_sums,
-        analyze,
-        assemble,
-        check_model_and_data,
-        check_results_finite,
-        derivative_sums,
-    )
+    from fishercore import _validation as V
+    from fishercore.analysis import analysis_of, analyze
+    from fishercore.sums import Accumulator, all_reduce_sums, derivative_sums
 
-    family, X, _ = check_model_and_data(model, X, family, batch_size)
+    family, X = V.check_model_and_data(model, X, family)
+    B = V.check_positive_int(batch_size, "batch_size")
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices: empty")
     mesh = Mesh(np.array(devices), ("data",))
-    B, D = int(batch_size), len(devices)
-    step = B * D
+    step = B * len(devices)
 
     def shard(Xs):
-        sums = derivative_sums(model.derivatives(Xs), family, jnp)
+        sums = derivative_sums(model.derivatives(Xs), family)
         return {k: all_reduce_sums(s, B, step, lambda t: jax.lax.psum(t, "data")) for k, s in sums.items()}
 
-    # check_vma=False: the model's vjps pull back cotangents built inside (one-hots, zeros) that
-    # do not vary over the mesh axis; the psum makes every output replicated, as out_specs says.
+    # check_vma=False: the model's rules use arrays built inside (one-hots, zeros) that do not
+    # vary over the mesh axis; the psum makes every output replicated, as out_specs says.
     run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False))
-    n, full = X.shape[0], (X.shape[0] // step) * step
-    sums, done = None, 0
-    for start in range(0, full, step):
-        s = run(jax.device_put(X[start:start + step], NamedSharding(mesh, P("data"))))
-        check_results_finite(s, start, start + step, "statistics")
-        sums = s if sums is None else {k: _combine(sums[k], done, s[k], step) for k in sums}
-        done += step
-    result = None if sums is None else assemble(model, sums, done, family)
-    if done < n:
-        rest = analyze(model, X[done:], family, batch_size=B)
-        result = rest if result is None else result.merge(rest)
-    return result
+    home = device(X)  # the replicated sums come back to X's device, where the remainder is analysed
+    acc = Accumulator()
+    for start in range(0, (X.shape[0] // step) * step, step):
+        s = jax.device_put(run(jax.device_put(X[start:start + step], NamedSharding(mesh, P("data")))), home)
+        V.check_results_finite(s, start, start + step, "statistics")
+        acc.add(s, step)
+    if acc.n_inputs < X.shape[0]:
+        rest = analyze(model, X[acc.n_inputs:], family, batch_size=B)
+        return rest if acc.n_inputs == 0 else analysis_of(model, acc, family).merge(rest)
+    return analysis_of(model, acc, family)

@@ -1,120 +1,31 @@
 r"""A hand-written MLP with closed-form derivatives, on any array-API namespace.
 
 ``z_l = W_l a_{l−1} + b_l``, ``a_l = φ(z_l)`` for ``l < L``, ``h = z_L``, ``a_0 = x``
-(``W_l``: (out, in), as ``torch.nn.Linear`` stores it).  With ``B_l = ∂h/∂z_l``
-(C × n_l), ``B_L = I`` and ``B_l = B_{l+1} W_{l+1} diag φ'(z_l)``.  The diagonal
-of the output Hessians with respect to ``z_l`` is (SPEC §5)
-
-.. math::
-
-    γ_l[c, a] = \sum_{m=l}^{L-1} \sum_k φ''(z_m)_k\,(B_{m+1} W_{m+1})[c, k]\,
-                \big((∂z_m/∂z_l)[k, a]\big)^2 ,
-
-each nonlinearity contributing its own curvature, carried to ``z_l`` by the
-Jacobian ``∂z_m/∂z_l`` (propagated forward from ``∂z_l/∂z_l = I``).  The model
-hands the core these per-neuron factors and the layer inputs
-(:class:`fishercore.DenseBlock`); it never forms the (n, C, P) Jacobian.
+(``W_l``: (out, in), as ``torch.nn.Linear`` stores it).  The model supplies the closed
+forms of its activations' ``φ'`` and ``φ''`` (:mod:`fishercore.backends.rules.activations`)
+to the dense-chain rule (:mod:`fishercore.backends.rules.dense`, docs/math.md §8), the
+same rule the torch and JAX adapters use with their frameworks' autodiff.  It hands the
+core per-neuron factors and the layer inputs (:class:`fishercore.DenseBlock`); it never
+forms the (n, C, P) Jacobian.  On JAX arrays the rule is compiled once per structure
+(activations, dtype and shapes), not per instance.
 
 Index conventions: n input, C output, k/a neuron.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 from array_api_compat import array_namespace, device, is_array_api_obj
 
 from fishercore import _validation as V
-from fishercore._protocol import DenseBlock, Derivatives, make_groups
+from fishercore._protocol import Derivatives, make_groups
 
-from ._dense import chain_workspace, hessian_factors, matmul_shared
+from .ops import ops_for
+from .rules import dense
+from .rules.activations import ACTIVATIONS, get_activation
 
 __all__ = ["ACTIVATIONS", "MLP"]
-
-
-class Activation(NamedTuple):
-    name: str
-    fn: Callable  # z, xp -> (φ(z), φ'(z), φ''(z))
-    piecewise_linear: bool  # φ'' = 0 wherever defined
-
-
-def _identity(z, xp):
-    return z, xp.ones_like(z), xp.zeros_like(z)
-
-
-def _relu(z, xp):
-    pos = z > 0
-    return xp.where(pos, z, 0.0 * z), xp.astype(pos, z.dtype), xp.zeros_like(z)
-
-
-def _leaky_relu(slope):
-    def fn(z, xp):
-        pos = z > 0
-        return xp.where(pos, z, slope * z), xp.where(pos, xp.ones_like(z), slope * xp.ones_like(z)), xp.zeros_like(z)
-    return fn
-
-
-def _tanh(z, xp):
-    t = xp.tanh(z)
-    d = 1.0 - t * t
-    return t, d, -2.0 * t * d
-
-
-def _sigmoid(z, xp):
-    e = xp.exp(-xp.abs(z))
-    s = xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    d = s * (1.0 - s)
-    return s, d, d * (1.0 - 2.0 * s)
-
-
-def _softplus(z, xp):
-    e = xp.exp(-xp.abs(z))
-    s = xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    return xp.maximum(z, 0.0 * z) + xp.log1p(e), s, s * (1.0 - s)
-
-
-_GELU_K = math.sqrt(2.0 / math.pi)
-_GELU_A = 0.044715
-
-
-def _gelu(z, xp):
-    """GELU, tanh form: ``½ z (1 + tanh(k (z + A z³)))`` as ``torch.nn.GELU(approximate="tanh")``."""
-    z2 = z * z
-    t = xp.tanh(_GELU_K * (z + _GELU_A * z2 * z))
-    sech2 = 1.0 - t * t
-    du = _GELU_K * (1.0 + 3.0 * _GELU_A * z2)  # u'
-    ddu = _GELU_K * 6.0 * _GELU_A * z  # u''
-    f = 0.5 * z * (1.0 + t)
-    df = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
-    ddf = sech2 * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
-    return f, df, ddf
-
-
-def _elu(alpha):
-    def fn(z, xp):
-        pos = z > 0
-        e = alpha * xp.exp(xp.minimum(z, 0.0 * z))  # α e^z on the negative side, never overflows
-        return xp.where(pos, z, e - alpha), xp.where(pos, xp.ones_like(z), e), xp.where(pos, xp.zeros_like(z), e)
-    return fn
-
-
-#: Activation names accepted by :class:`MLP`.
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "softplus", "gelu", "elu")
-
-
-def _activation(name, negative_slope: float, alpha: float) -> Activation:
-    if not isinstance(name, str) or name.lower() not in ACTIVATIONS:
-        raise ValueError(f"activation: unknown activation {name!r}; expected one of {list(ACTIVATIONS)}")
-    name = name.lower()
-    table = {
-        "identity": (_identity, True), "relu": (_relu, True), "leaky_relu": (_leaky_relu(negative_slope), True),
-        "tanh": (_tanh, False), "sigmoid": (_sigmoid, False), "softplus": (_softplus, False),
-        "gelu": (_gelu, False), "elu": (_elu(alpha), False),
-    }
-    fn, linear = table[name]
-    return Activation(name, fn, linear)
 
 
 def _itemsize(dtype) -> int:
@@ -194,10 +105,13 @@ class MLP:
                              f"got {len(names)}")
         slope = V.check_positive_real(negative_slope, "negative_slope") if negative_slope != 0 else 0.0
         alpha = V.check_positive_real(alpha, "alpha")
+        self.ops = ops_for(checked[0][0])
         self.layers = tuple(checked)
-        self.activations = tuple(_activation(a, slope, alpha) for a in names)
+        self.activations = tuple(get_activation(a, slope, alpha) for a in names)
         self.xp, self.dtype, self.device = xp, dtype, dev
         self.groups = make_groups(named_shapes)
+        self.layout = tuple((f"{2 * i}.weight", f"{2 * i}.bias" if b is not None else None, False)
+                            for i, (_, b) in enumerate(checked))
         self.n_inputs = int(checked[0][0].shape[1])
         self.n_outputs = int(checked[-1][0].shape[0])
 
@@ -205,6 +119,19 @@ class MLP:
         widths = [self.n_inputs] + [int(W.shape[0]) for W, _ in self.layers]
         acts = sorted({a.name for a in self.activations}) or ["-"]
         return f"MLP({'-'.join(map(str, widths))}, activation={'/'.join(acts)}, {self.xp.__name__}, {self.dtype})"
+
+    # -- the rule's arguments: arrays, and the structure (static for compiled code) -----------
+    @property
+    def _weights(self):
+        return tuple(W for W, _ in self.layers)
+
+    @property
+    def _biases(self):
+        return tuple(b for _, b in self.layers)
+
+    @property
+    def _chain_activations(self):
+        return self.activations + (None,)  # the last layer is linear: h = z_L
 
     # -- the protocol --------------------------------------------------------
     def check_inputs(self, X):
@@ -218,80 +145,35 @@ class MLP:
             raise ValueError(f"X: device {device(X)} differs from the model's {self.device}")
         return X
 
-    def _forward(self, X):
-        """Layer inputs a_{l−1}, and φ', φ'' at every hidden pre-activation."""
-        xp = self.xp
-        a, inputs, d1, d2 = X, [], [], []
-        for (W, b), act in zip(self.layers[:-1], self.activations):
-            inputs.append(a)
-            z = xp.matmul(a, xp.matrix_transpose(W))
-            if b is not None:
-                z = z + b
-            a, g1, g2 = act.fn(z, xp)
-            d1.append(g1)
-            d2.append(None if act.piecewise_linear else g2)
-        inputs.append(a)
-        W, b = self.layers[-1]
-        h = xp.matmul(a, xp.matrix_transpose(W))
-        return (h + b if b is not None else h), inputs, d1, d2
-
     def outputs(self, X):
         """``h(X)``, shape (n, C)."""
-        return self._forward(X)[0]
+        forward = self.ops.jit(dense.forward, ("activations", "order"))
+        return forward(self._weights, self._biases, X, activations=self._chain_activations, order=0)[0]
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         """Outputs and per-layer factors ``(a_{l−1}, ∂h/∂z_l, diag ∂²h/∂z_l²)``.
 
         ``hessian=False`` skips the second-order factors (``diag_hess`` is None).
         """
-        xp = self.xp
-        h, inputs, d1, d2 = self._forward(X)
-        n, C, L = X.shape[0], self.n_outputs, len(self.layers)
-        Ws = [W for W, _ in self.layers]
-        # Backward: BW[m] = B_{m+1} W_{m+1} (n, C, n_m), B[m] = BW[m] * φ'(z_m).
-        eye = xp.eye(C, dtype=self.dtype, device=self.device)
-        jac = [None] * L
-        jac[L - 1] = xp.broadcast_to(eye, (n, C, C))
-        curv = [None] * (L - 1)  # K_m = φ''(z_m) ⊙ (B_{m+1} W_{m+1})
-        for m in range(L - 2, -1, -1):
-            BW = matmul_shared(jac[m + 1], Ws[m + 1])
-            jac[m] = BW * d1[m][:, None, :]
-            if d2[m] is not None:
-                curv[m] = BW * d2[m][:, None, :]
-        hess = hessian_factors(Ws, d1, curv, jac) if hessian else [None] * L
-        return Derivatives(h, self._blocks(inputs, jac, hess))
+        derivs = self.ops.jit(dense.derivatives, ("activations", "hessian"))
+        h, inputs, jac, hess = derivs(self._weights, self._biases, X, activations=self._chain_activations,
+                                      hessian=hessian)
+        return Derivatives(h, dense.dense_blocks(self.layout, inputs, jac, hess))
+
+    def pullback(self, X, cotangent_fn) -> Derivatives:
+        """Per-draw ``sᵀ ∂h/∂z_l`` (n, M, n_l) for the scores ``s = cotangent_fn(h)`` (M, n, C): one backward
+        pass per draw."""
+        forward = self.ops.jit(dense.forward, ("activations", "order"))
+        h, inputs, d1, _ = forward(self._weights, self._biases, X, activations=self._chain_activations, order=1)
+        s = self.xp.permute_dims(cotangent_fn(h), (1, 0, 2))
+        grads = self.ops.jit(dense.backpropagate)(self._weights, d1, s)[0]
+        return Derivatives(h, dense.dense_blocks(self.layout, inputs, grads, [None] * len(grads)))
 
     def workspace_per_input(self, hessian: bool = True) -> int:
         """Bytes per input :meth:`derivatives` holds beyond its blocks (used to size batches)."""
-        if not hessian:
-            return 0
         widths = [int(W.shape[0]) for W, _ in self.layers]
         curved = [not a.piecewise_linear for a in self.activations] + [False]
-        return chain_workspace(widths, curved, _itemsize(self.dtype))
-
-    def _blocks(self, inputs, jac, hess):
-        blocks = []
-        for i in range(len(self.layers)):
-            bias = f"{2 * i}.bias" if self.layers[i][1] is not None else None
-            blocks.append(DenseBlock(f"{2 * i}.weight", bias, inputs[i], jac[i], hess[i]))
-        return tuple(blocks)
-
-    def pullback(self, X, cotangent_fn) -> Derivatives:
-        """Per-draw ``sᵀ ∂h/∂z_l`` (M, n, n_l) for the scores ``s = cotangent_fn(h)`` (M, n, C).
-
-        Backpropagation of each draw's score, ``g_L = s``,
-        ``g_l = (g_{l+1} W_{l+1}) ⊙ φ'(z_l)``: one backward pass per draw.
-        """
-        xp = self.xp
-        h, inputs, d1, _ = self._forward(X)
-        g = cotangent_fn(h)
-        L = len(self.layers)
-        grads = [None] * L
-        grads[L - 1] = g
-        for m in range(L - 2, -1, -1):
-            g = xp.matmul(g, self.layers[m + 1][0]) * d1[m][None, :, :]
-            grads[m] = g
-        return Derivatives(h, self._blocks(inputs, grads, [None] * L))
+        return dense.workspace(widths, curved, _itemsize(self.dtype), hessian)
 
     # -- conveniences --------------------------------------------------------
     def parameters(self):

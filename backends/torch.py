@@ -1,50 +1,50 @@
-r"""PyTorch adapter: derivatives from ``torch.func``, not from the closed-form MLP recursion.
+r"""PyTorch adapter: walks a torch model and hands the layer rules ``torch.func``'s operations.
 
 * :func:`from_sequential` — ``torch.nn.Sequential`` of ``nn.Linear`` and elementwise
   activations (``Tanh``, ``Sigmoid``, ``ReLU``, ``LeakyReLU``, ``Softplus``, ``GELU``,
-  ``ELU``, ``Identity``), optionally starting with ``Flatten``.
-* :func:`from_module` — any ``nn.Module`` whose trainable layers are ``nn.Linear``,
-  each applied once per input (skip connections, custom ``forward``).
-* :func:`from_function` — anything else, ``fn(params, x) -> h``: exact full columns.
+  ``ELU``, ``Identity``), optionally starting with ``Flatten``: the dense-chain rule
+  (:mod:`fishercore.backends.rules.dense`), with ``φ'`` and ``φ''`` of each block of
+  activations from ``torch.func.jvp`` (docs/math.md §8).
+* :func:`from_module` — any ``nn.Module`` whose trainable layers are ``nn.Linear``, each
+  applied once per input (skip connections, custom ``forward``): each Linear's output
+  ``z_l`` is perturbed, ``z_l + δ_l`` (a forward hook), and the column rule
+  (:mod:`fishercore.backends.rules.columns`) differentiates ``f(x, δ) = h`` — one ``vjp``
+  per output for ``∂h/∂z_l``, forward over forward along each neuron for
+  ``diag ∂²h/∂z_l²`` (docs/math.md §9).  It knows nothing of the graph between the
+  Linear layers, and is independent of the dense-chain rule (the cross-backend suite
+  relies on that).
+* :func:`from_function` — anything else, ``fn(params, x) -> h``: exact full columns by
+  the same column rule.
 
-For dense layers the adapter hands the core per-neuron factors.  Each Linear's
-output ``z_l`` is perturbed, ``z_l + δ_l`` (a forward hook), and with
-``f(x, δ) = h``:
-
-* ``∂h/∂z_l = ∂f/∂δ_l`` at ``δ = 0`` — ``jacrev``, C backward passes per input;
-* ``diag ∂²h/∂z_l²``: for :func:`from_sequential`, ``φ'`` and ``φ''`` of each block
-  of activations by ``jvp`` (elementwise, so a tangent of ones suffices), contracted
-  along the chain of Linear weights with the work shared by all C outputs
-  (:mod:`fishercore.backends._dense`, the contraction the hand-written MLP uses too);
-  for :func:`from_module`, which knows nothing of the graph between the Linear
-  layers, ``d²/dt² f(x, δ_l = t e_a)`` — forward-over-forward ``jvp`` along each basis
-  vector ``e_a`` of ``z_l`` (independent of any shared code, and slower: one pass
-  per neuron);
-* for Î1, ``sᵀ ∂h/∂z_l`` — one ``vjp`` (backward pass) per label draw.
-
-Every transform is ``vmap``-ed over inputs (and directions, and draws); there are
-no Python loops over samples.  Group names are the module's own parameter names
+Every transform is ``vmap``-ed over inputs (and directions, and draws); there are no
+Python loops over samples.  Group names are the module's own parameter names
 (``"0.weight"``, ``"0.bias"``, ...), in ``module.parameters()`` order.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import functional_call
 
-from fishercore._protocol import ColumnBlock, DenseBlock, Derivatives, make_groups
+from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
-from ._dense import chain_workspace, hessian_factors, matmul_shared
+from .ops import ops_for
+from .rules import columns, dense
+from .rules.activations import Autodiff
 
 __all__ = ["ACTIVATION_MODULES", "ELEMENTWISE", "TorchFunction", "TorchModule", "TorchSequential", "all_reduce",
            "from_function", "from_module", "from_sequential", "sequential_from_layers"]
 
 #: Modules accepted between the Linear layers of :func:`from_sequential`.
 ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.GELU, nn.ELU, nn.Identity)
+
+#: Activation modules whose second derivative vanishes wherever it is defined.
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 DEFAULT_MAX_PARAMS = 20_000
 
@@ -53,6 +53,12 @@ ACTIVATION_MODULES = {
     "identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
     "softplus": nn.Softplus, "gelu": lambda: nn.GELU(approximate="tanh"), "elu": nn.ELU,
 }
+
+OPS = ops_for(torch.zeros(()))
+
+# functional_call and forward hooks change the module object while they run; calls that use
+# them hold this lock, so one module is safe to analyse from several threads.
+_MODULE_LOCK = threading.RLock()
 
 
 def sequential_from_layers(layers, activation="tanh", *, dtype=torch.float64) -> nn.Sequential:
@@ -108,8 +114,26 @@ def _model_dtype_device(params: Mapping[str, torch.Tensor], what: str):
     return dtype, device
 
 
-class TorchModule:
-    """A ``torch.nn.Module`` whose trainable layers are all ``nn.Linear`` (use :func:`from_module`)."""
+def _input_shape(input_shape, what):
+    if input_shape is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError as e:
+        raise TypeError(f"input_shape: expected the shape of one input (a tuple of ints), got {input_shape!r}") from e
+    if any(s < 1 for s in shape):
+        raise ValueError(f"input_shape: every dimension must be at least 1, got {shape}")
+    return shape
+
+
+def _outputs_width(h, what):
+    if not isinstance(h, torch.Tensor) or h.ndim != 2:
+        raise ValueError(f"{what}: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
+    return int(h.shape[1])
+
+
+class _TorchModel:
+    """What the module adapters share: parameters, dtype and device, groups, input checks."""
 
     def __init__(self, module: nn.Module):
         if not isinstance(module, nn.Module):
@@ -123,7 +147,108 @@ class TorchModule:
         self.params = {k: v.detach() for k, v in module.named_parameters()}
         self.buffers = {k: v.detach() for k, v in module.named_buffers()}
         self.dtype, self.device = _model_dtype_device(self.params, "module")
+        self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
         self.linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+    def __repr__(self) -> str:
+        P = sum(g.size for g in self.groups)
+        return f"{type(self).__name__}({type(self.module).__name__}, {len(self.linears)} Linear, P={P}, {self.dtype})"
+
+    def _layout(self):
+        return tuple((f"{name}.weight" if name else "weight",
+                      ((f"{name}.bias" if name else "bias") if lin.bias is not None else None), False)
+                     for name, lin in self.linears)
+
+
+class TorchSequential(_TorchModel):
+    """``nn.Sequential(Linear, act, ..., Linear)`` (use :func:`from_sequential`).
+
+    The dense-chain rule with the module's own activations: the block of elementwise
+    modules after each Linear is one activation whose ``φ'`` and ``φ''`` come from
+    ``torch.func.jvp`` (a tangent of ones: the block is elementwise).  No hooks and no
+    ``functional_call``: the Linear weights and the activation modules are applied
+    directly, so one model is safe to use from several threads.
+    """
+
+    def __init__(self, module: nn.Sequential):
+        super().__init__(module)
+        children = [m for _, m in module.named_children()]
+        self.flatten = isinstance(children[0], nn.Flatten)
+        first = next(i for i, m in enumerate(children) if isinstance(m, nn.Linear))
+        self._prefix = children[int(self.flatten):first]  # elementwise modules applied to the inputs
+        blocks = []
+        for m in children[first:]:
+            if isinstance(m, nn.Linear):
+                blocks.append((m, []))
+            else:
+                blocks[-1][1].append(m)
+        self._chain = [(lin, self._activation(acts)) for lin, acts in blocks]
+        self.n_inputs, self.n_outputs = blocks[0][0].in_features, blocks[-1][0].out_features
+
+    @staticmethod
+    def _activation(mods):
+        if not mods:
+            return None
+
+        def phi(t):
+            for m in mods:
+                t = m(t)
+            return t
+
+        return Autodiff(phi, OPS, all(isinstance(m, PIECEWISE_LINEAR) for m in mods))
+
+    def _rule_args(self):
+        weights = tuple(lin.weight.detach() for lin, _ in self._chain)
+        biases = tuple(None if lin.bias is None else lin.bias.detach() for lin, _ in self._chain)
+        return weights, biases, tuple(act for _, act in self._chain)
+
+    def _flat(self, X):
+        """The first Linear's inputs: X flattened (after a leading Flatten) and through any modules before it."""
+        X = X.reshape(X.shape[0], -1) if self.flatten else X
+        for m in self._prefix:
+            X = m(X)
+        return X
+
+    def check_inputs(self, X):
+        _check_tensor(X, "X", dtype=self.dtype, device=self.device)
+        width = 1
+        for s in X.shape[1:]:
+            width *= int(s)
+        if (X.ndim != 2 and not self.flatten) or width != self.n_inputs:
+            raise ValueError(f"X: the module cannot run on inputs of shape {tuple(X.shape)}: its first Linear "
+                             f"expects {self.n_inputs} features per input")
+        return X
+
+    def outputs(self, X):
+        weights, biases, acts = self._rule_args()
+        with torch.no_grad():
+            return dense.forward(weights, biases, self._flat(X), activations=acts)[0]
+
+    def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
+        weights, biases, acts = self._rule_args()
+        with torch.no_grad():
+            h, inputs, jac, hess = dense.derivatives(weights, biases, self._flat(X), activations=acts, hessian=hessian)
+        return Derivatives(h, dense.dense_blocks(self._layout(), inputs, jac, hess))
+
+    def pullback(self, X, cotangent_fn) -> Derivatives:
+        """``sᵀ ∂h/∂z_l`` (n, M, out) for every draw: the rule's backpropagation of the scores."""
+        weights, biases, acts = self._rule_args()
+        with torch.no_grad():
+            h, inputs, d1, _ = dense.forward(weights, biases, self._flat(X), activations=acts, order=1)
+            grads = dense.backpropagate(weights, d1, cotangent_fn(h).permute(1, 0, 2))[0]
+        return Derivatives(h, dense.dense_blocks(self._layout(), inputs, grads, [None] * len(grads)))
+
+    def workspace_per_input(self, hessian: bool = True) -> int:
+        widths = [lin.out_features for lin, _ in self._chain]
+        curved = [act is not None and not act.piecewise_linear for _, act in self._chain]
+        return dense.workspace(widths, curved, self.dtype.itemsize, hessian)
+
+
+class TorchModule(_TorchModel):
+    """A ``torch.nn.Module`` whose trainable layers are all ``nn.Linear`` (use :func:`from_module`)."""
+
+    def __init__(self, module: nn.Module, input_shape=None):
+        super().__init__(module)
         owned = {}
         for name, lin in self.linears:
             prefix = f"{name}." if name else ""
@@ -136,15 +261,15 @@ class TorchModule:
                 sub = dict(module.named_modules()).get(owner, module)
                 raise ValueError(f"module: parameter {pname!r} belongs to {type(sub).__name__}, not nn.Linear; "
                                  "use fishercore.backends.torch.from_function for other layers")
-        self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
-        self._names = {name: (f"{name}.weight" if name else "weight",
-                              (f"{name}.bias" if name else "bias") if lin.bias is not None else None)
-                       for name, lin in self.linears}
-        self.n_outputs = None  # known after the first forward pass (check_inputs)
-
-    def __repr__(self) -> str:
-        P = sum(g.size for g in self.groups)
-        return f"{type(self).__name__}({type(self.module).__name__}, {len(self.linears)} Linear, P={P}, {self.dtype})"
+        self.input_shape = _input_shape(input_shape, "module")
+        probe = self.input_shape or (self.linears[0][1].in_features,)
+        try:
+            with _MODULE_LOCK, torch.no_grad():
+                h = self._call(torch.zeros((1, *probe), dtype=self.dtype, device=self.device))
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            raise ValueError(f"input_shape: the module cannot run on one input of shape {probe} ({e}); "
+                             "pass input_shape=, the shape of one input without the batch axis") from e
+        self.n_outputs = _outputs_width(h, "module")
 
     # -- the perturbed network f(x, δ) ----------------------------------------
     def _call(self, x, deltas=None, record=None):
@@ -168,8 +293,7 @@ class TorchModule:
 
     def _forward(self, X):
         record: list = []
-        with torch.no_grad():
-            h = self._call(X, record=record)
+        h = self._call(X, record=record)
         counts = [sum(1 for i, _ in record if i == k) for k in range(len(self.linears))]
         for (name, _), c in zip(self.linears, counts):
             if c != 1:
@@ -182,8 +306,7 @@ class TorchModule:
             if a.ndim != 2 or a.shape[0] != X.shape[0]:
                 raise ValueError(f"module: nn.Linear {name!r} sees inputs of shape {tuple(a.shape)}; "
                                  "per-neuron factors need one input vector per example (use from_function)")
-        if h.ndim != 2:
-            raise ValueError(f"module: outputs must have shape (n, C), got {tuple(h.shape)}")
+        _outputs_width(h, "module")
         return h, inputs
 
     def _zero_deltas(self, n):
@@ -192,194 +315,78 @@ class TorchModule:
     # -- the protocol -----------------------------------------------------------
     def check_inputs(self, X):
         _check_tensor(X, "X", dtype=self.dtype, device=self.device)
+        if self.input_shape is not None and tuple(X.shape[1:]) != self.input_shape:
+            raise ValueError(f"X: expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(X.shape)}")
         try:
-            with torch.no_grad():
+            with _MODULE_LOCK, torch.no_grad():
                 h = self._call(X[:1])
         except (RuntimeError, ValueError, IndexError) as e:
             raise ValueError(f"X: the module cannot run on inputs of shape {tuple(X.shape)}: {e}") from e
-        if h.ndim != 2:
-            raise ValueError(f"module: outputs must have shape (n, C), got {tuple(h.shape)}")
-        self.n_outputs = int(h.shape[1])
+        if _outputs_width(h, "module") != self.n_outputs:
+            raise ValueError(f"X: the module gives {h.shape[1]} outputs on inputs of shape {tuple(X.shape)}, "
+                             f"not the {self.n_outputs} it gave when built; pass input_shape=")
         return X
 
     def outputs(self, X):
-        with torch.no_grad():
+        with _MODULE_LOCK, torch.no_grad():
             return self._call(X)
-
-    def _widths(self):
-        return [lin.out_features for _, lin in self.linears], [lin.in_features for _, lin in self.linears]
 
     def workspace_per_input(self, hessian: bool = True) -> int:
         """Bytes per input the vmapped transforms hold beyond the blocks (used to size batches).
 
-        ``jacrev``: C cotangents through every layer; the per-neuron Hessian pass: one
-        forward-over-forward per neuron of the widest layer, each holding every layer's
-        values three times (primal and two tangents).
+        C cotangents through every layer; the per-neuron Hessian pass: one forward-over-forward
+        per neuron of the widest layer, each holding every layer's values three times (primal
+        and two tangents).
         """
-        outs, ins = self._widths()
-        per_pass = sum(outs) + sum(ins)
-        C = self.n_outputs or outs[-1]
+        outs = [lin.out_features for _, lin in self.linears]
+        per_pass = sum(outs) + sum(lin.in_features for _, lin in self.linears)
         second = 3 * max(outs) * per_pass if hessian else 0
-        return (2 * C * per_pass + second) * self.dtype.itemsize
-
-    def _make_blocks(self, inputs, jac, hess):
-        return tuple(DenseBlock(*self._names[name], a, j, g)
-                     for (name, _), a, j, g in zip(self.linears, inputs, jac, hess))
+        return (2 * self.n_outputs * per_pass + second) * self.dtype.itemsize
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
-        h, inputs = self._forward(X)
-        deltas = self._zero_deltas(X.shape[0])
-        with torch.no_grad():
-            jac = vmap(jacrev(self._single, argnums=1))(X, deltas)  # per layer (n, C, out)
+        n = X.shape[0]
+        eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
+        with _MODULE_LOCK, torch.no_grad():
+            h, inputs = self._forward(X)
+            deltas = self._zero_deltas(n)
+            jac = OPS.vmap(lambda x, ds: columns.pullback(OPS, lambda d: self._single(x, d), ds, eye))(X, deltas)
             hess = [self._diag_hessian(X, deltas, l) for l in range(len(self.linears))] if hessian \
                 else [None] * len(self.linears)
-        return Derivatives(h, self._make_blocks(inputs, jac, hess))
+        return Derivatives(h, dense.dense_blocks(self._layout(), inputs, jac, hess))
 
     def _diag_hessian(self, X, deltas, l):
-        """diag ∂²h/∂z_l², (n, C, out_l): forward-over-forward along each basis vector of z_l."""
+        """diag ∂²h/∂z_l², (n, C, out_l): forward over forward along each neuron of z_l."""
         out = deltas[l].shape[1]
-        basis = torch.eye(out, dtype=self.dtype, device=self.device)
 
-        def along(x, ds, e):
-            def f(dl):
-                return self._single(x, ds[:l] + (dl,) + ds[l + 1:])
+        def neurons(start, k):
+            E = columns.unit_directions(OPS.xp, (out,), start, k, dtype=self.dtype, device=self.device)
 
-            def df(dl):
-                return jvp(f, (dl,), (e,))[1]
+            def one(x, ds):
+                return columns.diag_hessian(OPS, lambda dl: self._single(x, ds[:l] + (dl,) + ds[l + 1:]), ds[l], E)
 
-            return jvp(df, (ds[l],), (e,))[1]  # (C,)
+            return OPS.vmap(one)(X, deltas)  # (n, k, C)
 
-        per_input = vmap(lambda x, ds: vmap(lambda e: along(x, ds, e))(basis))  # (n, out, C)
-        return per_input(X, deltas).transpose(1, 2)
+        return columns.chunked(out, out, neurons)
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
-        """``sᵀ ∂h/∂z_l`` for every draw: one vjp (backward pass) per draw, vmapped."""
-        h, inputs = self._forward(X)
-        s = cotangent_fn(h)  # (M, n, C)
-        deltas = self._zero_deltas(X.shape[0])
-
-        def one(x, ds, si):  # si: (M, C) for one input
-            _, pull = vjp(lambda d: self._single(x, d), ds)
-            return vmap(lambda c: pull(c)[0])(si)  # per layer (M, out)
-
-        with torch.no_grad():
-            grads = vmap(one)(X, deltas, s.transpose(0, 1))  # per layer (n, M, out)
-        grads = [g.transpose(0, 1) for g in grads]
-        return Derivatives(h, self._make_blocks(inputs, grads, [None] * len(grads)))
+        """``sᵀ ∂h/∂z_l`` (n, M, out) for every draw: one vjp (backward pass) per draw, vmapped."""
+        with _MODULE_LOCK, torch.no_grad():
+            h, inputs = self._forward(X)
+            s = cotangent_fn(h).transpose(0, 1)  # (n, M, C)
+            grads = OPS.vmap(lambda x, ds, si: columns.pullback(OPS, lambda d: self._single(x, d), ds, si))(
+                X, self._zero_deltas(X.shape[0]), s)
+        return Derivatives(h, dense.dense_blocks(self._layout(), inputs, list(grads), [None] * len(grads)))
 
 
-#: Activation modules whose second derivative vanishes wherever it is defined.
-PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity)
-
-
-class TorchSequential(TorchModule):
-    """``nn.Sequential(Linear, act, ..., Linear)`` (use :func:`from_sequential`).
-
-    Hessian factors without one pass per neuron: ``φ'`` and ``φ''`` of each block of
-    activations between two Linear layers by ``torch.func.jvp`` (the block is
-    elementwise, so a tangent of ones gives its derivative), ``∂h/∂z`` by ``jacrev``,
-    contracted along the chain of Linear weights (:mod:`fishercore.backends._dense`).
-    A Sequential that does not end with a Linear uses :class:`TorchModule`'s
-    per-neuron path.
-    """
-
-    def __init__(self, module: nn.Sequential):
-        super().__init__(module)
-        blocks, pre = [], True
-        for _, m in module.named_children():
-            if isinstance(m, nn.Linear):
-                blocks.append((m, []))
-                pre = False
-            elif not pre:
-                blocks[-1][1].append(m)
-        self._chain = blocks
-        self._structured = not blocks[-1][1]
-
-    def _forward_pull(self, X):
-        """One forward pass: outputs, each Linear's inputs, and the vjp in the perturbations δ_l.
-
-        δ_l is (n, out_l): row i of a cotangent reaches only input i, so one pull gives every
-        input's ``cᵀ ∂h/∂z_l``.  (A Sequential of Linear and elementwise layers applies each
-        Linear once, to (n, in) inputs.)
-        """
-        def f(ds):
-            record: list = []
-            h = self._call(X, ds, record=record)
-            inputs = [None] * len(self.linears)
-            for i, a in record:
-                inputs[i] = a
-            return h, inputs
-
-        h, pull, inputs = vjp(f, self._zero_deltas(X.shape[0]), has_aux=True)
-        return h, inputs, pull
-
-    def pullback(self, X, cotangent_fn) -> Derivatives:
-        """``sᵀ ∂h/∂z_l`` for every draw: one vjp of the batched forward per draw."""
-        with torch.no_grad():
-            h, inputs, pull = self._forward_pull(X)
-            s = cotangent_fn(h)  # (M, n, C)
-            grads = vmap(lambda c: pull(c)[0])(s)  # per layer (M, n, out)
-        return Derivatives(h, self._make_blocks(inputs, list(grads), [None] * len(grads)))
-
-    @staticmethod
-    def _jacobians(pull, n, C, like):
-        """``∂h/∂z_l`` (n, C, out) for every layer: one batched vjp per output."""
-        onehot = torch.eye(C, dtype=like.dtype, device=like.device)[:, None, :].expand(C, n, C)
-        return [g.transpose(0, 1) for g in vmap(lambda c: pull(c)[0])(onehot)]
-
-    def workspace_per_input(self, hessian: bool = True) -> int:
-        if not self._structured:
-            return super().workspace_per_input(hessian)
-        outs, ins = self._widths()
-        curved = [not all(isinstance(m, PIECEWISE_LINEAR) for m in acts) for _, acts in self._chain]
-        C = self.n_outputs or outs[-1]
-        return 2 * C * (sum(outs) + sum(ins)) * self.dtype.itemsize + (
-            chain_workspace(outs, curved, self.dtype.itemsize) if hessian else 0)
-
-    def _activation_derivatives(self, acts, z):
-        """``φ'(z)`` and ``φ''(z)`` (None if piecewise linear) of an elementwise block, by jvp."""
-        def phi(t):
-            for m in acts:
-                t = m(t)
-            return t
-
-        ones = torch.ones_like(z)
-
-        def dphi(t):
-            return jvp(phi, (t,), (ones,))[1]
-
-        d1 = dphi(z)
-        if all(isinstance(m, PIECEWISE_LINEAR) for m in acts):
-            return d1, None
-        return d1, jvp(dphi, (z,), (ones,))[1]
-
-    def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
-        with torch.no_grad():
-            h, inputs, pull = self._forward_pull(X)
-            jac = self._jacobians(pull, X.shape[0], h.shape[1], h)  # per layer (n, C, out)
-            if not hessian:
-                return Derivatives(h, self._make_blocks(inputs, jac, [None] * len(jac)))
-            if not self._structured:
-                deltas = self._zero_deltas(X.shape[0])
-                hess = [self._diag_hessian(X, deltas, l) for l in range(len(self.linears))]
-                return Derivatives(h, self._make_blocks(inputs, jac, hess))
-            Ws = [lin.weight.detach() for lin, _ in self._chain]
-            d1, curv = [], []
-            for l, (lin, acts) in enumerate(self._chain[:-1]):
-                z = nn.functional.linear(inputs[l], Ws[l], None if lin.bias is None else lin.bias.detach())
-                g1, g2 = self._activation_derivatives(acts, z)
-                d1.append(g1)
-                curv.append(None if g2 is None else matmul_shared(jac[l + 1], Ws[l + 1]) * g2[:, None, :])
-            hess = hessian_factors(Ws, d1, curv, jac)
-        return Derivatives(h, self._make_blocks(inputs, jac, hess))
-
-
-def from_module(module: nn.Module) -> TorchModule:
+def from_module(module: nn.Module, *, input_shape=None) -> TorchModule:
     """Adapt any ``nn.Module`` whose trainable layers are ``nn.Linear``, each applied once per input.
 
     Per-neuron factors come from perturbations of each Linear's output, so skip
     connections and custom ``forward`` methods work; a Linear applied twice, or a
     trainable parameter outside a Linear, is refused (use :func:`from_function`).
+    ``input_shape`` is the shape of one input (without the batch axis); by default the
+    module is probed with one input of its first Linear's width, to learn its output width.
 
     Examples
     --------
@@ -393,17 +400,20 @@ def from_module(module: nn.Module) -> TorchModule:
     ...         a = torch.tanh(self.inp(x))
     ...         return self.out(a + torch.tanh(self.hid(a)))
     >>> model = fc_torch.from_module(Skip().double())
+    >>> model.n_outputs
+    2
     >>> fc.analyze(model, torch.randn(8, 3, dtype=torch.float64)).fisher.shape
     torch.Size([62])
     """
-    return TorchModule(module)
+    return TorchModule(module, input_shape)
 
 
-def from_sequential(module: nn.Sequential) -> TorchModule:
+def from_sequential(module: nn.Sequential) -> TorchSequential:
     """Adapt ``nn.Sequential(Linear, act, Linear, ..., Linear)``; ``Flatten`` may come first.
 
     Activations: ``Tanh``, ``Sigmoid``, ``ReLU``, ``LeakyReLU``, ``Softplus``, ``GELU``,
-    ``ELU``, ``Identity``.  Anything else raises a ``ValueError`` naming the layer.
+    ``ELU``, ``Identity``, one or several between two Linear layers, and after the last.
+    Anything else raises a ``ValueError`` naming the layer.
 
     Examples
     --------
@@ -433,12 +443,13 @@ def from_sequential(module: nn.Sequential) -> TorchModule:
 class TorchFunction:
     """Any function ``fn(params, x) -> h`` of a dict of tensors, with exact full columns.
 
-    ``jac`` per group from ``jacrev``; the Hessian diagonal from forward-over-forward
-    ``jvp`` along every parameter's basis vector, ``chunk`` directions at a time.
+    ``jac`` per group by one vjp per output; the Hessian diagonal by forward over forward
+    along every parameter's unit vector, ``chunk`` directions at a time
+    (:mod:`fishercore.backends.rules.columns`).
     """
 
-    def __init__(self, fn: Callable, params: Mapping[str, torch.Tensor], *, max_params: int = DEFAULT_MAX_PARAMS,
-                 chunk: int = 256):
+    def __init__(self, fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape,
+                 max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256):
         if not callable(fn):
             raise TypeError(f"fn: expected a callable fn(params, x) -> h, got {type(fn).__name__}")
         if not isinstance(params, Mapping) or not all(isinstance(v, torch.Tensor) for v in params.values()):
@@ -449,7 +460,16 @@ class TorchFunction:
         self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
         check_full_column_budget(self.groups, max_params, "from_sequential/from_module")
         self.chunk = int(chunk)
-        self.n_outputs = None
+        self.input_shape = _input_shape(input_shape, "fn")
+        if self.input_shape is None:
+            raise TypeError("input_shape: from_function needs the shape of one input (without the batch axis), "
+                            "e.g. input_shape=(784,), to learn the output width when the model is built")
+        try:
+            with torch.no_grad():
+                h = fn(self.params, torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device))
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            raise ValueError(f"input_shape: fn cannot run on one input of shape {self.input_shape} ({e})") from e
+        self.n_outputs = _outputs_width(h, "fn")
 
     def __repr__(self) -> str:
         return f"TorchFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
@@ -459,14 +479,9 @@ class TorchFunction:
 
     def check_inputs(self, X):
         _check_tensor(X, "X", dtype=self.dtype, device=self.device)
-        try:
-            with torch.no_grad():
-                h = self.fn(self.params, X[:1])
-        except (RuntimeError, ValueError, IndexError, TypeError) as e:
-            raise ValueError(f"X: fn cannot run on inputs of shape {tuple(X.shape)}: {e}") from e
-        if not isinstance(h, torch.Tensor) or h.ndim != 2:
-            raise ValueError(f"fn: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
-        self.n_outputs = int(h.shape[1])
+        if tuple(X.shape[1:]) != self.input_shape:
+            raise ValueError(f"X: expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(X.shape)}")
         return X
 
     def outputs(self, X):
@@ -475,75 +490,59 @@ class TorchFunction:
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         n = X.shape[0]
+        eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             h = self.fn(self.params, X)
-            jac = vmap(jacrev(self._single), in_dims=(None, 0))(self.params, X)  # name -> (n, C, *shape)
-            blocks = []
-            for g in self.groups:
-                u = jac[g.name].reshape(n, -1, g.size)
-                w = self._diag_hessian(X, g) if hessian else None
-                blocks.append(ColumnBlock(g.name, u, w))
-        return Derivatives(h, tuple(blocks))
-
-    def _diag_hessian(self, X, group):
-        """∂²h/∂θ_i² for every parameter i of a group, (n, C, size), chunked over i."""
-        name, size = group.name, group.size
-        shape = self.params[name].shape
-
-        def along(x, e):
-            def f(p):
-                return self._single({**self.params, name: p}, x)
-
-            def df(p):
-                return jvp(f, (p,), (e,))[1]
-
-            return jvp(df, (self.params[name],), (e,))[1]  # (C,)
-
-        parts = []
-        for start in range(0, size, self.chunk):
-            k = min(self.chunk, size - start)
-            basis = torch.zeros(k, size, dtype=self.dtype, device=self.device)
-            basis[torch.arange(k), torch.arange(start, start + k)] = 1.0
-            basis = basis.reshape(k, *shape)
-            parts.append(vmap(lambda x, basis=basis: vmap(lambda e: along(x, e))(basis))(X))  # (n, k, C)
-        return torch.cat(parts, dim=1).transpose(1, 2)
-
-    def pullback(self, X, cotangent_fn) -> Derivatives:
-        """Per-sample gradients of ``Σ_c s_c h_c`` for every draw: one vjp per draw."""
-        h = self.outputs(X)
-        s = cotangent_fn(h)
-
-        def one(x, si):
-            _, pull = vjp(lambda p: self._single(p, x), self.params)
-            return vmap(lambda c: pull(c)[0])(si)  # name -> (M, *shape)
-
-        with torch.no_grad():
-            grads = vmap(one)(X, s.transpose(0, 1))  # name -> (n, M, *shape)
-        n, M = X.shape[0], s.shape[0]
-        blocks = tuple(ColumnBlock(g.name, grads[g.name].reshape(n, M, g.size).transpose(0, 1), None)
-                       for g in self.groups)
+            jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: self._single(p, x), self.params, eye))(X)
+            blocks = tuple(ColumnBlock(g.name, jac[g.name].reshape(n, -1, g.size),
+                                       self._diag_hessian(X, g) if hessian else None) for g in self.groups)
         return Derivatives(h, blocks)
 
+    def _diag_hessian(self, X, group):
+        """∂²h/∂θ_i² for every parameter i of a group, (n, C, size), ``chunk`` directions at a time."""
+        name = group.name
 
-def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, max_params: int = DEFAULT_MAX_PARAMS,
-                  chunk: int = 256) -> TorchFunction:
-    """Adapt any ``fn(params, x) -> h`` (x a batch (n, ...), h of shape (n, C)).
+        def chunk(start, k):
+            E = columns.unit_directions(OPS.xp, group.shape, start, k, dtype=self.dtype, device=self.device)
+
+            def one(x):
+                return columns.diag_hessian(OPS, lambda p: self._single({**self.params, name: p}, x),
+                                            self.params[name], E)
+
+            return OPS.vmap(one)(X)  # (n, k, C)
+
+        return columns.chunked(group.size, self.chunk, chunk)
+
+    def pullback(self, X, cotangent_fn) -> Derivatives:
+        """Per-sample gradients of ``Σ_c s_c h_c`` for every draw, (n, M, p): one vjp per draw."""
+        h = self.outputs(X)
+        s = cotangent_fn(h).transpose(0, 1)  # (n, M, C)
+        with torch.no_grad():
+            grads = OPS.vmap(lambda x, si: columns.pullback(OPS, lambda p: self._single(p, x), self.params, si))(X, s)
+        n, M = s.shape[:2]
+        return Derivatives(h, tuple(ColumnBlock(g.name, grads[g.name].reshape(n, M, g.size), None)
+                                    for g in self.groups))
+
+
+def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape=None,
+                  max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256) -> TorchFunction:
+    """Adapt any ``fn(params, x) -> h`` (x a batch (n, *input_shape), h of shape (n, C)).
 
     Exact full Jacobian columns and Hessian diagonals per parameter; the cost grows
     with ``P × n``, so models with more than ``max_params`` parameters are refused.
-    Group names are the keys of ``params``.
+    Group names are the keys of ``params``; ``input_shape`` (the shape of one input,
+    without the batch axis) is required: one call on it gives the output width.
 
     Examples
     --------
     >>> import torch, fishercore as fc
     >>> from fishercore.backends import torch as fc_torch
     >>> params = {"w": torch.randn(3, 2, dtype=torch.float64), "s": torch.ones(2, dtype=torch.float64)}
-    >>> model = fc_torch.from_function(lambda p, x: torch.sin(x @ p["w"]) * p["s"], params)
+    >>> model = fc_torch.from_function(lambda p, x: torch.sin(x @ p["w"]) * p["s"], params, input_shape=(3,))
     >>> fc.analyze(model, torch.randn(6, 3, dtype=torch.float64), "gaussian").fisher.shape
     torch.Size([8])
     """
-    return TorchFunction(fn, params, max_params=max_params, chunk=chunk)
-
+    return TorchFunction(fn, params, input_shape=input_shape, max_params=max_params, chunk=chunk)
 
 
 def all_reduce(analysis, group=None):
@@ -552,16 +551,17 @@ def all_reduce(analysis, group=None):
     Call on every rank of an initialised process group (``torchrun`` sets one up; gloo on
     CPUs, NCCL on GPUs) with that rank's :class:`fishercore.FisherAnalysis` of its share of
     the data; every rank gets the same result, equal to one analysis of all the data up to
-    rounding.  Two ``all_reduce`` calls carry the sums (see
-    :func:`fishercore.analysis.all_reduce_sums`); an ``all_gather_object`` first checks that
-    every rank analysed the same parameter groups with the same family.
+    rounding.  Two ``all_reduce`` calls carry the sums (:func:`fishercore.all_reduce_sums`,
+    the reduction every analysis uses); an ``all_gather_object`` first checks that every
+    rank analysed the same parameter groups with the same family.
 
     The analysis must hold torch tensors (analyse torch inputs) on a device the process
     group's backend serves.
     """
     import torch.distributed as dist
 
-    from fishercore.analysis import FisherAnalysis, all_reduce_sums
+    from fishercore.result import FisherAnalysis
+    from fishercore.sums import all_reduce_sums
 
     if not isinstance(analysis, FisherAnalysis):
         raise TypeError(f"analysis: expected a fishercore.FisherAnalysis, got {type(analysis).__name__}")
@@ -571,7 +571,7 @@ def all_reduce(analysis, group=None):
     if not isinstance(analysis.sums.fisher, torch.Tensor):
         raise TypeError(f"analysis: its sums are {type(analysis.sums.fisher).__name__}, not torch tensors; "
                         "analyse torch inputs on every rank")
-    key = ([(g.name, g.shape) for g in analysis.groups], repr(analysis.family), str(analysis.sums.fisher.dtype))
+    key = ([(g.name, g.shape) for g in analysis.groups], analysis.family, str(analysis.sums.fisher.dtype))
     keys = [None] * dist.get_world_size(group)
     dist.all_gather_object(keys, key, group=group)
     if any(k != keys[0] for k in keys):

@@ -3,9 +3,9 @@
 With ``batch_size=None`` the first batch holds :data:`FIRST_BATCH` inputs; its derivative
 blocks show what one input costs — the model's arrays, the core's temporaries for the
 largest block, and the model's own workspace when it declares one
-(``model.workspace_per_input(hessian)``, bytes) — and the remaining batches are sized so
+(:class:`~fishercore.DeclaresWorkspace`, bytes) — and the remaining batches are sized so
 that one batch stays within ``memory_budget`` bytes (and, for eager CPU libraries, at
-most :data:`MAX_AUTO_BATCH` inputs).  Results do not depend on the
+most :data:`MAX_AUTO_BATCH` inputs: the arrays' ``Ops.prefers_large_batches`` says which).  Results do not depend on the
 batching (sums merge exactly), only memory and speed do.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from ._protocol import ColumnBlock, DenseBlock
+from ._protocol import ColumnBlock, DeclaresWorkspace, DenseBlock
 
 #: Working memory per batch when ``batch_size`` is None (bytes).
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
@@ -29,15 +29,6 @@ FIRST_BATCH = 32
 #: batches and are limited by the budget alone.
 MAX_AUTO_BATCH = 512
 
-
-def auto_cap(X) -> int | None:
-    """:data:`MAX_AUTO_BATCH` for eager CPU libraries, None (the budget alone) for JAX and GPUs."""
-    from array_api_compat import device, is_cupy_array, is_jax_array
-
-    if is_jax_array(X) or is_cupy_array(X):
-        return None
-    dev = str(device(X)).lower()
-    return None if ("cuda" in dev or "gpu" in dev or "mps" in dev) else MAX_AUTO_BATCH
 
 # Arrays of a block's (C, k) size that the core holds at once while reducing it
 # (moments, centred columns, per-input statistics and their products).
@@ -83,13 +74,36 @@ def bytes_per_input(blocks, n_inputs: int, workspace: int = 0) -> int:
 
 
 class Batches:
-    """``for start, stop in batches: ...; batches.fit(blocks, model, hessian)`` after the first."""
+    """``for start, stop in batches: Xb, mask = batches.take(X, start, stop); ...; batches.fit(...)`` after the first.
 
-    def __init__(self, n: int, batch_size: int | None, memory_budget: float, cap: int | None = MAX_AUTO_BATCH):
-        self.n, self.budget, self.cap = n, memory_budget, cap
+    With ``pad`` (libraries that compile for each shape: JAX), a batch shorter than the batch size
+    is filled up with copies of its last input, so that every batch after the first has one shape
+    and is compiled for once; ``mask`` marks the real inputs (1) and the filler (0), and every sum
+    over inputs weighs its rows by it (docs/math.md §5).  Without ``pad`` the mask is None.
+    """
+
+    def __init__(self, n: int, batch_size: int | None, memory_budget: float, cap: int | None = MAX_AUTO_BATCH,
+                 pad: bool = False):
+        batch_size, memory_budget = check_batching(batch_size, memory_budget)
+        self.n, self.budget, self.cap, self.pad = n, memory_budget, cap, pad
         self.auto = batch_size is None
         self.size = min(n, FIRST_BATCH) if self.auto else batch_size
         self.fitted = not self.auto
+
+    def take(self, X, start: int, stop: int):
+        """``(inputs, mask)`` of the batch ``start:stop`` of X (padded to the batch size when ``pad``)."""
+        from array_api_compat import array_namespace, device
+
+        Xb = X[start:stop, ...]
+        if not self.pad:
+            return Xb, None
+        xp = array_namespace(X)
+        k, full = stop - start, max(stop - start, min(self.size, self.n))
+        mask = xp.concat([xp.ones(k, dtype=X.dtype, device=device(X)),
+                          xp.zeros(full - k, dtype=X.dtype, device=device(X))])
+        if k < full:
+            Xb = xp.concat([Xb, xp.broadcast_to(Xb[-1:, ...], (full - k, *Xb.shape[1:]))])
+        return Xb, mask
 
     def __iter__(self):
         start = 0
@@ -108,8 +122,18 @@ class Batches:
         """Size the remaining batches from the first batch's blocks (once; no-op for a fixed size)."""
         if self.fitted:
             return
-        ws = getattr(model, "workspace_per_input", None)
-        per_input = bytes_per_input(blocks, n_inputs, ws(hessian) if callable(ws) else 0)
+        workspace = model.workspace_per_input(hessian) if isinstance(model, DeclaresWorkspace) else 0
+        per_input = bytes_per_input(blocks, n_inputs, workspace)
         size = min(self.n, int(self.budget // per_input))
         self.size = max(1, size if self.cap is None else min(size, self.cap))
         self.fitted = True
+
+
+def batches_for(X, batch_size, memory_budget) -> Batches:
+    """The batches of the inputs X: fixed, or sized to the budget (capped for eager CPU libraries; padded to one
+    shape for compiling libraries)."""
+    from fishercore.backends.ops import ops_for
+
+    ops = ops_for(X)
+    cap = None if ops.prefers_large_batches(X) else MAX_AUTO_BATCH
+    return Batches(X.shape[0], batch_size, memory_budget, cap, pad=ops.compiles)

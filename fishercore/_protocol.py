@@ -11,14 +11,19 @@ Two kinds of derivative blocks cover every parameter group:
   block hands *per-neuron* factors, never per-parameter columns: the layer
   inputs ``a`` (n, in), ``∂h/∂z`` (n, C, out) and the diagonal of ``∂²h/∂z²``
   (n, C, out).  Then ``u(W[a, b]) = ∂h/∂z[:, a] · a_b`` and
-  ``w(W[a, b]) = diag∂²h/∂z²[:, a] · a_b²`` (SPEC §5), which the core combines
-  with matrix products.
+  ``w(W[a, b]) = diag∂²h/∂z²[:, a] · a_b²`` (docs/math.md §8), which the core
+  combines with matrix products.
 * :class:`ColumnBlock` for any other parameter group: the full columns
   ``u_i = ∂h/∂θ_i`` and ``w_i = ∂²h/∂θ_i²``, each (n, C, p).
 
-A model may also offer ``pullback(X, cotangent_fn)`` (see :class:`Model`): the
-vector-Jacobian products ``sᵀ ∂h/∂z`` for a batch of score vectors, one backward
-pass per label draw — all that Î1 needs.
+Every model implements :class:`Model`.  Two capabilities are optional, each a
+declared protocol that the core checks with ``isinstance``:
+
+* :class:`SupportsPullback` — ``pullback(X, cotangent_fn)``: the vector-Jacobian
+  products ``sᵀ ∂h/∂z`` for a batch of score vectors, one backward pass per label
+  draw — all that Î1 needs;
+* :class:`DeclaresWorkspace` — ``workspace_per_input(hessian)``: bytes per input the
+  model holds beyond its derivative blocks, used to size batches to a memory budget.
 
 Index conventions: n input, C output, p parameter of the group, m label draw.
 """
@@ -32,13 +37,15 @@ Array = Any  # any array-API array
 
 __all__ = [
     "Array",
-    "weight_flat",
     "ColumnBlock",
+    "DeclaresWorkspace",
     "DenseBlock",
     "Derivatives",
     "Model",
     "ParamGroup",
+    "SupportsPullback",
     "make_groups",
+    "weight_flat",
 ]
 
 
@@ -78,8 +85,8 @@ def make_groups(named_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[Pa
 class DenseBlock(NamedTuple):
     """Per-neuron derivative factors of one dense layer ``z = W a + b``.
 
-    In a :meth:`Model.pullback` result, ``jac`` holds ``sᵀ ∂h/∂z`` instead,
-    shape (M, n, out), and ``diag_hess`` is None.
+    In a :meth:`SupportsPullback.pullback` result, ``jac`` holds ``sᵀ ∂h/∂z`` instead,
+    shape (n, M, out), and ``diag_hess`` is None.
     """
 
     weight: str  # group name of W, shape (out, in); (in, out) when transposed
@@ -93,7 +100,7 @@ class DenseBlock(NamedTuple):
 class ColumnBlock(NamedTuple):
     """Full derivative columns of one parameter group (any architecture).
 
-    In a :meth:`Model.pullback` result, ``jac`` holds ``sᵀ ∂h/∂θ`` (M, n, p)
+    In a :meth:`SupportsPullback.pullback` result, ``jac`` holds ``sᵀ ∂h/∂θ`` (n, M, p)
     and ``diag_hess`` is None.
     """
 
@@ -119,30 +126,9 @@ def weight_flat(transposed: bool, per_weight: Array) -> Array:
     return xp.reshape(per_weight, (-1,))
 
 
-_COMPILED: dict = {}
-
-
-def compiled(fn, xp, static_argnames=()):
-    """``fn`` jit-compiled when the arrays are JAX's, else ``fn`` itself.
-
-    Eager JAX compiles every primitive for every new shape; one compiled program per
-    block is far cheaper.  JAX is taken from ``sys.modules`` — it is already imported
-    whenever JAX arrays reach the core — so fishercore itself never imports it.
-    """
-    from array_api_compat import is_jax_namespace
-
-    if not is_jax_namespace(xp):
-        return fn
-    if fn not in _COMPILED:
-        import sys
-
-        _COMPILED[fn] = sys.modules["jax"].jit(fn, static_argnames=static_argnames)
-    return _COMPILED[fn]
-
-
 @runtime_checkable
 class Model(Protocol):
-    """What a backend implements.
+    """What every backend implements.
 
     Attributes
     ----------
@@ -150,7 +136,7 @@ class Model(Protocol):
         Every parameter group, in flat order (``torch.nn.Module.parameters()``
         order for torch models).
     n_outputs : int
-        ``C``, the width of ``h``.
+        ``C``, the width of ``h``; known when the model is built.
     """
 
     groups: tuple[ParamGroup, ...]
@@ -169,9 +155,20 @@ class Model(Protocol):
         derivatives suffice for Î1), which saves the model the second-order work.
         """
 
-    # Optional, used by estimate(..., "i1") when present:
-    #
-    # def pullback(self, X, cotangent_fn, /) -> Derivatives:
-    #     """h = h(X); s = cotangent_fn(h) of shape (M, n, C); blocks whose ``jac`` is
-    #     sᵀ ∂h/∂z (M, n, out) for dense blocks or sᵀ ∂h/∂θ (M, n, p) for columns:
-    #     per-sample gradients of Σ_c s_c h_c, one backward pass per draw."""
+
+@runtime_checkable
+class SupportsPullback(Protocol):
+    """A model that backpropagates score vectors directly (used by ``estimate(..., "i1")``)."""
+
+    def pullback(self, X: Array, cotangent_fn, /) -> Derivatives:
+        """``h = h(X)``; ``s = cotangent_fn(h)`` of shape (M, n, C); blocks whose ``jac`` is
+        ``sᵀ ∂h/∂z`` (n, M, out) for dense blocks or ``sᵀ ∂h/∂θ`` (n, M, p) for columns:
+        per-sample gradients of ``Σ_c s_c h_c``, one backward pass per draw."""
+
+
+@runtime_checkable
+class DeclaresWorkspace(Protocol):
+    """A model that says how much memory its derivative computation holds (used to size batches)."""
+
+    def workspace_per_input(self, hessian: bool, /) -> int:
+        """Bytes per input held beyond the derivative blocks themselves."""

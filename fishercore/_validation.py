@@ -10,8 +10,8 @@ import numbers
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-__all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_positive_int",
-           "check_positive_real", "check_probability"]
+__all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_model_and_data",
+           "check_positive_int", "check_positive_real", "check_probability", "check_results_finite"]
 
 
 def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
@@ -75,3 +75,56 @@ def check_positive_real(x, name: str) -> float:
     if not (0.0 < float(x) < float("inf")):
         raise ValueError(f"{name}: must be positive and finite, got {x}")
     return float(x)
+
+
+def check_model_and_data(model, X, family):
+    """The checks every entry point makes of its model, data and family; returns ``(family, X)``.
+
+    ``model`` must implement :class:`~fishercore.Model` with a positive ``n_outputs`` that suits
+    the family; ``X`` must be a non-empty, finite batch the model accepts.
+    """
+    from ._protocol import Model
+    from .families import get_family
+
+    if not isinstance(model, Model):
+        raise TypeError("model: expected a fishercore model (e.g. fishercore.backends.mlp.MLP), "
+                        f"got {type(model).__name__}")
+    C = model.n_outputs
+    if isinstance(C, bool) or not isinstance(C, numbers.Integral) or C < 1:
+        raise TypeError(f"model: n_outputs must be a positive integer known when the model is built, got {C!r}")
+    family = get_family(family)
+    family.check_outputs(int(C))
+    X = model.check_inputs(X)
+    if X.shape[0] == 0:
+        raise ValueError("X: empty data set (0 inputs)")
+    check_finite(X, "X")
+    return family, X
+
+
+def _all_finite(*arrays):
+    xp = array_namespace(*arrays)
+    return xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays]))
+
+
+def check_results_finite(values, start, stop, what="outputs"):
+    """Raise FloatingPointError naming the inputs (and group) when a batch's results are not finite.
+
+    ``values``: one array, or a dict name → array or tuple of arrays (checked with one
+    device synchronisation; the culprit is looked up only on failure).
+    """
+    from fishercore.backends.ops import ops_for
+
+    def finite(arrays):
+        return bool(ops_for(*arrays).jit(_all_finite)(*arrays))
+
+    def flat(v):
+        return list(v) if isinstance(v, (tuple, list)) else [v]
+
+    if not isinstance(values, dict):
+        values = {None: values}
+    if finite([a for v in values.values() for a in flat(v)]):
+        return
+    name = next(k for k, v in values.items() if not finite(flat(v)))
+    label = what if name is None else f"{what} of {name!r}"
+    raise FloatingPointError(f"model: {label} are NaN or inf for inputs {start}..{stop - 1} "
+                             "(overflow in the network; check the weights and input scale)")

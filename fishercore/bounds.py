@@ -1,4 +1,4 @@
-r"""Spectral and moment bounds on the single-draw variances (SPEC §3).
+r"""Spectral and moment bounds on the single-draw variances (docs/math.md §4).
 
 Per input and parameter, with ``P`` the projection that removes ``Λ``'s fixed
 null space (``u ↦ u − mean_c u`` for the softmax, identity otherwise) — ``v1``

@@ -1,6 +1,6 @@
 r"""Monte-Carlo estimators Î1 (squared score) and Î2 (negative Hessian diagonal).
 
-For labels ``y`` drawn from the model, with score ``s = ∂ℓ/∂h`` (SPEC §2),
+For labels ``y`` drawn from the model, with score ``s = ∂ℓ/∂h`` (docs/math.md §10),
 
 .. math::
 
@@ -22,19 +22,24 @@ from __future__ import annotations
 import numpy as np
 from array_api_compat import array_namespace, device
 
+from fishercore.backends.ops import ops_for
+
 from . import _validation as V
-from ._batching import DEFAULT_MEMORY_BUDGET
+from ._batching import DEFAULT_MEMORY_BUDGET, batches_for
 from ._progress import Progress
-from ._protocol import Array, ColumnBlock, DenseBlock, compiled, weight_flat
-from .analysis import check_model_and_data, check_results_finite
+from ._protocol import Array, ColumnBlock, DenseBlock, SupportsPullback, weight_flat
 
 __all__ = ["estimate", "sample_labels"]
 
 
-def _noise(family, rng, h, n_draws):
-    """The family's NumPy noise for one batch of outputs h (b, C), in h's library, dtype and device."""
+def _noise(family, rng, h, n_draws, n_inputs=None):
+    """The family's NumPy noise for the first ``n_inputs`` (default all) rows of outputs h (b, C), zero for the
+    rest (a padded batch's filler), in h's library, dtype and device."""
     xp = array_namespace(h)
-    noise = family.noise(rng, h.shape[0], n_draws, h.shape[1])
+    k = h.shape[0] if n_inputs is None else n_inputs
+    noise = family.noise(rng, k, n_draws, h.shape[1])
+    if k < h.shape[0]:
+        noise = np.concatenate([noise, np.zeros((h.shape[0] - k, *noise.shape[1:]), dtype=noise.dtype)])
     return xp.asarray(noise, dtype=h.dtype, device=device(h))
 
 
@@ -59,18 +64,19 @@ def sample_labels(model, X: Array, family="categorical", *, n_draws: int = 1, se
     for the Gaussian and Bernoulli families, in the model's array library.  Only
     outputs are computed, ``batch_size`` (default 1024) inputs at a time.
     """
-    family, X, _ = check_model_and_data(model, X, family, batch_size)
+    family, X = V.check_model_and_data(model, X, family)
+    batches = batches_for(X, 1024 if batch_size is None else batch_size, DEFAULT_MEMORY_BUDGET)
     M = V.check_positive_int(n_draws, "n_draws")
     rng = _rng(seed)
-    xp = array_namespace(X)
+    ops = ops_for(X)
     parts = []
-    size = 1024 if batch_size is None else batch_size
-    for a in range(0, X.shape[0], size):
-        b = min(a + size, X.shape[0])
-        h = model.outputs(X[a:b, ...])
-        check_results_finite(h, a, b)
-        parts.append(_draw(family, rng, h, M))
-    return xp.concat(parts, axis=1)
+    with ops.no_grad():
+        X = ops.detach(X)
+        for a, b in batches:
+            h = model.outputs(batches.take(X, a, b)[0])[:b - a, ...]
+            V.check_results_finite(h, a, b)
+            parts.append(_draw(family, rng, h, M))
+    return ops.xp.concat(parts, axis=1)
 
 
 def _project(score, jac, xp):
@@ -107,10 +113,12 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     -------
     (P,) array in the flat parameter order, the model's namespace, dtype and device.
     """
-    family, X, batches = check_model_and_data(model, X, family, batch_size, memory_budget)
+    family, X = V.check_model_and_data(model, X, family)
+    batches = batches_for(X, batch_size, memory_budget)
     est = V.check_choice(estimator, "estimator", ("i1", "i2"))
     M = V.check_positive_int(n_draws, "n_draws")
-    xp = array_namespace(X)
+    ops = ops_for(X)
+    xp = ops.xp
     n = X.shape[0]
     if labels is not None:
         if M != 1:
@@ -119,62 +127,72 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
             raise ValueError(f"labels: expected one label per input ({n}), got shape {getattr(labels, 'shape', None)}")
     else:
         rng = _rng(seed)
-    use_pullback = est == "i1" and callable(getattr(model, "pullback", None))
+    use_pullback = est == "i1" and isinstance(model, SupportsPullback)
     sums: dict = {}
-    with Progress(len(batches), progress, f"estimate {est}") as bar:
+    with ops.no_grad(), Progress(len(batches), progress, f"estimate {est}") as bar:
+        X = ops.detach(X)
         for start, stop in batches:
-            Xb = X[start:stop, ...]
+            Xb, mask = batches.take(X, start, stop)
 
-            def score(h, start=start, stop=stop):
-                check_results_finite(h, start, stop)
+            def score(h, start=start, stop=stop, mask=mask):
+                """Scores (M, b, C) of the batch's labels; zero on a padded batch's filler rows."""
+                V.check_results_finite(h, start, stop)
                 if labels is None:
-                    return compiled(_score_from_noise, xp, ("family",))(h, _noise(family, rng, h, M), family=family)
-                y = family.check_labels(labels[start:stop, ...], h)[None, ...]
-                return family.score(h, y)  # (M, b, C)
+                    noise = _noise(family, rng, h, M, stop - start)
+                    return ops.jit(_score_from_noise, ("family",))(h, noise, mask, family=family)
+                y = family.check_labels(batches.take(labels, start, stop)[0], h)[None, ...]
+                return _masked_draws(family.score(h, y), mask)
 
             batch = {}
             if use_pullback:  # one backward pass per draw: t = sᵀ ∂h/∂z directly
                 d = model.pullback(Xb, score)
                 for b in d.blocks:
-                    batch.update(_aggregate(b, None, xp))
+                    batch.update(_aggregate(b, None, ops))
             else:
                 d = model.derivatives(Xb, hessian=est == "i2")
                 s = score(d.outputs)
-                per_input = compiled(_per_input, xp, ("family", "est"))
+                per_input = ops.jit(_per_input, ("family", "est"))
                 for b in d.blocks:
-                    batch.update(_aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, family=family, est=est), xp))
-            batches.fit(d.blocks, stop - start, model, hessian=est == "i2")
+                    per = per_input(d.outputs, s, b.jac, b.diag_hess, mask, family=family, est=est)
+                    batch.update(_aggregate(b, per, ops))
+            batches.fit(d.blocks, Xb.shape[0], model, hessian=est == "i2")
             bar.total = len(batches)
-            check_results_finite(batch, start, stop, "estimates")
+            V.check_results_finite(batch, start, stop, "estimates")
             for name, value in batch.items():
                 sums[name] = sums[name] + value if name in sums else value
             bar.update()
     return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
 
 
-def _score_from_noise(h, noise, family):
-    """Scores (M, b, C) of labels drawn by inverse transform from the noise."""
-    return family.score(h, family.labels_from_noise(h, noise))
+def _masked_draws(s, mask):
+    """Per-draw values (M, b, ...) with a padded batch's filler rows set to 0."""
+    return s if mask is None else s * mask[(None, slice(None)) + (None,) * (s.ndim - 2)]
+
+
+def _score_from_noise(h, noise, mask, family):
+    """Scores (M, b, C) of labels drawn by inverse transform from the noise (0 on filler rows)."""
+    return _masked_draws(family.score(h, family.labels_from_noise(h, noise)), mask)
 
 
 def _squares(t):
-    """Σ over draws of t², (M, b, k) → (b, k)."""
+    """Σ over draws of t², (b, M, k) → (b, k)."""
     xp = array_namespace(t)
-    return xp.sum(t * t, axis=0)
+    return xp.sum(t * t, axis=1)
 
 
 def _dense_squares(t, inputs, transposed):
     return _dense_aggregate(_squares(t), inputs, transposed)
 
 
-def _per_input(h, s, jac, diag_hess, family, est):
-    """Σ over draws of one draw's estimate, per input and column: (b, k)."""
+def _per_input(h, s, jac, diag_hess, mask, family, est):
+    """Σ over draws of one draw's estimate, per input and column: (b, k) (0 on a padded batch's filler rows)."""
     xp = array_namespace(h)
     if est == "i1":
         t = _project(s, jac, xp)
-        return xp.sum(t * t, axis=0)
+        return xp.sum(t * t, axis=0)  # s = 0 on filler rows
     M = s.shape[0]
-    return M * family.fisher(h, jac) - xp.sum(_project(s, diag_hess, xp), axis=0)
+    per = M * family.fisher(h, jac) - xp.sum(_project(s, diag_hess, xp), axis=0)
+    return per if mask is None else per * mask[:, None]
 
 
 def _dense_aggregate(per, inputs, transposed):
@@ -183,7 +201,7 @@ def _dense_aggregate(per, inputs, transposed):
     return weight_flat(transposed, weight), xp.sum(per, axis=0)
 
 
-def _aggregate(block, per, xp) -> dict:
+def _aggregate(block, per, ops) -> dict:
     """Sum a per-input, per-column (b, k) quantity over the batch, for every group of the block.
 
     ``per=None``: the block is a pullback's, and the quantity is Σ over draws of its ``jac`` squared.
@@ -193,12 +211,11 @@ def _aggregate(block, per, xp) -> dict:
     """
     if isinstance(block, DenseBlock):
         if per is None:  # a pullback block: per-input Σ over draws of (sᵀ ∂h/∂z)², fused with the sums
-            weight, bias = compiled(_dense_squares, xp, ("transposed",))(block.jac, block.inputs,
-                                                                          transposed=block.transposed)
+            weight, bias = ops.jit(_dense_squares, ("transposed",))(block.jac, block.inputs,
+                                                                     transposed=block.transposed)
         else:
-            weight, bias = compiled(_dense_aggregate, xp, ("transposed",))(per, block.inputs,
-                                                                            transposed=block.transposed)
+            weight, bias = ops.jit(_dense_aggregate, ("transposed",))(per, block.inputs, transposed=block.transposed)
         return {block.weight: weight} if block.bias is None else {block.weight: weight, block.bias: bias}
     if isinstance(block, ColumnBlock):
-        return {block.group: xp.sum(compiled(_squares, xp)(block.jac) if per is None else per, axis=0)}
+        return {block.group: ops.xp.sum(ops.jit(_squares)(block.jac) if per is None else per, axis=0)}
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")

@@ -2,7 +2,7 @@ r"""Output distributions ``p(y | h)``: moments, spectra, sampler and log-likelih
 
 For one input with outputs ``h`` (C of them), score ``s = ∂ℓ/∂h`` and output
 Fisher ``Λ = E[s sᵀ]``, and a parameter with output derivatives
-``u = ∂h/∂θ_i`` and ``w = ∂²h/∂θ_i²`` (SPEC §2):
+``u = ∂h/∂θ_i`` and ``w = ∂²h/∂θ_i²`` (docs/math.md §2):
 
 .. math::
 
@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from array_api_compat import array_namespace, device
 
+from ._numerics import log_softmax, sigmoid, sigmoid_pair, softmax, softplus, unit_roundoff
 from ._protocol import Array
 
 __all__ = ["Bernoulli", "Categorical", "Family", "Gaussian", "Moments", "Spectrum", "get_family"]
@@ -41,7 +42,7 @@ class Moments(NamedTuple):
 
 
 class Spectrum(NamedTuple):
-    """Extreme eigenvalues used by the bounds (SPEC §3), per input.
+    """Extreme eigenvalues used by the bounds (docs/math.md §4), per input.
 
     ``lam_*`` bound ``Λ`` on the complement of its fixed null space (the span of
     ``1`` for the softmax); ``m_*`` bound ``𝓜 = Cov(vec(s sᵀ))`` on symmetric
@@ -52,43 +53,6 @@ class Spectrum(NamedTuple):
     lam_max: Array  # (n,)
     m_min: Array  # (n,)
     m_max: Array  # (n,)
-
-
-def _softmax(h, xp):
-    e = xp.exp(h - xp.max(h, axis=-1, keepdims=True))
-    return e / xp.sum(e, axis=-1, keepdims=True)
-
-
-def _log_softmax(h, xp):
-    z = h - xp.max(h, axis=-1, keepdims=True)
-    return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
-
-
-def _sigmoid(h, xp):
-    return _sigmoid_pair(h, xp)[0]
-
-
-def _eps(dtype) -> float:
-    """Unit roundoff of a real floating dtype (float32 or float64; any namespace)."""
-    return 2.0**-24 if "32" in str(dtype) else 2.0**-53
-
-
-def _sigmoid_pair(h, xp):
-    """``(σ(h), σ(−h))``: p and 1 − p, each to full relative precision (no 1 − p cancellation)."""
-    e = xp.exp(-xp.abs(h))
-    big, small = 1.0 / (1.0 + e), e / (1.0 + e)
-    pos = h >= 0
-    return xp.where(pos, big, small), xp.where(pos, small, big)
-
-
-def _softplus(h, xp):
-    return xp.maximum(h, 0.0) + xp.log1p(xp.exp(-xp.abs(h)))
-
-
-def _check_noise_shape(noise, n, n_draws, tail):
-    want = (n, n_draws) + tail
-    if tuple(noise.shape) != want:
-        raise ValueError(f"noise: expected shape {want}, got {tuple(noise.shape)}")
 
 
 class Family:
@@ -144,14 +108,35 @@ class Family:
     def log_likelihood(self, outputs, labels) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- identity: the type and the parameters ------------------------------
+    def parameters(self) -> tuple:
+        """The family's parameters as sorted ``(name, value)`` pairs (its instance attributes).
+
+        Two families are equal, and hash alike, when they have the same type and the same
+        parameters: compiled code (JAX) takes the family as a static argument and is reused
+        exactly when these agree, whatever ``repr`` says.
+        """
+        return tuple(sorted(vars(self).items()))
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        params = ", ".join(f"{k}={v!r}" for k, v in self.parameters())
+        return f"{type(self).__name__}({params})"
 
     def __eq__(self, other) -> bool:
-        return type(self) is type(other) and repr(self) == repr(other)
+        if type(self) is not type(other):
+            return False
+        if self is other:
+            return True
+        try:
+            return bool(self.parameters() == other.parameters())
+        except (TypeError, ValueError):  # parameters whose == is elementwise (arrays): equal only to itself
+            return False
 
     def __hash__(self) -> int:
-        return hash(repr(self))
+        try:
+            return hash((type(self), self.parameters()))
+        except TypeError:  # unhashable parameters: equal families still hash alike
+            return hash(type(self))
 
 
 def _same_namespace(arr, xp, name):
@@ -166,7 +151,7 @@ def _same_namespace(arr, xp, name):
 class Categorical(Family):
     r"""Softmax over logits: ``p = softmax(h)``, ``s = e_y − p``, ``Λ = diag(p) − ppᵀ``.
 
-    Every moment is a moment of the scalar ``u_Y`` under ``Y ~ Cat(p)`` (SPEC §2):
+    Every moment is a moment of the scalar ``u_Y`` under ``Y ~ Cat(p)`` (docs/math.md §3.1):
     with ``ū = Σ_c p_c u_c`` and ``d = u − ū``,
 
     ``I = Σ p d²``, ``E[(sᵀu)³] = Σ p d³``, ``v1 = Σ p (d² − I)²``,
@@ -211,13 +196,13 @@ class Categorical(Family):
 
     def fisher(self, outputs, jac):
         xp = array_namespace(outputs, jac)
-        p = _softmax(outputs, xp)[:, None, :]
+        p = softmax(outputs, xp)[:, None, :]
         d = jac - xp.matmul(p, jac)
         return xp.matmul(p, d * d)[:, 0, :]
 
     def moments(self, outputs, jac, diag_hess):
         xp = array_namespace(outputs, jac, diag_hess)
-        p = _softmax(outputs, xp)[:, None, :]  # (n, 1, C): E_Y[x] = p @ x, a matmul per input
+        p = softmax(outputs, xp)[:, None, :]  # (n, 1, C): E_Y[x] = p @ x, a matmul per input
 
         def mean(x):
             return xp.matmul(p, x)
@@ -249,9 +234,9 @@ class Categorical(Family):
         lam = xp.linalg.eigvalsh(Lam)
         # eigvalsh is backward stable: each eigenvalue within ~C ε λ_max (Weyl).  The bounds use
         # the spectrum widened by that much, so they hold whatever the rounding.
-        slack = (4.0 * C * _eps(outputs.dtype)) * lam[:, -1]
+        slack = (4.0 * C * unit_roundoff(outputs.dtype)) * lam[:, -1]
         # 𝓜 = Σ_c p_c (m_c − m̄)(m_c − m̄)ᵀ with m_c = vec(d_c d_cᵀ), d_c = e_c − p: its
-        # nonzero spectrum is that of the C×C Gram matrix G below (SPEC §3).
+        # nonzero spectrum is that of the C×C Gram matrix G below (docs/math.md §4).
         pp = xp.sum(p * p, axis=-1)[:, None, None]
         K = eye - p[:, :, None] - p[:, None, :] + pp  # K[c, c'] = d_cᵀ d_c'
         K2 = K * K  # ⟨m_c, m_c'⟩
@@ -261,31 +246,31 @@ class Categorical(Family):
         G = r[:, :, None] * r[:, None, :] * (K2 - k[:, :, None] - k[:, None, :] + s)
         m_max = xp.linalg.eigvalsh(G)[:, -1]
         zero = xp.zeros_like(m_max)
-        m_max = xp.maximum(m_max, zero) * (1.0 + 4.0 * C * C * _eps(outputs.dtype))
+        m_max = xp.maximum(m_max, zero) * (1.0 + 4.0 * C * C * unit_roundoff(outputs.dtype))
         # Λ1 = 0 exactly, so on 1⊥ the spectrum is eigs[1:] (ascending order).
         return Spectrum(xp.maximum(lam[:, 1] - slack, zero), lam[:, -1] + slack, zero, m_max)
 
     def labels_from_noise(self, outputs, noise):
         xp = array_namespace(outputs, noise)
         C = outputs.shape[-1]
-        cdf = xp.cumulative_sum(_softmax(outputs, xp), axis=-1)  # (n, C)
+        cdf = xp.cumulative_sum(softmax(outputs, xp), axis=-1)  # (n, C)
         below = xp.astype(cdf[None, :, :] <= xp.permute_dims(noise, (1, 0))[:, :, None], xp.int64)
         return xp.minimum(xp.sum(below, axis=-1), xp.asarray(C - 1, dtype=xp.int64, device=device(noise)))
 
     def score(self, outputs, labels):
         xp = array_namespace(outputs)
-        return self._onehot(labels, outputs.shape[-1], outputs.dtype) - _softmax(outputs, xp)
+        return self._onehot(labels, outputs.shape[-1], outputs.dtype) - softmax(outputs, xp)
 
     def log_likelihood(self, outputs, labels):
         xp = array_namespace(outputs)
         onehot = self._onehot(labels, outputs.shape[-1], outputs.dtype)
-        return xp.sum(onehot * _log_softmax(outputs, xp), axis=-1)
+        return xp.sum(onehot * log_softmax(outputs, xp), axis=-1)
 
 
 class Gaussian(Family):
     r"""Regression: ``y ~ N(h, σ² I)``, ``s = (y − h)/σ²``, ``Λ = I/σ²``.
 
-    Closed forms (SPEC §2): ``I = ‖u‖²/σ²``, ``v1 = 2 I²``, ``v2 = ‖w‖²/σ²``,
+    Closed forms (docs/math.md §3.2): ``I = ‖u‖²/σ²``, ``v1 = 2 I²``, ``v2 = ‖w‖²/σ²``,
     ``c12 = 0``.  Labels are real targets of shape (n, C).
     """
 
@@ -299,9 +284,6 @@ class Gaussian(Family):
         if not (math.isfinite(variance) and variance > 0):
             raise ValueError(f"variance: must be positive and finite, got {variance}")
         self.variance = variance
-
-    def __repr__(self):
-        return f"Gaussian(variance={self.variance!r})"
 
     def noise(self, rng, n, n_draws, n_outputs):
         return rng.standard_normal((n, n_draws, n_outputs))
@@ -341,7 +323,7 @@ class Bernoulli(Family):
     r"""Independent sigmoid per output (multi-label): ``p = σ(h)``, ``s = y − p``, ``Λ = diag(q)``, ``q = p(1 − p)``.
 
     ``sᵀu`` is a sum of independent centred terms ``u_c s_c``, so with ``a_c = q_c u_c²``
-    (SPEC §2): ``I = Σ a``, ``E[(sᵀu)³] = Σ u³ q (1 − 2p)``,
+    (docs/math.md §3.3): ``I = Σ a``, ``E[(sᵀu)³] = Σ u³ q (1 − 2p)``,
     ``v1 = Σ_c u_c⁴ q_c (1 − 2p_c)² + 4 Σ_{c'<c} a_c a_c'`` (every term ≥ 0),
     ``v2 = Σ q w²``, ``c12 = −Σ u² w q (1 − 2p)``.  Labels are 0/1 of shape (n, C).
     """
@@ -357,12 +339,12 @@ class Bernoulli(Family):
 
     def fisher(self, outputs, jac):
         xp = array_namespace(outputs, jac)
-        p, r = _sigmoid_pair(outputs, xp)
+        p, r = sigmoid_pair(outputs, xp)
         return xp.sum((p * r)[:, :, None] * jac * jac, axis=-2)
 
     def moments(self, outputs, jac, diag_hess):
         xp = array_namespace(outputs, jac, diag_hess)
-        p, r = _sigmoid_pair(outputs, xp)  # p and 1 − p, both exact for saturated outputs
+        p, r = sigmoid_pair(outputs, xp)  # p and 1 − p, both exact for saturated outputs
         q = (p * r)[:, :, None]
         tilt = (r - p)[:, :, None]  # 1 − 2p
         skew = q * tilt  # E[s_c³]
@@ -379,7 +361,7 @@ class Bernoulli(Family):
 
     def spectrum(self, outputs):
         xp = array_namespace(outputs)
-        p, r = _sigmoid_pair(outputs, xp)
+        p, r = sigmoid_pair(outputs, xp)
         q = p * r
         # 𝓜 on symmetric matrices is block diagonal: q_c(1 − 4 q_c) on the diagonal
         # entries, 2 q_c q_c' on each off-diagonal pair {c, c'}.  1 − 4pq = (p − r)²
@@ -394,16 +376,16 @@ class Bernoulli(Family):
 
     def labels_from_noise(self, outputs, noise):
         xp = array_namespace(outputs, noise)
-        p = _sigmoid(outputs, xp)
+        p = sigmoid(outputs, xp)
         return xp.astype(xp.permute_dims(noise, (1, 0, 2)) < p[None, :, :], outputs.dtype)
 
     def score(self, outputs, labels):
         xp = array_namespace(outputs)
-        return labels - _sigmoid(outputs, xp)
+        return labels - sigmoid(outputs, xp)
 
     def log_likelihood(self, outputs, labels):
         xp = array_namespace(outputs)
-        return xp.sum(labels * outputs - _softplus(outputs, xp), axis=-1)
+        return xp.sum(labels * outputs - softplus(outputs, xp), axis=-1)
 
 
 _BY_NAME = {"categorical": Categorical, "gaussian": Gaussian, "bernoulli": Bernoulli}

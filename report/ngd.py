@@ -61,7 +61,7 @@ def _run(kind, method, cfg, repeat):
         idx = rng.choice(cfg.n_train, cfg.batch_size, replace=False)
         Xb, yb = Xtr[idx], ytr[idx]
         block = model.pullback(Xb, lambda h, yb=yb: family.score(h, yb)[None]).blocks[0]
-        g = block.jac[0]  # sᵀ ∂h/∂z at the observed labels, (B, 1)
+        g = block.jac[:, 0]  # sᵀ ∂h/∂z at the observed labels, (B, 1)
         grad = np.concatenate([(g.T @ Xb).ravel(), g.sum(0)]) / cfg.batch_size
         if method == "exact":
             F = fc.analyze(model, Xb, family).fisher

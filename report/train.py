@@ -77,10 +77,10 @@ class NumpyTrainer:
 
     def step(self, X, y):
         net = self.model()
-        pulled = net.pullback(X, lambda h: self.family.score(h, y)[None])  # sᵀ ∂h/∂z per layer, (1, B, out)
+        pulled = net.pullback(X, lambda h: self.family.score(h, y)[None])  # sᵀ ∂h/∂z per layer, (B, 1, out)
         grads = []
         for block in pulled.blocks:  # loss = −mean ℓ: gradient −(1/B) Σ_x sᵀ ∂h/∂θ
-            g = -block.jac[0] / X.shape[0]
+            g = -block.jac[:, 0] / X.shape[0]
             grads += [g.T @ block.inputs, g.sum(0)]
         self.opt.step(self.params, grads)
 

@@ -47,6 +47,35 @@ def gpu_present() -> bool:
 
 BACKENDS, REQUIRED = _requested()
 
+# cross-backend kinds, and the array library each runs on
+KIND_BACKENDS = {"mlp-torch-tensors": "torch", "torch-sequential": "torch", "torch-module": "torch",
+                 "torch-function": "torch", "mlp-jax-arrays": "jax", "jax-mlp": "jax", "jax-mlp-flax": "jax",
+                 "jax-function": "jax", **GPU_KINDS}
+# modules whose doctests need a framework
+MODULE_BACKENDS = {"torch.py": "torch", "jax.py": "jax"}
+
+
+def backends_of(item) -> set:
+    """The array backends a collected test exercises.
+
+    Its parameters that name a backend or a cross-backend kind, its ``backends`` marker (a module's
+    ``pytestmark`` or the test's own), and for the doctests of ``backends/torch.py`` and
+    ``backends/jax.py`` their framework; a test with none of these tests the core on the NumPy
+    reference: ``{"numpy"}``.
+    """
+    used = set()
+    for value in getattr(getattr(item, "callspec", None), "params", {}).values():
+        if isinstance(value, str) and value in CPU_BACKENDS + GPU_BACKENDS:
+            used.add(value)
+        elif isinstance(value, str) and value in KIND_BACKENDS:
+            used.add(KIND_BACKENDS[value])
+    for mark in item.iter_markers("backends"):
+        used.update(mark.args)
+    path = getattr(item, "path", None)
+    if type(item).__name__ == "DoctestItem" and path is not None and path.parent.name == "backends":
+        used.update(b for name, b in MODULE_BACKENDS.items() if path.name == name)
+    return used or {"numpy"}
+
 # (backend kind, dtype) -> (largest normwise relative deviation, where); filled by the cross-backend suite
 DEVIATIONS: dict = {}
 
@@ -157,6 +186,39 @@ def assert_raises_named(fn, exc, prefix):
 
 
 ACTIVATIONS = mlp.ACTIVATIONS
+
+#: Every per-parameter field of a FisherAnalysis, in one place.
+FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
+
+
+def _numpy(to_numpy):
+    """``to_numpy`` for a backend's arrays, leaving NumPy arrays (a reference's) as they are."""
+    return lambda x: x if isinstance(x, np.ndarray) else to_numpy(x)
+
+
+def field_scale(ref, f, to_numpy=np.asarray) -> float:
+    """The scale a field of an analysis rounds on: its largest magnitude — except ``var_x``, which rounds on
+    max I² (it is exactly 0 where I(x) is constant), and a lower bound, which rounds on its upper bound's (the
+    spectrum's smallest eigenvalue carries eigvalsh's absolute rounding, ε λ_max)."""
+    to_numpy = _numpy(to_numpy)
+    if f == "var_x":
+        return max(np.abs(to_numpy(ref.var_x)).max(), np.abs(to_numpy(ref.fisher)).max() ** 2)
+    if f.endswith("lower"):
+        return max(np.abs(to_numpy(getattr(ref, f))).max(), np.abs(to_numpy(getattr(ref, f[:2] + "_upper"))).max())
+    return float(np.abs(to_numpy(getattr(ref, f))).max())
+
+
+def assert_analysis_close(got, want, *, rtol=0.0, atol=0.0, to_numpy=np.asarray, fields=FIELDS):
+    """Two analyses of the same inputs agree in every field:
+    ``|got − want| ≤ rtol·|want| + atol·scale`` elementwise, with scale the field's rounding scale
+    (:func:`field_scale`; ``rtol=0`` makes it a normwise check)."""
+    assert got.n_inputs == want.n_inputs, (got.n_inputs, want.n_inputs)
+    to_numpy = _numpy(to_numpy)
+    for f in fields:
+        g, w = to_numpy(getattr(got, f)), to_numpy(getattr(want, f))
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * field_scale(want, f, to_numpy) + 1e-300, err_msg=f)
+
+
 SMOOTH = ("tanh", "sigmoid", "softplus", "gelu", "elu")
 PIECEWISE_LINEAR = ("identity", "relu", "leaky_relu")
 FAMILIES = ("categorical", "gaussian", "bernoulli")
@@ -167,6 +229,11 @@ ARCHS = {
     "2h": (4, (5, 6), 3),
     "3h": (3, (4, 5, 4), 3),
 }
+
+
+# Inputs and batch size of the tests that run on every backend: the batch size does not divide n, and on
+# JAX, which compiles for each shape, sharing them lets the tests reuse each other's compiled code.
+N_INPUTS, BATCH = 11, 4
 
 
 class Problem(NamedTuple):

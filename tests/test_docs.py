@@ -35,31 +35,36 @@ def test_readme_starts_with_install_and_test_commands():
     assert "README.md" in ci  # .ci/run takes the test command from the README itself
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def _framework(path):
+    """The framework a page or example needs: named in its file name (``ewc_torch.py``, ``backends/jax.md``)."""
+    return next((name for name in ("torch", "jax") if name in path.stem.split("_")), None)
+
+
+def _params(paths):
+    """One parameter per file, marked with the backend it exercises (it runs where that backend is named)."""
+    return [pytest.param(p, id=str(p.relative_to(ROOT) if p.suffix == ".md" else p.name),
+                         marks=[pytest.mark.backends(_framework(p))] if _framework(p) else []) for p in paths]
+
+
+@pytest.mark.parametrize("script", _params(EXAMPLES))
 def test_docs_examples_run(script, tmp_path):
     """Every example script runs (one named after a framework needs that framework selected)."""
     from helpers import require_framework
 
-    for name in ("torch", "jax"):
-        if name in script.stem.split("_"):
-            require_framework(name)
+    if _framework(script):
+        require_framework(_framework(script))
     subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=tmp_path)
 
 
 PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md") if "```python" in p.read_text(encoding="utf-8"))
 
 
-def _page_framework(page):
-    return {"torch.md": "torch", "jax.md": "jax"}.get(page.name)
-
-
-@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+@pytest.mark.parametrize("page", _params(PAGES))
 def test_docs_pages_run(page, tmp_path):
     """Every ```python block of a docs page runs (pages of a framework need it selected)."""
     from helpers import require_framework
 
-    name = _page_framework(page)
-    if name:
-        require_framework(name)
+    if _framework(page):
+        require_framework(_framework(page))
     code = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S))
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)

@@ -5,7 +5,7 @@ import pytest
 from array_api_compat import array_namespace, device
 
 import fishercore as fc
-from helpers import FAMILIES, Problem, family_obj, make_problem, richardson_derivatives
+from helpers import BATCH, FAMILIES, N_INPUTS, Problem, family_obj, make_problem, richardson_derivatives
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -80,18 +80,18 @@ def test_empirical_fisher_with_observed_labels(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_estimates_on_every_backend(backend, family):
     """Same seed → same labels → same estimate on every array library; arrays in = arrays out."""
-    p = Problem("2h", "softplus", family, n=9)
-    ref_i1 = fc.estimate(*make_problem(p), family_obj(family), n_draws=3, seed=5, batch_size=4)
-    ref_i2 = fc.estimate(*make_problem(p), family_obj(family), estimator="i2", n_draws=3, seed=5)
+    p = Problem("2h", "softplus", family, n=N_INPUTS)
+    ref_i1 = fc.estimate(*make_problem(p), family_obj(family), n_draws=3, seed=5, batch_size=BATCH)
+    ref_i2 = fc.estimate(*make_problem(p), family_obj(family), estimator="i2", n_draws=3, seed=5)  # one batch
     model, X = make_problem(p, backend)
-    i1 = fc.estimate(model, X, family_obj(family), n_draws=3, seed=5, batch_size=4)
-    i2 = fc.estimate(model, X, family_obj(family), estimator="i2", n_draws=3, seed=5)
+    i1 = fc.estimate(model, X, family_obj(family), n_draws=3, seed=5, batch_size=BATCH)
+    i2 = fc.estimate(model, X, family_obj(family), estimator="i2", n_draws=3, seed=5, batch_size=BATCH)
     for got, ref in ((i1, ref_i1), (i2, ref_i2)):
         assert array_namespace(got) is backend.xp and got.dtype == X.dtype and device(got) == device(X)
         np.testing.assert_allclose(backend.to_numpy(got), ref, rtol=1e-10, atol=1e-14)
     labels = fc.sample_labels(model, X, family_obj(family), n_draws=2, seed=1)
     assert array_namespace(labels) is backend.xp
-    assert tuple(labels.shape) == ((2, 9) if family == "categorical" else (2, 9, 3))
+    assert tuple(labels.shape) == ((2, N_INPUTS) if family == "categorical" else (2, N_INPUTS, 3))
 
 
 @pytest.mark.parametrize("estimator", ["i1", "i2"])

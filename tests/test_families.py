@@ -12,7 +12,7 @@ CASES = [(name, C, k) for name in ("categorical", "bernoulli") for C in (1, 2, 3
 
 
 def test_golden_categorical():
-    # SPEC §4 fact 7: p = (0.7, 0.2, 0.1), u = (1, 0, −1), w = (0.5, −0.5, 2).
+    # docs/math.md §7, fact 7: p = (0.7, 0.2, 0.1), u = (1, 0, −1), w = (0.5, −0.5, 2).
     h = np.log(np.array([[0.7, 0.2, 0.1]]))
     u = np.array([1.0, 0.0, -1.0]).reshape(1, 3, 1)
     w = np.array([0.5, -0.5, 2.0]).reshape(1, 3, 1)
@@ -110,7 +110,7 @@ def test_loglik_normalised(name):
 
 
 def test_softmax_shift_changes_nothing():
-    # SPEC §4 fact 6: adding c·1 to u or w changes nothing — statistics and bounds alike.
+    # docs/math.md §7, fact 6: adding c·1 to u or w changes nothing — statistics and bounds alike.
     h = RNG.normal(size=(3, 4))
     u, w = RNG.normal(size=(3, 4, 6)), RNG.normal(size=(3, 4, 6))
     base = fc.fisher_stats(h, u, w, "categorical")

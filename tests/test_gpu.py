@@ -10,10 +10,9 @@ import pytest
 
 import fishercore as fc
 from fishercore.backends import mlp
-from helpers import BACKENDS, GPU_BACKENDS, get_backend
+from helpers import BACKENDS, FIELDS, GPU_BACKENDS, get_backend
 
 GPU_IN_RUN = [b for b in BACKENDS if b in GPU_BACKENDS]
-FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
 WIDTHS = (784, 512, 512, 10)
 N, BATCH = 600, 300  # two batches of one shape (each new shape costs JAX a compilation)
 

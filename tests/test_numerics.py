@@ -20,9 +20,9 @@ import pytest
 
 import fishercore as fc
 from fishercore.backends import mlp
+from helpers import FIELDS
 
 decimal.getcontext().prec = 60
-FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
 
 
 def _decimal_moments(h, u, w, family):

@@ -20,10 +20,9 @@ from hypothesis import strategies as st
 
 import fishercore as fc
 from fishercore.backends import mlp
-from helpers import ACTIVATIONS, BACKENDS, FAMILIES, family_obj, get_backend
+from helpers import ACTIVATIONS, BACKENDS, FAMILIES, assert_analysis_close, family_obj, get_backend
 
 EXAMPLES = 60
-FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -111,18 +110,8 @@ def _agree(name, problem):
     ref = fc.analyze(mlp.MLP(layers, acts), X, fam, batch_size=5)
     res = fc.analyze(mlp.MLP([(backend.asarray(W), backend.asarray(b)) for W, b in layers], acts),
                      backend.asarray(X), fam, batch_size=5)
-    for f in FIELDS:
-        got, want = backend.to_numpy(getattr(res, f)), getattr(ref, f)
-        scale = np.abs(want).max()
-        if f == "var_x":  # var_x ≤ max I², and it rounds on that scale even where it is 0
-            scale = max(scale, np.abs(ref.fisher).max() ** 2)
-        if f.endswith("lower"):  # the smallest eigenvalue carries eigvalsh's absolute rounding, ε λ_max
-            scale = max(scale, np.abs(getattr(ref, f.replace("lower", "upper"))).max())
-        assert np.abs(got - want).max() <= 1e-10 * scale + 1e-300, f
+    assert_analysis_close(res, ref, atol=1e-10, to_numpy=backend.to_numpy)
 
 
-def _close(a, b, rtol=1e-10):
-    assert a.n_inputs == b.n_inputs
-    for f in FIELDS:
-        x, y = _np(getattr(a, f)), _np(getattr(b, f))
-        assert np.abs(x - y).max() <= rtol * np.abs(y).max() + 1e-300, f
+def _close(a, b):
+    assert_analysis_close(a, b, atol=1e-10, to_numpy=_np)

@@ -16,17 +16,22 @@ import numpy as np
 import pytest
 
 import fishercore as fc
-from fishercore.analysis import all_reduce_sums
-from helpers import BACKENDS, Problem, assert_raises_named, make_problem, require_framework
+from fishercore import all_reduce_sums
+from helpers import (
+    BATCH,
+    N_INPUTS,
+    Problem,
+    assert_analysis_close,
+    assert_raises_named,
+    make_problem,
+    require_framework,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIELDS = ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper")
 
 
-def _close(a, b, rtol=1e-12):
-    for f in FIELDS:
-        x, y = np.asarray(getattr(a, f)), np.asarray(getattr(b, f))
-        assert np.abs(x - y).max() <= rtol * np.abs(y).max(), f
+def _close(a, b):
+    assert_analysis_close(a, b, atol=1e-12)
 
 
 # torchrun's rendezvous on a busy machine can lose a race for its port; that, and only that, is retried
@@ -75,6 +80,7 @@ def test_all_reduce_sums_of_shares_equal_the_sums_of_everything():
         _close(fc.FisherAnalysis(sums, 40, whole.groups, whole.family), whole)
 
 
+@pytest.mark.backends("torch")
 def test_torch_distributed_two_gloo_processes(tmp_path):
     require_framework("torch")
     world, n, dev = _run_example("sharded_torch.py", tmp_path)
@@ -82,6 +88,7 @@ def test_torch_distributed_two_gloo_processes(tmp_path):
     print(f"torch.distributed, 2 gloo processes: largest deviation {dev:.1e}")
 
 
+@pytest.mark.backends("torch")
 def test_torch_all_reduce_refuses_bad_input():
     torch = require_framework("torch")
     from fishercore.backends import torch as fc_torch
@@ -92,6 +99,7 @@ def test_torch_all_reduce_refuses_bad_input():
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.backends("jax")
 def test_jax_shard_map_over_four_host_devices(tmp_path):
     require_framework("jax")
     world, n, dev = _run_example("sharded_jax.py", tmp_path)
@@ -99,15 +107,15 @@ def test_jax_shard_map_over_four_host_devices(tmp_path):
     print(f"JAX shard_map, 4 host devices: largest deviation {dev:.1e}")
 
 
-@pytest.mark.skipif("jax" not in BACKENDS, reason="jax is not among this run's backends")
+@pytest.mark.backends("jax")
 def test_jax_analyze_sharded_on_one_device_with_a_remainder(jax_x64):
     from fishercore.backends import jax as fc_jax
 
-    model, X = make_problem(Problem("2h", "sigmoid", "bernoulli", n=23), jax_x64)
+    model, X = make_problem(Problem("2h", "relu", "bernoulli", n=N_INPUTS), jax_x64)
     fam = fc.get_family("bernoulli")
-    sharded = fc_jax.analyze_sharded(model, X, fam, batch_size=5, devices=[jax_x64.device])
-    assert sharded.n_inputs == 23
-    _close(sharded, fc.analyze(model, X, fam))
+    sharded = fc_jax.analyze_sharded(model, X, fam, batch_size=BATCH, devices=[jax_x64.device])
+    assert sharded.n_inputs == N_INPUTS  # two steps of BATCH inputs, and a remainder
+    _close(sharded, fc.analyze(model, X, fam, batch_size=BATCH))
     assert_raises_named(lambda: fc_jax.analyze_sharded(model, X, fam, devices=[]), ValueError, "devices")
     assert_raises_named(lambda: fc_jax.analyze_sharded(model, X, fam, batch_size=0), ValueError, "batch_size")
 

@@ -8,6 +8,7 @@ import pytest
 import fishercore as fc
 from helpers import REQUIRED, assert_raises_named, family_obj, require_framework
 
+pytestmark = pytest.mark.backends("torch")
 torch = require_framework("torch")
 from fishercore.backends import torch as fc_torch  # noqa: E402
 
@@ -101,7 +102,8 @@ def test_from_module_equals_full_columns_of_the_same_module(family):
     net = Skip().to(F64)
     X = torch.randn(10, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
     params = {k: v.detach() for k, v in net.named_parameters()}
-    full = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)), params, chunk=17)
+    full = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)), params, chunk=17,
+                                  input_shape=(4,))
     a = fc.analyze(fc_torch.from_module(net), X, family, batch_size=3)
     b = fc.analyze(full, X, family, batch_size=4)
     assert [g.name for g in a.groups] == ["inp.weight", "inp.bias", "hid.weight", "hid.bias", "out.weight", "out.bias"]
@@ -129,7 +131,7 @@ def test_gelu_exact_form_uses_torch_autodiff():
     X = torch.randn(6, 3, dtype=F64)
     model = fc_torch.from_sequential(net)
     full = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)),
-                                  {k: v.detach() for k, v in net.named_parameters()})
+                                  {k: v.detach() for k, v in net.named_parameters()}, input_shape=(3,))
     torch.testing.assert_close(fc.analyze(model, X).v2, fc.analyze(full, X).v2, rtol=1e-10, atol=1e-14)
 
 

@@ -136,7 +136,7 @@ RESULT_CASES = {
 
 H, U = np.zeros((5, 4)), np.ones((5, 4, 2))
 MOM = fc.get_family("categorical").moments(H, U, U)
-SPEC = fc.get_family("categorical").spectrum(H)
+SPECTRUM = fc.get_family("categorical").spectrum(H)
 N2 = np.ones((5, 2))
 FUNCTION_CASES = {
     "fisher_stats outputs 1-D": (lambda: fc.fisher_stats(np.zeros(4), U, U, "categorical"), ValueError, "outputs"),
@@ -152,11 +152,13 @@ FUNCTION_CASES = {
     "fisher_stats family": (lambda: fc.fisher_stats(H, U, U, "poisson"), ValueError, "family"),
     "fisher_stats one logit": (lambda: fc.fisher_stats(H[:, :1], U[:, :1], U[:, :1], "categorical"), ValueError,
                                "model"),
-    "variance_bounds moments": (lambda: fc.variance_bounds(3, SPEC, N2, N2), TypeError, "moments"),
+    "variance_bounds moments": (lambda: fc.variance_bounds(3, SPECTRUM, N2, N2), TypeError, "moments"),
     "variance_bounds spectrum": (lambda: fc.variance_bounds(MOM, (1, 2, 3, 4), N2, N2), TypeError, "spectrum"),
-    "variance_bounds norms shape": (lambda: fc.variance_bounds(MOM, SPEC, N2, N2[:, :1]), ValueError, "hess_sq_norm"),
-    "variance_bounds norms 1-D": (lambda: fc.variance_bounds(MOM, SPEC, N2[0], N2), ValueError, "jac_sq_norm"),
-    "variance_bounds spectrum rows": (lambda: fc.variance_bounds(MOM, fc.Spectrum(*(a[:2] for a in SPEC)), N2, N2),
+    "variance_bounds norms shape": (lambda: fc.variance_bounds(MOM, SPECTRUM, N2, N2[:, :1]), ValueError,
+                                    "hess_sq_norm"),
+    "variance_bounds norms 1-D": (lambda: fc.variance_bounds(MOM, SPECTRUM, N2[0], N2), ValueError, "jac_sq_norm"),
+    "variance_bounds spectrum rows": (lambda: fc.variance_bounds(MOM, fc.Spectrum(*(a[:2] for a in SPECTRUM)), N2,
+                                                                 N2),
                                       ValueError, "spectrum"),
     "unflatten length": (lambda: RES.unflatten(np.zeros(3)), ValueError, "values"),
     "unflatten 2-D": (lambda: RES.unflatten(np.zeros((2, 3))), ValueError, "values"),

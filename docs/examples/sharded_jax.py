@@ -7,7 +7,7 @@ one single-device analysis of all the data.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -25,7 +25,7 @@ X = jax.random.normal(keys[3], (1001, 20))
 
 devices = jax.devices()
 sharded = fc_jax.analyze_sharded(model, X, "categorical", batch_size=64, devices=devices)
-single = fc.analyze(model, X, "categorical")
+single = fc.analyze(model, X, "categorical", batch_size=64)
 dev = max(float(jnp.max(jnp.abs(getattr(sharded, f) - getattr(single, f))) / jnp.max(jnp.abs(getattr(single, f))))
           for f in ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper"))
 print(f"{len(devices)} devices, {sharded.n_inputs} inputs; largest deviation from one device: {dev:.1e}")

@@ -1,0 +1,189 @@
+"""The per-framework operations that the layer rules and the core are written against.
+
+One small class per array library, chosen lazily by the type of an array — the pattern
+of einops' ``_backends.py``: :func:`ops_for` recognises an array through
+``array_api_compat``'s ``is_*_array`` (which look in ``sys.modules`` and never import a
+framework), and a framework is imported here only once an array of it exists.
+
+An :class:`Ops` supplies
+
+* ``xp`` — the array-API namespace;
+* ``vjp``, ``jvp``, ``vmap`` — autodiff and vectorisation (torch.func or JAX; libraries
+  without autodiff raise);
+* ``jit(fn, static_argnames)`` — the compile policy: JAX compiles (one cache per
+  function, so code is compiled once per structure, dtype and shape, never per model
+  instance), everything else runs eagerly;
+* ``no_grad()``, ``detach(x)`` — keep the caller's autograd graph out of the analysis;
+* ``to_host(x)`` — a NumPy copy on the host (for files);
+* ``prefers_large_batches(x)`` — compiled or accelerator arrays, for which batches are
+  limited by the memory budget alone; ``compiles`` — code is compiled per shape, so the
+  drivers pad a short last batch to the batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from array_api_compat import array_namespace, is_cupy_array, is_jax_array, is_torch_array
+
+__all__ = ["CupyOps", "JaxOps", "Ops", "TorchOps", "ops_for"]
+
+
+class Ops:
+    """Array-API operations of a library without autodiff (NumPy, array_api_strict, ...), run eagerly."""
+
+    autodiff = False
+    compiles = False  # True: code is compiled for each new shape (batches are padded to one shape)
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    @property
+    def name(self) -> str:
+        return self.xp.__name__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+    def _no_autodiff(self, what):
+        raise NotImplementedError(f"{self.name} arrays have no automatic differentiation ({what}); "
+                                  "use a framework backend (torch or JAX) for this model")
+
+    def vjp(self, f, *primals, has_aux: bool = False):
+        """``(f(*primals), pull)`` with ``pull(cotangent)`` the tuple of vector-Jacobian products."""
+        self._no_autodiff("vjp")
+
+    def jvp(self, f, primals: tuple, tangents: tuple):
+        """``(f(*primals), Jacobian-vector product along tangents)``."""
+        self._no_autodiff("jvp")
+
+    def vmap(self, f, in_axes=0, out_axes=0):
+        """``f`` mapped over an axis of its arguments."""
+        self._no_autodiff("vmap")
+
+    def jit(self, fn, static_argnames=()):
+        """``fn`` itself: this library runs eagerly."""
+        return fn
+
+    def no_grad(self):
+        return contextlib.nullcontext()
+
+    def detach(self, x):
+        return x
+
+    def to_host(self, x) -> np.ndarray:
+        """A NumPy copy of ``x`` (DLPack on the CPU)."""
+        try:
+            return np.from_dlpack(x).copy()
+        except (RuntimeError, TypeError, ValueError, BufferError):
+            return np.array(x, copy=True)
+
+    def prefers_large_batches(self, x) -> bool:
+        """False: eager CPU libraries stop gaining from batches beyond a few hundred inputs."""
+        return False
+
+
+class CupyOps(Ops):
+    """CuPy: eager, on an NVIDIA GPU."""
+
+    def to_host(self, x) -> np.ndarray:
+        return x.get()
+
+    def prefers_large_batches(self, x) -> bool:
+        return True
+
+
+class TorchOps(Ops):
+    """PyTorch: ``torch.func`` transforms, eager; CUDA tensors prefer large batches."""
+
+    autodiff = True
+
+    def __init__(self, xp):
+        super().__init__(xp)
+        import torch
+        import torch.func
+
+        self.torch, self.func = torch, torch.func
+
+    def vjp(self, f, *primals, has_aux=False):
+        return self.func.vjp(f, *primals, has_aux=has_aux)
+
+    def jvp(self, f, primals, tangents):
+        return self.func.jvp(f, primals, tangents)
+
+    def vmap(self, f, in_axes=0, out_axes=0):
+        return self.func.vmap(f, in_dims=in_axes, out_dims=out_axes)
+
+    def no_grad(self):
+        return self.torch.no_grad()
+
+    def detach(self, x):
+        return x.detach()
+
+    def to_host(self, x) -> np.ndarray:
+        return x.detach().cpu().numpy().copy()
+
+    def prefers_large_batches(self, x) -> bool:
+        return x.device.type != "cpu"
+
+
+class JaxOps(Ops):
+    """JAX: ``jax.vjp``/``jvp``/``vmap``, and ``jax.jit`` with one cache per function."""
+
+    autodiff = True
+    compiles = True
+
+    def __init__(self, xp):
+        super().__init__(xp)
+        import jax
+
+        self.jax = jax
+        self._compiled: dict = {}
+
+    def vjp(self, f, *primals, has_aux=False):
+        return self.jax.vjp(f, *primals, has_aux=has_aux)
+
+    def jvp(self, f, primals, tangents):
+        return self.jax.jvp(f, primals, tangents)
+
+    def vmap(self, f, in_axes=0, out_axes=0):
+        return self.jax.vmap(f, in_axes=in_axes, out_axes=out_axes)
+
+    def jit(self, fn, static_argnames=()):
+        """``jax.jit(fn)``, made once per function: a module-level ``fn`` with the structure of the
+        model in ``static_argnames`` compiles once per structure, dtype and shape."""
+        key = (fn, tuple(static_argnames))
+        if key not in self._compiled:
+            self._compiled[key] = self.jax.jit(fn, static_argnames=static_argnames)
+        return self._compiled[key]
+
+    def detach(self, x):
+        return self.jax.lax.stop_gradient(x)
+
+    def to_host(self, x) -> np.ndarray:
+        return np.array(x, copy=True)
+
+    def prefers_large_batches(self, x) -> bool:
+        return True
+
+
+_BY_NAMESPACE: dict = {}
+
+
+def ops_for(*arrays) -> Ops:
+    """The :class:`Ops` of the arrays' library (one instance per namespace)."""
+    x = arrays[0]
+    xp = array_namespace(*arrays)
+    key = xp.__name__
+    if key not in _BY_NAMESPACE:
+        if is_torch_array(x):
+            cls = TorchOps
+        elif is_jax_array(x):
+            cls = JaxOps
+        elif is_cupy_array(x):
+            cls = CupyOps
+        else:
+            cls = Ops
+        _BY_NAMESPACE[key] = cls(xp)
+    return _BY_NAMESPACE[key]

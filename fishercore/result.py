@@ -1,0 +1,251 @@
+r"""The result of an analysis: per-parameter means, estimator variances, sample sizes, summary.
+
+:class:`FisherAnalysis` holds the sums over inputs (:class:`~fishercore.sums.FisherSums`)
+of a data set of ``n_inputs`` inputs, and derives everything else from them
+(docs/math.md §5–§6): the means of ``I``, ``v1``, ``v2``, ``c12`` and the bounds,
+``var_x``, the variance of an estimator with M draws per input, the sample size for a
+relative error, and the least-variance unbiased mix of Î1 and Î2.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from array_api_compat import array_namespace
+
+from . import _validation as V
+from ._protocol import Array, ParamGroup
+from .families import Family
+from .sums import FisherSums, merge_sums
+
+__all__ = ["FisherAnalysis", "GroupSummary", "Summary"]
+
+
+def _median(x, xp):
+    if x.shape[0] == 0:
+        return float("nan")
+    s = xp.sort(x)
+    k = s.shape[0]
+    return 0.5 * (float(s[(k - 1) // 2]) + float(s[k // 2]))
+
+
+class GroupSummary(NamedTuple):
+    """Per-group means over its parameters (one row of :class:`Summary`)."""
+
+    group: str
+    size: int
+    fisher: float  # mean diagonal Fisher
+    v1: float
+    v2: float
+    v1_lower: float
+    v1_upper: float
+    v2_lower: float
+    v2_upper: float
+    rel_std_i1: float  # median over parameters with I > 0 of √v1 / I (one draw, one input)
+    rel_std_i2: float  # same for Î2
+    i2_better: float  # fraction of parameters with v2 < v1
+
+
+class Summary(tuple):
+    """A tuple of :class:`GroupSummary` rows that prints as a table."""
+
+    _COLS = (("group", "<14", ""), ("size", ">7", "d"), ("fisher", ">10", ".3e"), ("v1", ">10", ".3e"),
+             ("v2", ">10", ".3e"), ("rel_std_i1", ">10", ".3g"), ("rel_std_i2", ">10", ".3g"),
+             ("i2_better", ">9", ".0%"))
+
+    def __str__(self) -> str:
+        lines = [" ".join(f"{name:{width}}" for name, width, _ in self._COLS)]
+        for row in self:
+            lines.append(" ".join(f"{getattr(row, name):{width}{fmt}}" for name, width, fmt in self._COLS))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+class FisherAnalysis(NamedTuple):
+    r"""Exact diagonal Fisher, estimator variances and bounds over a data set.
+
+    All per-parameter fields are (P,) arrays in the flat parameter order of
+    ``groups``, in the namespace, dtype and device of the model.  Means over
+    the ``n_inputs`` inputs; single-draw quantities (one label per input).
+    """
+
+    sums: FisherSums
+    n_inputs: int
+    groups: tuple[ParamGroup, ...]
+    family: Family
+
+    # -- per-parameter means (docs/math.md §5) --------------------------------
+    @property
+    def fisher(self) -> Array:
+        """Exact diagonal Fisher ``mean_x uᵀΛu``, (P,)."""
+        return self.sums.fisher / self.n_inputs
+
+    @property
+    def v1(self) -> Array:
+        """Mean single-draw variance of Î1, (P,)."""
+        return self.sums.v1 / self.n_inputs
+
+    @property
+    def v2(self) -> Array:
+        """Mean single-draw variance of Î2, (P,)."""
+        return self.sums.v2 / self.n_inputs
+
+    @property
+    def c12(self) -> Array:
+        """Mean single-draw covariance of Î1 and Î2, (P,)."""
+        return self.sums.c12 / self.n_inputs
+
+    @property
+    def var_x(self) -> Array:
+        """Variance over inputs of ``I(x)``: ``mean I² − (mean I)²``, (P,)."""
+        return self.sums.fisher_m2 / self.n_inputs
+
+    @property
+    def v1_lower(self) -> Array:
+        return self.sums.v1_lower / self.n_inputs
+
+    @property
+    def v1_upper(self) -> Array:
+        return self.sums.v1_upper / self.n_inputs
+
+    @property
+    def v2_lower(self) -> Array:
+        return self.sums.v2_lower / self.n_inputs
+
+    @property
+    def v2_upper(self) -> Array:
+        return self.sums.v2_upper / self.n_inputs
+
+    # -- the optimal combination (docs/math.md §6, beyond the paper) ----------
+    def alpha(self) -> Array:
+        r"""Weight ``α*`` of the least-variance unbiased combination ``α Î1 + (1 − α) Î2``.
+
+        ``α* = (v2 − c12) / (v1 + v2 − 2 c12)`` (means over x).  Where Î1 and Î2
+        coincide draw by draw (denominator 0) any α is optimal; 0 is returned.
+        """
+        xp = array_namespace(self.sums.v1)
+        v1, v2, c12 = self.v1, self.v2, self.c12
+        den = v1 + v2 - 2.0 * c12
+        ok = den > 0
+        return xp.where(ok, (v2 - c12) / xp.where(ok, den, xp.ones_like(den)), xp.zeros_like(den))
+
+    def optimal_v(self) -> Array:
+        r"""Single-draw variance of the optimal combination, ``(v1 v2 − c12²)/(v1 + v2 − 2c12)``.
+
+        Evaluated as ``min(v2 − (v2 − c12)²/den, v1 − (v1 − c12)²/den)`` so it can never
+        exceed ``min(v1, v2)`` through rounding; clipped at 0.
+        """
+        xp = array_namespace(self.sums.v1)
+        v1, v2, c12 = self.v1, self.v2, self.c12
+        den = v1 + v2 - 2.0 * c12
+        ok = den > 0
+        safe = xp.where(ok, den, xp.ones_like(den))
+        a, b = v2 - c12, v1 - c12
+        out = xp.minimum(v2 - xp.where(ok, a * a / safe, 0.0 * den), v1 - xp.where(ok, b * b / safe, 0.0 * den))
+        return xp.maximum(out, xp.zeros_like(out))
+
+    def _single_draw(self, estimator: str) -> Array:
+        estimator = V.check_choice(estimator, "estimator", ("i1", "i2", "optimal"))
+        return {"i1": self.v1, "i2": self.v2}[estimator] if estimator != "optimal" else self.optimal_v()
+
+    # -- what follows for a Monte-Carlo estimate -----------------------------
+    def variance(self, estimator: str, n_draws: int = 1, n_inputs: int | None = None) -> Array:
+        r"""Variance of an estimator with ``n_draws`` (M) labels drawn per input, (P,).
+
+        * ``n_inputs=None``: a full pass over X (every input once):
+          ``Var = mean_x v(x) / (n M)``;
+        * ``n_inputs=N``: N inputs drawn uniformly with replacement from X:
+          ``Var = var_x / N + mean_x v(x) / (N M)``.
+
+        ``estimator`` is ``"i1"``, ``"i2"`` or ``"optimal"`` (α* Î1 + (1 − α*) Î2).
+        """
+        v = self._single_draw(estimator)
+        M = V.check_positive_int(n_draws, "n_draws")
+        if n_inputs is None:
+            return v / (self.n_inputs * M)
+        N = V.check_positive_int(n_inputs, "n_inputs")
+        return self.var_x / N + v / (N * M)
+
+    def sample_size(self, estimator: str, rel_error: float = 0.1, confidence: float = 0.95, *,
+                    n_draws: int | None = None) -> Array:
+        r"""Samples needed for relative error ``ε`` with probability ``≥ confidence`` (Chebyshev), (P,).
+
+        With ``δ = 1 − confidence`` the requirement is ``Var ≤ δ ε² F²`` (docs/math.md §6):
+
+        * ``n_draws=None``: the smallest number of label draws per input M for a full
+          pass over X, ``⌈mean v / (n δ ε² F²)⌉``;
+        * ``n_draws=M``: the smallest number of inputs N drawn with replacement, M
+          draws each, ``⌈(var_x + mean v / M) / (δ ε² F²)⌉``.
+
+        Returned as floats: ``inf`` where ``F = 0`` but the estimator varies, 1 where it
+        is exact.
+        """
+        eps = V.check_positive_real(rel_error, "rel_error")
+        delta = 1.0 - V.check_probability(confidence, "confidence")
+        xp = array_namespace(self.sums.v1)
+        v = self._single_draw(estimator)
+        if n_draws is None:
+            need = v / self.n_inputs
+        else:
+            need = self.var_x + v / V.check_positive_int(n_draws, "n_draws")
+        f = self.fisher
+        pos = f > 0
+        # (√need / F)² rather than need / F²: F² underflows for confident networks (F ~ 1e-170 and below)
+        rel = xp.sqrt(need) / xp.where(pos, f, xp.ones_like(f))
+        ratio = rel * rel / (delta * eps * eps)
+        inf = xp.full_like(need, float("inf"))
+        out = xp.where(pos, xp.ceil(ratio), xp.where(need > 0, inf, xp.ones_like(need)))
+        return xp.maximum(out, xp.ones_like(out))
+
+    # -- bookkeeping ---------------------------------------------------------
+    def merge(self, other: FisherAnalysis) -> FisherAnalysis:
+        """Combine analyses of disjoint input sets (exact: sums add)."""
+        if not isinstance(other, FisherAnalysis):
+            raise TypeError(f"other: expected a FisherAnalysis, got {type(other).__name__}")
+        if other.groups != self.groups:
+            raise ValueError("other: parameter groups differ; only analyses of the same model merge")
+        if other.family != self.family:
+            raise ValueError(f"other: family {other.family!r} differs from {self.family!r}")
+        return FisherAnalysis(merge_sums(self.sums, self.n_inputs, other.sums, other.n_inputs),
+                              self.n_inputs + other.n_inputs, self.groups, self.family)
+
+    __add__ = merge
+
+    def save(self, path) -> None:
+        """Write the sums, ``n_inputs``, groups and family to an ``.npz`` file (exact; see :func:`load_analysis`).
+
+        Partial analyses of a long run saved this way can be loaded later and merged with the rest.
+        """
+        from .io import write
+
+        write(self, path)
+
+    def unflatten(self, values: Array) -> dict:
+        """Split a (P,) array into ``{group name: array of the group's shape}``."""
+        V.check_floating_array(values, "values", ndim=1)
+        xp = array_namespace(values)
+        P = sum(g.size for g in self.groups)
+        if values.shape[0] != P:
+            raise ValueError(f"values: expected one value per parameter ({P}), got {values.shape[0]}")
+        return {g.name: xp.reshape(values[g.offset:g.offset + g.size], g.shape) for g in self.groups}
+
+    def summary(self) -> Summary:
+        """Per-group table: means, relative std per draw, and where Î2 beats Î1."""
+        xp = array_namespace(self.sums.v1)
+        fields = {k: getattr(self, k) for k in ("fisher", "v1", "v2", "v1_lower", "v1_upper", "v2_lower", "v2_upper")}
+        rows = []
+        for g in self.groups:
+            sl = {k: v[g.offset:g.offset + g.size] for k, v in fields.items()}
+            f = sl["fisher"]
+            pos = f > 0
+            safe = xp.where(pos, f, xp.ones_like(f))
+            rel1 = (xp.sqrt(sl["v1"]) / safe)[pos]
+            rel2 = (xp.sqrt(sl["v2"]) / safe)[pos]
+            rows.append(GroupSummary(
+                g.name, g.size, *(float(xp.mean(sl[k])) for k in fields),
+                _median(rel1, xp), _median(rel2, xp),
+                float(xp.mean(xp.astype(sl["v2"] < sl["v1"], f.dtype))),
+            ))
+        return Summary(rows)
+

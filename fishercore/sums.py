@@ -1,0 +1,228 @@
+r"""Sums over inputs, and their exact reduction over batches, processes and devices (docs/math.md §5).
+
+An analysis keeps, per parameter, *sums* over inputs of the per-input statistics and the
+centred sum of squares of ``I(x)``.  Sums over disjoint input sets combine exactly, and
+one function does it everywhere: :func:`all_reduce_sums`, given a collective
+``reduce_sum`` that sums an array over the shares — ``torch.distributed.all_reduce``
+across ranks, ``jax.lax.psum`` across devices, or a plain sum over a stacked axis for
+shares held in one process (:func:`merge_sums`, used for batches and
+:meth:`FisherAnalysis.merge <fishercore.FisherAnalysis.merge>`).
+
+Dense layers never need per-parameter columns: for ``W[a, b]`` with layer input
+``a_b``, ``I(W_ab) = a_b² I(b_a)`` and ``v1, v2, c12`` and every bound scale with
+``a_b⁴`` (docs/math.md §7, fact 5), so the sums over inputs are matrix products
+``statᵀ @ inputs**k``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from array_api_compat import array_namespace, device
+
+from fishercore.backends.ops import ops_for
+
+from ._protocol import Array, ColumnBlock, DenseBlock, weight_flat
+from .stats import PerInputStats, per_input_stats
+
+__all__ = ["Accumulator", "FisherSums", "all_reduce_sums", "block_sums", "derivative_sums", "merge_sums"]
+
+
+class FisherSums(NamedTuple):
+    """Sums over inputs of the per-input statistics, per parameter."""
+
+    fisher: Array  # (P,)  Σ_x I(x)
+    fisher_m2: Array  # (P,)  Σ_x (I(x) − Ī)², centred
+    v1: Array  # (P,)
+    v2: Array  # (P,)
+    c12: Array  # (P,)
+    v1_lower: Array  # (P,)
+    v1_upper: Array  # (P,)
+    v2_lower: Array  # (P,)
+    v2_upper: Array  # (P,)
+
+
+# Power of the layer input a_b by which each sum of a dense weight W[a, b] scales
+# (fisher_m2 is not a plain power sum; it is computed separately).
+_WEIGHT_POWER = FisherSums(2, None, 4, 4, 4, 4, 4, 4, 4)
+
+
+# -- one batch ---------------------------------------------------------------------------
+# ``mask`` (n,) weighs the rows of a padded batch: 1 for an input, 0 for filler (None: every row
+# is an input).  Filler rows are copies of an input, so every statistic on them is finite; the
+# mask removes them from every sum, and the means divide by the number of inputs.
+def _rows(x, mask):
+    """x (n, k) with the filler rows set to 0."""
+    return x if mask is None else x * mask[:, None]
+
+
+def _count(x, mask, xp):
+    return x.shape[0] if mask is None else xp.sum(mask)
+
+
+def _centred_ss(x, xp, mask=None):
+    """Σ over the inputs (axis 0) of (x − mean)²."""
+    d = _rows(x - xp.sum(_rows(x, mask), axis=0, keepdims=True) / _count(x, mask, xp), mask)
+    return xp.sum(d * d, axis=0)
+
+
+def _sums_over_inputs(stats: PerInputStats, mask=None) -> FisherSums:
+    xp = array_namespace(stats.fisher)
+    return FisherSums(xp.sum(_rows(stats.fisher, mask), axis=0), _centred_ss(stats.fisher, xp, mask),
+                      *(xp.sum(_rows(s, mask), axis=0) for s in stats[1:]))
+
+
+def _product_centred_ss(F, G, xp, mask=None):
+    r"""``Σ_x (F_a(x) G_b(x) − m_ab)²`` for all (a, b) by matrix products; ``F, G ≥ 0`` (docs/math.md §5).
+
+    Two exact expressions, each losing digits in a different regime:
+
+    * raw: ``S2 − n m²`` with ``S2 = Σ (F G)² = (F²)ᵀ(G²)``; rounding ``≈ ε S2``,
+      bad when the products barely vary;
+    * centred: with batch means ``F̄, Ḡ``, deviations ``δF, δG`` and ``C = δFᵀδG / n``,
+      ``F̄² ΣδG² + Ḡ² ΣδF² + (δF²)ᵀ(δG²) − n C² + 2 n F̄ Ḡ C + 2 F̄ δFᵀ(δG²) + 2 Ḡ (δF²)ᵀδG``;
+      rounding ``≈ ε × Σ|terms|``, bad when F and G are strongly anti-correlated.
+
+    Each entry takes the expression with the smaller rounding scale, clipped to
+    ``[0, S2]`` (so products that vanish on every input give exactly 0).  With a ``mask``,
+    ``G`` and the deviations are zeroed on filler rows, so every sum runs over the inputs.
+    """
+    n = _count(F, mask, xp)
+    Gw = _rows(G, mask)
+    Ft = xp.permute_dims(F, (1, 0))
+    S1 = xp.matmul(Ft, Gw)
+    S2 = xp.matmul(Ft * Ft, Gw * G)
+    raw = S2 - S1 * S1 / n
+    Fm, Gm = xp.sum(_rows(F, mask), axis=0) / n, xp.sum(Gw, axis=0) / n
+    dF, dG = _rows(F - Fm, mask), _rows(G - Gm, mask)
+    dF2, dG2 = dF * dF, dG * dG
+    dFt, dF2t = xp.permute_dims(dF, (1, 0)), xp.permute_dims(dF2, (1, 0))
+    C = xp.matmul(dFt, dG) / n
+    Fm, Gm = Fm[:, None], Gm[None, :]
+    terms = (Fm * Fm * xp.sum(dG2, axis=0)[None, :], Gm * Gm * xp.sum(dF2, axis=0)[:, None],
+             xp.matmul(dF2t, dG2), -n * C * C, 2.0 * n * Fm * Gm * C,
+             2.0 * Fm * xp.matmul(dFt, dG2), 2.0 * Gm * xp.matmul(dF2t, dG))
+    centred = terms[0]
+    scale = xp.abs(terms[0])
+    for t in terms[1:]:
+        centred = centred + t
+        scale = scale + xp.abs(t)
+    out = xp.where(scale < S2, centred, raw)
+    return xp.minimum(xp.maximum(out, xp.zeros_like(out)), S2)
+
+
+def _dense_weight_sums(stats: PerInputStats, inputs: Array, transposed: bool, mask=None) -> FisherSums:
+    """Σ_x stat_a(x) a_b(x)^k for every W[a, b], flattened in the group's order."""
+    xp = array_namespace(inputs)
+    sq = inputs * inputs
+    powers = {2: _rows(sq, mask), 4: _rows(sq * sq, mask)}
+    sums = [None if k is None else weight_flat(transposed, xp.matmul(xp.permute_dims(s, (1, 0)), powers[k]))
+            for s, k in zip((stats.fisher, None) + tuple(stats[1:]), _WEIGHT_POWER)]
+    sums[1] = weight_flat(transposed, _product_centred_ss(stats.fisher, sq, xp, mask))
+    return FisherSums(*sums)
+
+
+def _dense_sums(outputs, jac, diag_hess, inputs, spectrum, mask, family, transposed):
+    stats = per_input_stats(outputs, jac, diag_hess, family, spectrum)
+    return _dense_weight_sums(stats, inputs, transposed, mask), _sums_over_inputs(stats, mask)
+
+
+def _column_sums(outputs, jac, diag_hess, spectrum, mask, family):
+    return _sums_over_inputs(per_input_stats(outputs, jac, diag_hess, family, spectrum), mask)
+
+
+def _spectrum(outputs, family):
+    return family.spectrum(outputs)
+
+
+def block_sums(outputs: Array, block, family, spectrum=None, mask=None) -> dict:
+    """Sums over the batch's inputs (rows where ``mask`` is 1, or all) for every group of one derivative block:
+    name → FisherSums."""
+    ops = ops_for(outputs)
+    if spectrum is None:
+        spectrum = ops.jit(_spectrum, ("family",))(outputs, family=family)
+    if isinstance(block, DenseBlock):
+        weight, bias = ops.jit(_dense_sums, ("family", "transposed"))(
+            outputs, block.jac, block.diag_hess, block.inputs, spectrum, mask, family=family,
+            transposed=block.transposed)
+        return {block.weight: weight} if block.bias is None else {block.weight: weight, block.bias: bias}
+    if isinstance(block, ColumnBlock):
+        return {block.group: ops.jit(_column_sums, ("family",))(outputs, block.jac, block.diag_hess, spectrum, mask,
+                                                                 family=family)}
+    raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")
+
+
+def derivative_sums(d, family, mask=None) -> dict:
+    """Sums over one batch for every group of its :class:`~fishercore.Derivatives`: name → FisherSums (traceable)."""
+    spectrum = ops_for(d.outputs).jit(_spectrum, ("family",))(d.outputs, family=family)
+    sums = {}
+    for block in d.blocks:
+        sums.update(block_sums(d.outputs, block, family, spectrum, mask))
+    return sums
+
+
+# -- the reduction -------------------------------------------------------------------------
+def all_reduce_sums(sums: FisherSums, n_local, n_total, reduce_sum) -> FisherSums:
+    r"""Sums over the inputs of every share, from each share's own sums — the one reduction.
+
+    ``reduce_sum(array)`` sums an array over the shares: the collective of a distributed
+    engine (``torch.distributed.all_reduce``, ``jax.lax.psum``), or ``xp.sum(·, axis=-1)``
+    over shares stacked on a last axis (:func:`merge_sums`).  Every field but the centred
+    one is a plain sum, reduced in one call.  The centred sum of squares uses the global
+    mean ``Ī`` (after the first call) and one more reduction of ``M2_r + n_r (Ī_r − Ī)²``
+    — every term non-negative, so nothing cancels (docs/math.md §5).
+    """
+    xp = array_namespace(sums.fisher)
+    plain = [f for f in FisherSums._fields if f != "fisher_m2"]
+    total = reduce_sum(xp.stack([getattr(sums, f) for f in plain]))
+    out = {f: total[i, ...] for i, f in enumerate(plain)}
+    mean = out["fisher"] / n_total  # Ī, (P,); shares stacked on a last axis broadcast against it
+    d = sums.fisher / n_local - xp.reshape(mean, tuple(mean.shape) + (1,) * (sums.fisher.ndim - mean.ndim))
+    out["fisher_m2"] = reduce_sum(sums.fisher_m2 + n_local * (d * d))
+    return FisherSums(**out)
+
+
+def merge_sums(a: FisherSums, na, b: FisherSums, nb) -> FisherSums:
+    """The sums over the union of two disjoint input sets: :func:`all_reduce_sums` over the two, stacked
+    (traceable: the counts may be arrays)."""
+    xp = array_namespace(a.fisher, b.fisher)
+    stacked = FisherSums(*(xp.stack([x, y], axis=-1) for x, y in zip(a, b)))
+    dtype, dev = a.fisher.dtype, device(a.fisher)
+    counts = xp.stack([xp.asarray(na, dtype=dtype, device=dev), xp.asarray(nb, dtype=dtype, device=dev)])
+    return all_reduce_sums(stacked, counts, counts[0] + counts[1], lambda t: xp.sum(t, axis=-1))
+
+
+def _merge_groups(a: dict, na, b: dict, nb) -> dict:
+    return {name: merge_sums(a[name], na, b[name], nb) for name in a}
+
+
+class Accumulator:
+    """Per-group sums of a stream of batches: ``add({name: FisherSums}, n)``, then ``flat(groups)``.
+
+    Every batch brings the sums of the same groups; they are merged by :func:`merge_sums`, all
+    groups in one call (compiled once per model structure where the arrays' library compiles).
+    """
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.n_inputs = 0
+
+    def add(self, sums: dict, n: int) -> None:
+        """Fold in the sums of n more inputs (of every group the earlier batches had)."""
+        if self.sums:
+            if set(sums) != set(self.sums):
+                raise RuntimeError(f"model: a batch's derivative blocks cover the groups {sorted(sums)}, "
+                                   f"an earlier batch's {sorted(self.sums)}")
+            first = next(iter(sums.values())).fisher
+            self.sums = ops_for(first).jit(_merge_groups)(self.sums, self.n_inputs, sums, n)
+        else:
+            self.sums = dict(sums)
+        self.n_inputs += n
+
+    def flat(self, groups) -> FisherSums:
+        """The sums of every group concatenated in flat parameter order."""
+        missing = [g.name for g in groups if g.name not in self.sums]
+        if missing:
+            raise RuntimeError(f"model: derivative blocks do not cover the groups {missing}")
+        xp = array_namespace(self.sums[groups[0].name].fisher)
+        return FisherSums(*(xp.concat([self.sums[g.name][i] for g in groups]) for i in range(len(FisherSums._fields))))
