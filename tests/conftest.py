@@ -6,13 +6,18 @@ backend that fails to import *fails* the run; a GPU backend whose library loads 
 finds no GPU is skipped.  Unset: numpy plus whatever of array_api_strict, torch and
 jax is importable, and the GPU backends of those libraries (and CuPy) where an NVIDIA
 GPU is present.  Tests on GPU backends carry the ``gpu`` marker: ``pytest -m gpu``.
+
+Each test runs where the backends it exercises are named (:func:`helpers.backends_of`):
+a test of the torch adapter with ``torch``, a cross-backend case with its kind's
+library, and a backend-independent test of the core (on the NumPy reference) with
+``numpy`` — so a tox matrix runs each test once, in the environment built for it.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from helpers import BACKENDS, DEVIATIONS, GPU_BACKENDS, GPU_KINDS, REQUIRED, Backend, get_backend
+from helpers import BACKENDS, DEVIATIONS, GPU_BACKENDS, REQUIRED, Backend, backends_of, get_backend
 
 
 @pytest.fixture(params=BACKENDS)
@@ -32,13 +37,17 @@ def jax_x64():
     return get_backend("jax-gpu" if "jax" not in BACKENDS and "jax-gpu" in BACKENDS else "jax")
 
 
-def pytest_collection_modifyitems(items):
-    """Mark every test that runs on a GPU backend ``gpu`` (``pytest -m gpu`` selects them)."""
-    gpu_names = set(GPU_BACKENDS) | set(GPU_KINDS)
+def pytest_collection_modifyitems(config, items):
+    """Keep the tests whose backends this run names; mark those on a GPU backend ``gpu`` (``pytest -m gpu``)."""
+    keep, drop = [], []
     for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if any(isinstance(v, str) and v in gpu_names for v in params.values()):
+        used = backends_of(item)
+        (keep if used & set(BACKENDS) else drop).append(item)
+        if used & set(GPU_BACKENDS):
             item.add_marker(pytest.mark.gpu)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_report_header(config):
