@@ -34,7 +34,7 @@ from array_api_compat import device
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
-from .ops import ops_for
+from .ops import namespace_ops
 from .rules import columns, dense
 from .rules.activations import ACTIVATIONS, PIECEWISE_LINEAR, Autodiff
 
@@ -42,7 +42,7 @@ __all__ = ["ACTIVATIONS", "JaxFunction", "JaxMLP", "analyze_sharded", "from_func
 
 DEFAULT_MAX_PARAMS = 20_000
 
-OPS = ops_for(jnp.zeros(()))
+OPS = namespace_ops(jnp)
 
 
 @functools.cache
@@ -333,7 +333,7 @@ class JaxFunction:
 
 def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: int = DEFAULT_MAX_PARAMS,
                   chunk: int = 256) -> JaxFunction:
-    """Adapt any pure ``apply_fn(params, x) -> h`` (x a batch (n, *input_shape), h of shape (n, C)).
+    """Adapt any pure ``apply_fn(params, x) -> h`` (x a batch of shape ``(n, *input_shape)``, h of shape (n, C)).
 
     Exact full Jacobian columns and Hessian diagonals per parameter, jit-compiled and
     chunked over ``chunk`` parameters at a time; more than ``max_params`` parameters

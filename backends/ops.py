@@ -25,9 +25,9 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-from array_api_compat import array_namespace, is_cupy_array, is_jax_array, is_torch_array
+from array_api_compat import array_namespace, is_cupy_namespace, is_jax_namespace, is_torch_namespace
 
-__all__ = ["CupyOps", "JaxOps", "Ops", "TorchOps", "ops_for"]
+__all__ = ["CupyOps", "JaxOps", "Ops", "TorchOps", "namespace_ops", "ops_for"]
 
 
 class Ops:
@@ -171,19 +171,22 @@ class JaxOps(Ops):
 _BY_NAMESPACE: dict = {}
 
 
-def ops_for(*arrays) -> Ops:
-    """The :class:`Ops` of the arrays' library (one instance per namespace)."""
-    x = arrays[0]
-    xp = array_namespace(*arrays)
+def namespace_ops(xp) -> Ops:
+    """The :class:`Ops` of an array-API namespace (one instance per namespace, so one compile cache)."""
     key = xp.__name__
     if key not in _BY_NAMESPACE:
-        if is_torch_array(x):
+        if is_torch_namespace(xp):
             cls = TorchOps
-        elif is_jax_array(x):
+        elif is_jax_namespace(xp):
             cls = JaxOps
-        elif is_cupy_array(x):
+        elif is_cupy_namespace(xp):
             cls = CupyOps
         else:
             cls = Ops
         _BY_NAMESPACE[key] = cls(xp)
     return _BY_NAMESPACE[key]
+
+
+def ops_for(*arrays) -> Ops:
+    """The :class:`Ops` of the arrays' library."""
+    return namespace_ops(array_namespace(*arrays))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 
+import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -33,7 +34,7 @@ from torch.func import functional_call
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
-from .ops import ops_for
+from .ops import namespace_ops
 from .rules import columns, dense
 from .rules.activations import Autodiff
 
@@ -54,7 +55,7 @@ ACTIVATION_MODULES = {
     "softplus": nn.Softplus, "gelu": lambda: nn.GELU(approximate="tanh"), "elu": nn.ELU,
 }
 
-OPS = ops_for(torch.zeros(()))
+OPS = namespace_ops(torch_xp)
 
 # functional_call and forward hooks change the module object while they run; calls that use
 # them hold this lock, so one module is safe to analyse from several threads.
@@ -526,7 +527,7 @@ class TorchFunction:
 
 def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape=None,
                   max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256) -> TorchFunction:
-    """Adapt any ``fn(params, x) -> h`` (x a batch (n, *input_shape), h of shape (n, C)).
+    """Adapt any ``fn(params, x) -> h`` (x a batch of shape ``(n, *input_shape)``, h of shape (n, C)).
 
     Exact full Jacobian columns and Hessian diagonals per parameter; the cost grows
     with ``P × n``, so models with more than ``max_params`` parameters are refused.

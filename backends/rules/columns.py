@@ -23,13 +23,15 @@ __all__ = ["chunked", "diag_hessian", "pullback", "unit_directions"]
 
 
 def pullback(ops, f, primal, cotangents):
-    """``cᵀ ∂f/∂primal`` for every row c of ``cotangents`` (K, C): a pytree like ``primal`` with leaves (K, *shape)."""
+    """``cᵀ ∂f/∂primal`` for every row c of ``cotangents`` (K, C): a pytree like ``primal``, leaves ``(K, *shape)``.
+    """
     _, pull = ops.vjp(f, primal)
     return ops.vmap(lambda c: pull(c)[0])(cotangents)
 
 
 def diag_hessian(ops, f, primal, directions):
-    """``d²/dt² f(primal + t e)`` at ``t = 0`` for every direction e of ``directions`` (k, *primal.shape): (k, C)."""
+    """``d²/dt² f(primal + t e)`` at ``t = 0`` for every direction e of ``directions``, ``(k, *primal.shape)``:
+    (k, C)."""
     def along(e):
         def first(p):
             return ops.jvp(f, (p,), (e,))[1]
@@ -40,7 +42,7 @@ def diag_hessian(ops, f, primal, directions):
 
 
 def unit_directions(xp, shape, start: int, k: int, *, dtype, device):
-    """The unit vectors ``e_start, ..., e_{start+k−1}`` of a group of the given shape, as (k, *shape); those past
+    """The unit vectors ``e_start, ..., e_{start+k−1}`` of a group of the given shape, as ``(k, *shape)``; those past
     the group's size are zero."""
     size = 1
     for s in shape:
