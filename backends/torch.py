@@ -23,18 +23,16 @@ Python loops over samples.  Group names are the module's own parameter names
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 
-import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import check_full_column_budget
 
-from .ops import namespace_ops
+from ._torch_base import OPS, TorchModel, check_tensor, input_shape_of, model_dtype_device, outputs_width
+from ._torch_module import TorchModule
 from .rules import columns, dense
 from .rules.activations import Autodiff
 
@@ -54,12 +52,6 @@ ACTIVATION_MODULES = {
     "identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
     "softplus": nn.Softplus, "gelu": lambda: nn.GELU(approximate="tanh"), "elu": nn.ELU,
 }
-
-OPS = namespace_ops(torch_xp)
-
-# functional_call and forward hooks change the module object while they run; calls that use
-# them hold this lock, so one module is safe to analyse from several threads.
-_MODULE_LOCK = threading.RLock()
 
 
 def sequential_from_layers(layers, activation="tanh", *, dtype=torch.float64) -> nn.Sequential:
@@ -84,84 +76,7 @@ def sequential_from_layers(layers, activation="tanh", *, dtype=torch.float64) ->
     return nn.Sequential(*mods)
 
 
-def _check_tensor(X, name, *, dtype, device):
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor for a torch model, got {type(X).__name__}")
-    if not torch.is_floating_point(X):
-        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {X.dtype}")
-    if X.dtype != dtype:
-        raise TypeError(f"{name}: dtype {X.dtype} differs from the model's {dtype}")
-    if X.device != device:
-        raise ValueError(f"{name}: device {X.device} differs from the model's {device}")
-    if X.ndim < 2:
-        raise ValueError(f"{name}: expected a batch of inputs (n, ...), got shape {tuple(X.shape)}")
-    return X
-
-
-def _model_dtype_device(params: Mapping[str, torch.Tensor], what: str):
-    if not params:
-        raise ValueError(f"{what}: has no parameters")
-    dtypes = {p.dtype for p in params.values()}
-    devices = {p.device for p in params.values()}
-    if len(dtypes) != 1 or len(devices) != 1:
-        raise TypeError(f"{what}: parameters must share one dtype and device, got {sorted(map(str, dtypes))} "
-                        f"on {sorted(map(str, devices))}")
-    (dtype,), (device,) = dtypes, devices
-    if not dtype.is_floating_point or dtype.is_complex:
-        raise TypeError(f"{what}: parameters must be real floating point, got {dtype}")
-    for name, p in params.items():
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"{what}: parameter {name!r} contains NaN or inf")
-    return dtype, device
-
-
-def _input_shape(input_shape, what):
-    if input_shape is None:
-        return None
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except TypeError as e:
-        raise TypeError(f"input_shape: expected the shape of one input (a tuple of ints), got {input_shape!r}") from e
-    if any(s < 1 for s in shape):
-        raise ValueError(f"input_shape: every dimension must be at least 1, got {shape}")
-    return shape
-
-
-def _outputs_width(h, what):
-    if not isinstance(h, torch.Tensor) or h.ndim != 2:
-        raise ValueError(f"{what}: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
-    return int(h.shape[1])
-
-
-class _TorchModel:
-    """What the module adapters share: parameters, dtype and device, groups, input checks."""
-
-    def __init__(self, module: nn.Module):
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
-        hooked = [name or "<root>" for name, m in module.named_modules()
-                  if getattr(m, "_backward_hooks", None) or getattr(m, "_backward_pre_hooks", None)]
-        if hooked:
-            raise ValueError(f"module: submodules {hooked} carry backward hooks (e.g. from backpack.extend), "
-                             "which torch.func cannot trace; pass a copy without them (copy.deepcopy before extend)")
-        self.module = module
-        self.params = {k: v.detach() for k, v in module.named_parameters()}
-        self.buffers = {k: v.detach() for k, v in module.named_buffers()}
-        self.dtype, self.device = _model_dtype_device(self.params, "module")
-        self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
-        self.linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
-
-    def __repr__(self) -> str:
-        P = sum(g.size for g in self.groups)
-        return f"{type(self).__name__}({type(self.module).__name__}, {len(self.linears)} Linear, P={P}, {self.dtype})"
-
-    def _layout(self):
-        return tuple((f"{name}.weight" if name else "weight",
-                      ((f"{name}.bias" if name else "bias") if lin.bias is not None else None), False)
-                     for name, lin in self.linears)
-
-
-class TorchSequential(_TorchModel):
+class TorchSequential(TorchModel):
     """``nn.Sequential(Linear, act, ..., Linear)`` (use :func:`from_sequential`).
 
     The dense-chain rule with the module's own activations: the block of elementwise
@@ -211,7 +126,7 @@ class TorchSequential(_TorchModel):
         return X
 
     def check_inputs(self, X):
-        _check_tensor(X, "X", dtype=self.dtype, device=self.device)
+        check_tensor(X, "X", dtype=self.dtype, device=self.device)
         width = 1
         for s in X.shape[1:]:
             width *= int(s)
@@ -243,141 +158,6 @@ class TorchSequential(_TorchModel):
         widths = [lin.out_features for lin, _ in self._chain]
         curved = [act is not None and not act.piecewise_linear for _, act in self._chain]
         return dense.workspace(widths, curved, self.dtype.itemsize, hessian)
-
-
-class TorchModule(_TorchModel):
-    """A ``torch.nn.Module`` whose trainable layers are all ``nn.Linear`` (use :func:`from_module`)."""
-
-    def __init__(self, module: nn.Module, input_shape=None):
-        super().__init__(module)
-        owned = {}
-        for name, lin in self.linears:
-            prefix = f"{name}." if name else ""
-            owned[f"{prefix}weight"] = name
-            if lin.bias is not None:
-                owned[f"{prefix}bias"] = name
-        for pname in self.params:
-            if pname not in owned:
-                owner = pname.rsplit(".", 1)[0] if "." in pname else "<root>"
-                sub = dict(module.named_modules()).get(owner, module)
-                raise ValueError(f"module: parameter {pname!r} belongs to {type(sub).__name__}, not nn.Linear; "
-                                 "use fishercore.backends.torch.from_function for other layers")
-        self.input_shape = _input_shape(input_shape, "module")
-        probe = self.input_shape or (self.linears[0][1].in_features,)
-        try:
-            with _MODULE_LOCK, torch.no_grad():
-                h = self._call(torch.zeros((1, *probe), dtype=self.dtype, device=self.device))
-        except (RuntimeError, ValueError, IndexError, TypeError) as e:
-            raise ValueError(f"input_shape: the module cannot run on one input of shape {probe} ({e}); "
-                             "pass input_shape=, the shape of one input without the batch axis") from e
-        self.n_outputs = _outputs_width(h, "module")
-
-    # -- the perturbed network f(x, δ) ----------------------------------------
-    def _call(self, x, deltas=None, record=None):
-        """The module on a batch x; δ_l added to each Linear's output; inputs recorded."""
-        handles = []
-        try:
-            for i, (_, lin) in enumerate(self.linears):
-                if deltas is not None:
-                    handles.append(lin.register_forward_hook(lambda m, inp, out, d=deltas[i]: out + d))
-                if record is not None:
-                    handles.append(lin.register_forward_pre_hook(
-                        lambda m, inp, i=i: record.append((i, inp[0]))))
-            return functional_call(self.module, (self.params, self.buffers), (x,))
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _single(self, x, deltas):
-        """h for one input x (unbatched), with one δ per Linear output."""
-        return self._call(x[None], tuple(d[None] for d in deltas))[0]
-
-    def _forward(self, X):
-        record: list = []
-        h = self._call(X, record=record)
-        counts = [sum(1 for i, _ in record if i == k) for k in range(len(self.linears))]
-        for (name, _), c in zip(self.linears, counts):
-            if c != 1:
-                raise ValueError(f"module: nn.Linear {name!r} is applied {c} times per forward pass; "
-                                 "per-neuron factors need each Linear applied exactly once (use from_function)")
-        inputs = [None] * len(self.linears)
-        for i, a in record:
-            inputs[i] = a
-        for (name, _), a in zip(self.linears, inputs):
-            if a.ndim != 2 or a.shape[0] != X.shape[0]:
-                raise ValueError(f"module: nn.Linear {name!r} sees inputs of shape {tuple(a.shape)}; "
-                                 "per-neuron factors need one input vector per example (use from_function)")
-        _outputs_width(h, "module")
-        return h, inputs
-
-    def _zero_deltas(self, n):
-        return tuple(torch.zeros(n, lin.out_features, dtype=self.dtype, device=self.device) for _, lin in self.linears)
-
-    # -- the protocol -----------------------------------------------------------
-    def check_inputs(self, X):
-        _check_tensor(X, "X", dtype=self.dtype, device=self.device)
-        if self.input_shape is not None and tuple(X.shape[1:]) != self.input_shape:
-            raise ValueError(f"X: expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(X.shape)}")
-        try:
-            with _MODULE_LOCK, torch.no_grad():
-                h = self._call(X[:1])
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise ValueError(f"X: the module cannot run on inputs of shape {tuple(X.shape)}: {e}") from e
-        if _outputs_width(h, "module") != self.n_outputs:
-            raise ValueError(f"X: the module gives {h.shape[1]} outputs on inputs of shape {tuple(X.shape)}, "
-                             f"not the {self.n_outputs} it gave when built; pass input_shape=")
-        return X
-
-    def outputs(self, X):
-        with _MODULE_LOCK, torch.no_grad():
-            return self._call(X)
-
-    def workspace_per_input(self, hessian: bool = True) -> int:
-        """Bytes per input the vmapped transforms hold beyond the blocks (used to size batches).
-
-        C cotangents through every layer; the per-neuron Hessian pass: one forward-over-forward
-        per neuron of the widest layer, each holding every layer's values three times (primal
-        and two tangents).
-        """
-        outs = [lin.out_features for _, lin in self.linears]
-        per_pass = sum(outs) + sum(lin.in_features for _, lin in self.linears)
-        second = 3 * max(outs) * per_pass if hessian else 0
-        return (2 * self.n_outputs * per_pass + second) * self.dtype.itemsize
-
-    def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
-        n = X.shape[0]
-        eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
-        with _MODULE_LOCK, torch.no_grad():
-            h, inputs = self._forward(X)
-            deltas = self._zero_deltas(n)
-            jac = OPS.vmap(lambda x, ds: columns.pullback(OPS, lambda d: self._single(x, d), ds, eye))(X, deltas)
-            hess = [self._diag_hessian(X, deltas, l) for l in range(len(self.linears))] if hessian \
-                else [None] * len(self.linears)
-        return Derivatives(h, dense.dense_blocks(self._layout(), inputs, jac, hess))
-
-    def _diag_hessian(self, X, deltas, l):
-        """diag ∂²h/∂z_l², (n, C, out_l): forward over forward along each neuron of z_l."""
-        out = deltas[l].shape[1]
-
-        def neurons(start, k):
-            E = columns.unit_directions(OPS.xp, (out,), start, k, dtype=self.dtype, device=self.device)
-
-            def one(x, ds):
-                return columns.diag_hessian(OPS, lambda dl: self._single(x, ds[:l] + (dl,) + ds[l + 1:]), ds[l], E)
-
-            return OPS.vmap(one)(X, deltas)  # (n, k, C)
-
-        return columns.chunked(out, out, neurons)
-
-    def pullback(self, X, cotangent_fn) -> Derivatives:
-        """``sᵀ ∂h/∂z_l`` (n, M, out) for every draw: one vjp (backward pass) per draw, vmapped."""
-        with _MODULE_LOCK, torch.no_grad():
-            h, inputs = self._forward(X)
-            s = cotangent_fn(h).transpose(0, 1)  # (n, M, C)
-            grads = OPS.vmap(lambda x, ds, si: columns.pullback(OPS, lambda d: self._single(x, d), ds, si))(
-                X, self._zero_deltas(X.shape[0]), s)
-        return Derivatives(h, dense.dense_blocks(self._layout(), inputs, list(grads), [None] * len(grads)))
 
 
 def from_module(module: nn.Module, *, input_shape=None) -> TorchModule:
@@ -457,11 +237,11 @@ class TorchFunction:
             raise TypeError("params: expected a mapping of names to torch.Tensor")
         self.fn = fn
         self.params = {str(k): v.detach() for k, v in params.items()}
-        self.dtype, self.device = _model_dtype_device(self.params, "params")
+        self.dtype, self.device = model_dtype_device(self.params, "params")
         self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
         check_full_column_budget(self.groups, max_params, "from_sequential/from_module")
         self.chunk = int(chunk)
-        self.input_shape = _input_shape(input_shape, "fn")
+        self.input_shape = input_shape_of(input_shape)
         if self.input_shape is None:
             raise TypeError("input_shape: from_function needs the shape of one input (without the batch axis), "
                             "e.g. input_shape=(784,), to learn the output width when the model is built")
@@ -470,7 +250,7 @@ class TorchFunction:
                 h = fn(self.params, torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device))
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"input_shape: fn cannot run on one input of shape {self.input_shape} ({e})") from e
-        self.n_outputs = _outputs_width(h, "fn")
+        self.n_outputs = outputs_width(h, "fn")
 
     def __repr__(self) -> str:
         return f"TorchFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
@@ -479,7 +259,7 @@ class TorchFunction:
         return self.fn(params, x[None])[0]
 
     def check_inputs(self, X):
-        _check_tensor(X, "X", dtype=self.dtype, device=self.device)
+        check_tensor(X, "X", dtype=self.dtype, device=self.device)
         if tuple(X.shape[1:]) != self.input_shape:
             raise ValueError(f"X: expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(X.shape)}")

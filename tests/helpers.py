@@ -51,16 +51,14 @@ BACKENDS, REQUIRED = _requested()
 KIND_BACKENDS = {"mlp-torch-tensors": "torch", "torch-sequential": "torch", "torch-module": "torch",
                  "torch-function": "torch", "mlp-jax-arrays": "jax", "jax-mlp": "jax", "jax-mlp-flax": "jax",
                  "jax-function": "jax", **GPU_KINDS}
-# modules whose doctests need a framework
-MODULE_BACKENDS = {"torch.py": "torch", "jax.py": "jax"}
 
 
 def backends_of(item) -> set:
     """The array backends a collected test exercises.
 
     Its parameters that name a backend or a cross-backend kind, its ``backends`` marker (a module's
-    ``pytestmark`` or the test's own), and for the doctests of ``backends/torch.py`` and
-    ``backends/jax.py`` their framework; a test with none of these tests the core on the NumPy
+    ``pytestmark`` or the test's own), and for the doctests of a framework's modules in ``backends/``
+    (``torch.py``, ``_torch_module.py``, ``jax.py``, ...) that framework; a test with none of these tests the core on the NumPy
     reference: ``{"numpy"}``.
     """
     used = set()
@@ -73,7 +71,7 @@ def backends_of(item) -> set:
         used.update(mark.args)
     path = getattr(item, "path", None)
     if type(item).__name__ == "DoctestItem" and path is not None and path.parent.name == "backends":
-        used.update(b for name, b in MODULE_BACKENDS.items() if path.name == name)
+        used.update(b for b in ("torch", "jax") if b in path.stem.split("_"))  # torch.py, _torch_module.py, ...
     return used or {"numpy"}
 
 # (backend kind, dtype) -> (largest normwise relative deviation, where); filled by the cross-backend suite

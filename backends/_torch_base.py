@@ -1,0 +1,100 @@
+"""What the torch adapters share: the torch operations, input checks, and the parameters of a module.
+
+Private to :mod:`fishercore.backends.torch` (which imports torch only when imported itself).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import array_api_compat.torch as torch_xp
+import torch
+from torch import nn
+
+from fishercore._protocol import make_groups
+
+from .ops import namespace_ops
+
+OPS = namespace_ops(torch_xp)
+
+# functional_call and forward hooks change the module object while they run; calls that use
+# them hold this lock, so one module is safe to analyse from several threads.
+MODULE_LOCK = threading.RLock()
+
+
+def check_tensor(X, name, *, dtype, device):
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor for a torch model, got {type(X).__name__}")
+    if not torch.is_floating_point(X):
+        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {X.dtype}")
+    if X.dtype != dtype:
+        raise TypeError(f"{name}: dtype {X.dtype} differs from the model's {dtype}")
+    if X.device != device:
+        raise ValueError(f"{name}: device {X.device} differs from the model's {device}")
+    if X.ndim < 2:
+        raise ValueError(f"{name}: expected a batch of inputs (n, ...), got shape {tuple(X.shape)}")
+    return X
+
+
+def model_dtype_device(params: Mapping[str, torch.Tensor], what: str):
+    if not params:
+        raise ValueError(f"{what}: has no parameters")
+    dtypes = {p.dtype for p in params.values()}
+    devices = {p.device for p in params.values()}
+    if len(dtypes) != 1 or len(devices) != 1:
+        raise TypeError(f"{what}: parameters must share one dtype and device, got {sorted(map(str, dtypes))} "
+                        f"on {sorted(map(str, devices))}")
+    (dtype,), (device,) = dtypes, devices
+    if not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"{what}: parameters must be real floating point, got {dtype}")
+    for name, p in params.items():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{what}: parameter {name!r} contains NaN or inf")
+    return dtype, device
+
+
+def input_shape_of(input_shape):
+    if input_shape is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError as e:
+        raise TypeError(f"input_shape: expected the shape of one input (a tuple of ints), got {input_shape!r}") from e
+    if any(s < 1 for s in shape):
+        raise ValueError(f"input_shape: every dimension must be at least 1, got {shape}")
+    return shape
+
+
+def outputs_width(h, what):
+    if not isinstance(h, torch.Tensor) or h.ndim != 2:
+        raise ValueError(f"{what}: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
+    return int(h.shape[1])
+
+
+class TorchModel:
+    """What the module adapters share: parameters, dtype and device, groups, input checks."""
+
+    def __init__(self, module: nn.Module):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+        hooked = [name or "<root>" for name, m in module.named_modules()
+                  if getattr(m, "_backward_hooks", None) or getattr(m, "_backward_pre_hooks", None)]
+        if hooked:
+            raise ValueError(f"module: submodules {hooked} carry backward hooks (e.g. from backpack.extend), "
+                             "which torch.func cannot trace; pass a copy without them (copy.deepcopy before extend)")
+        self.module = module
+        self.params = {k: v.detach() for k, v in module.named_parameters()}
+        self.buffers = {k: v.detach() for k, v in module.named_buffers()}
+        self.dtype, self.device = model_dtype_device(self.params, "module")
+        self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
+        self.linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+    def __repr__(self) -> str:
+        P = sum(g.size for g in self.groups)
+        return f"{type(self).__name__}({type(self.module).__name__}, {len(self.linears)} Linear, P={P}, {self.dtype})"
+
+    def _layout(self):
+        return tuple((f"{name}.weight" if name else "weight",
+                      ((f"{name}.bias" if name else "bias") if lin.bias is not None else None), False)
+                     for name, lin in self.linears)
