@@ -58,8 +58,8 @@ def backends_of(item) -> set:
 
     Its parameters that name a backend or a cross-backend kind, its ``backends`` marker (a module's
     ``pytestmark`` or the test's own), and for the doctests of a framework's modules in ``backends/``
-    (``torch.py``, ``_torch_module.py``, ``jax.py``, ...) that framework; a test with none of these tests the core on the NumPy
-    reference: ``{"numpy"}``.
+    (``torch.py``, ``_torch_module.py``, ``jax.py``, ...) that framework; a test with none of these tests
+    the core on the NumPy reference: ``{"numpy"}``.
     """
     used = set()
     for value in getattr(getattr(item, "callspec", None), "params", {}).values():
