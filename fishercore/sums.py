@@ -2,10 +2,10 @@ r"""Sums over inputs, and their exact reduction over batches, processes and devi
 
 An analysis keeps, per parameter, *sums* over inputs of the per-input statistics and the
 centred sum of squares of ``I(x)``.  Sums over disjoint input sets combine exactly, and
-one function does it everywhere: :func:`all_reduce_sums`, given a collective
-``reduce_sum`` that sums an array over the shares — ``torch.distributed.all_reduce``
-across ranks, ``jax.lax.psum`` across devices, or a plain sum over a stacked axis for
-shares held in one process (:func:`merge_sums`, used for batches and
+one reduction does it everywhere: each share contributes its plain sums and its term
+``M2_r + n_r (Ī_r − Ī)²`` about the global mean — :func:`all_reduce_sums` with a collective
+``reduce_sum`` (``torch.distributed.all_reduce`` across ranks, ``jax.lax.psum`` across
+devices), :func:`merge_sums` for two shares in one process (batches, and
 :meth:`FisherAnalysis.merge <fishercore.FisherAnalysis.merge>`).
 
 Dense layers never need per-parameter columns: for ``W[a, b]`` with layer input
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace
 
 from fishercore.backends.ops import ops_for
 
@@ -162,34 +162,37 @@ def derivative_sums(d, family, mask=None) -> dict:
 
 
 # -- the reduction -------------------------------------------------------------------------
+def _centred_term(sums: FisherSums, n, mean):
+    """One share's term ``M2_r + n_r (Ī_r − Ī)²`` of the centred sum of squares about the global mean ``Ī``."""
+    d = sums.fisher / n - mean
+    return sums.fisher_m2 + n * (d * d)
+
+
 def all_reduce_sums(sums: FisherSums, n_local, n_total, reduce_sum) -> FisherSums:
     r"""Sums over the inputs of every share, from each share's own sums — the one reduction.
 
     ``reduce_sum(array)`` sums an array over the shares: the collective of a distributed
-    engine (``torch.distributed.all_reduce``, ``jax.lax.psum``), or ``xp.sum(·, axis=-1)``
-    over shares stacked on a last axis (:func:`merge_sums`).  Every field but the centred
-    one is a plain sum, reduced in one call.  The centred sum of squares uses the global
-    mean ``Ī`` (after the first call) and one more reduction of ``M2_r + n_r (Ī_r − Ī)²``
-    — every term non-negative, so nothing cancels (docs/math.md §5).
+    engine (``torch.distributed.all_reduce``, ``jax.lax.psum``).  Every field but the centred
+    one is a plain sum, reduced in one call.  The centred sum of squares uses the global mean
+    ``Ī`` (after the first call) and one more reduction of each share's
+    ``M2_r + n_r (Ī_r − Ī)²`` — every term non-negative, so nothing cancels (docs/math.md §5).
+    :func:`merge_sums` is the same algebra for two shares held in one process.
     """
     xp = array_namespace(sums.fisher)
     plain = [f for f in FisherSums._fields if f != "fisher_m2"]
     total = reduce_sum(xp.stack([getattr(sums, f) for f in plain]))
     out = {f: total[i, ...] for i, f in enumerate(plain)}
-    mean = out["fisher"] / n_total  # Ī, (P,); shares stacked on a last axis broadcast against it
-    d = sums.fisher / n_local - xp.reshape(mean, tuple(mean.shape) + (1,) * (sums.fisher.ndim - mean.ndim))
-    out["fisher_m2"] = reduce_sum(sums.fisher_m2 + n_local * (d * d))
+    out["fisher_m2"] = reduce_sum(_centred_term(sums, n_local, out["fisher"] / n_total))
     return FisherSums(**out)
 
 
 def merge_sums(a: FisherSums, na, b: FisherSums, nb) -> FisherSums:
-    """The sums over the union of two disjoint input sets: :func:`all_reduce_sums` over the two, stacked
-    (traceable: the counts may be arrays)."""
-    xp = array_namespace(a.fisher, b.fisher)
-    stacked = FisherSums(*(xp.stack([x, y], axis=-1) for x, y in zip(a, b)))
-    dtype, dev = a.fisher.dtype, device(a.fisher)
-    counts = xp.stack([xp.asarray(na, dtype=dtype, device=dev), xp.asarray(nb, dtype=dtype, device=dev)])
-    return all_reduce_sums(stacked, counts, counts[0] + counts[1], lambda t: xp.sum(t, axis=-1))
+    """The sums over the union of two disjoint input sets (the reduction of :func:`all_reduce_sums` over two
+    shares; traceable: the counts may be arrays)."""
+    fisher = a.fisher + b.fisher
+    mean = fisher / (na + nb)
+    return FisherSums(fisher, _centred_term(a, na, mean) + _centred_term(b, nb, mean),
+                      *(x + y for x, y in zip(a[2:], b[2:])))
 
 
 def _merge_groups(a: dict, na, b: dict, nb) -> dict:
