@@ -62,6 +62,22 @@ class Ops:
         """``f`` mapped over an axis of its arguments."""
         self._no_autodiff("vmap")
 
+    def elementwise_derivatives(self, fn, z, order: int, curved: bool = True):
+        """``(φ(z), φ'(z), φ''(z))`` of an elementwise ``φ = fn`` (None past ``order``, and for φ'' when not
+        ``curved``): ``jvp`` with a tangent of ones, once for φ' and once more for φ''."""
+        if order == 0:
+            return fn(z), None, None
+        ones = self.xp.ones_like(z)
+
+        def first(t):
+            return self.jvp(fn, (t,), (ones,))
+
+        if order == 1 or not curved:
+            f, d1 = first(z)
+            return f, d1, None
+        (f, d1), (_, d2) = self.jvp(first, (z,), (ones,))
+        return f, d1, d2
+
     def jit(self, fn, static_argnames=()):
         """``fn`` itself: this library runs eagerly."""
         return fn
@@ -115,6 +131,23 @@ class TorchOps(Ops):
     def vmap(self, f, in_axes=0, out_axes=0):
         return self.func.vmap(f, in_dims=in_axes, out_dims=out_axes)
 
+    def elementwise_derivatives(self, fn, z, order: int, curved: bool = True):
+        """``φ'`` and ``φ''`` of an elementwise ``φ`` by reverse mode on ``Σ φ(z)`` (whose gradient is
+        ``φ'(z)``, φ being elementwise): plain autograd costs a fraction of ``torch.func.jvp``'s dual
+        tensors (measured: Î1 on the digits MLP, 9 of 21 ms in the jvps)."""
+        torch = self.torch
+        if order == 0:
+            return fn(z), None, None
+        second = order >= 2 and curved
+        with torch.enable_grad():
+            t = z.detach().requires_grad_(True)
+            f = fn(t)
+            d1 = torch.autograd.grad(f.sum(), t, create_graph=second)[0] if f.requires_grad else torch.zeros_like(z)
+            d2 = None
+            if second:
+                d2 = torch.autograd.grad(d1.sum(), t)[0] if d1.requires_grad else torch.zeros_like(z)
+        return f.detach(), d1.detach(), d2
+
     def no_grad(self):
         return self.torch.no_grad()
 
@@ -165,7 +198,9 @@ class JaxOps(Ops):
         return np.array(x, copy=True)
 
     def prefers_large_batches(self, x) -> bool:
-        return True
+        """On accelerators; on the CPU, compiled code too is fastest at a few hundred inputs (measured: the
+        digits MLP's analyze took 110 ms in batches of 512, 174 ms in one batch of 1,797)."""
+        return any(d.platform != "cpu" for d in x.devices())
 
 
 _BY_NAMESPACE: dict = {}

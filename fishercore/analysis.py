@@ -37,7 +37,7 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
     batch_size : int, optional
         Inputs per batch.  By default batches are sized to ``memory_budget`` (after a
         first batch of 32 inputs that measures the per-input footprint), and hold at
-        most 512 inputs for NumPy and torch on the CPU, where larger batches are not
+        most 512 inputs on the CPU (any library), where larger batches are not
         faster.  Results do not depend on the batching.
     memory_budget : float
         Bytes of working memory per batch when ``batch_size`` is None (512 MiB by

@@ -7,8 +7,9 @@ rules skip its curvature, docs/math.md §7 fact 3).
 
 * :class:`Activation` — the closed forms of the hand-written MLP (:data:`ACTIVATIONS`);
 * :class:`Autodiff` — any elementwise function of a framework, differentiated by the
-  framework's ``jvp`` with a tangent of ones (φ is elementwise, so ``jvp(φ, z, 1) = φ'(z)``,
-  and once more for ``φ''``).
+  framework (``Ops.elementwise_derivatives``: ``jvp`` with a tangent of ones — φ is
+  elementwise, so ``jvp(φ, z, 1) = φ'(z)``, and once more for ``φ''`` — or, for torch,
+  reverse mode on ``Σ φ(z)``, whose gradient is ``φ'(z)``).
 
 Both are hashable (compiled JAX code takes them as static arguments), and
 :func:`get_activation` returns the same object for the same arguments, so a new model
@@ -51,25 +52,15 @@ class Activation(NamedTuple):
 
 
 class Autodiff(NamedTuple):
-    """An elementwise framework function ``fn(z)``, differentiated by ``ops.jvp``."""
+    """An elementwise framework function ``fn(z)``, differentiated by the framework
+    (``ops.elementwise_derivatives``: ``jvp`` with a tangent of ones, or reverse mode on ``Σ φ(z)``)."""
 
     fn: Callable
     ops: Any  # fishercore.backends.ops.Ops with autodiff
     piecewise_linear: bool
 
     def derivatives(self, z, xp, order: int = 2):
-        if order == 0:
-            return self.fn(z), None, None
-        ones = xp.ones_like(z)
-
-        def first(t):
-            return self.ops.jvp(self.fn, (t,), (ones,))
-
-        if order == 1 or self.piecewise_linear:
-            f, d1 = first(z)
-            return f, d1, None
-        (f, d1), (_, d2) = self.ops.jvp(first, (z,), (ones,))
-        return f, d1, d2
+        return self.ops.elementwise_derivatives(self.fn, z, order, not self.piecewise_linear)
 
 
 def _identity(z, xp):
