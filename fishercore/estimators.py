@@ -114,7 +114,7 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     (P,) array in the flat parameter order, the model's namespace, dtype and device.
     """
     family, X = V.check_model_and_data(model, X, family)
-    batches = batches_for(X, batch_size, memory_budget)
+    batches = batches_for(X, batch_size, memory_budget, statistics=False)
     est = V.check_choice(estimator, "estimator", ("i1", "i2"))
     M = V.check_positive_int(n_draws, "n_draws")
     ops = ops_for(X)
