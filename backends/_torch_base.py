@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fishercore._protocol import make_groups
+from fishercore._validation import check_inputs
 
 from .ops import namespace_ops
 
@@ -23,18 +24,9 @@ OPS = namespace_ops(torch_xp)
 MODULE_LOCK = threading.RLock()
 
 
-def check_tensor(X, name, *, dtype, device):
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor for a torch model, got {type(X).__name__}")
-    if not torch.is_floating_point(X):
-        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {X.dtype}")
-    if X.dtype != dtype:
-        raise TypeError(f"{name}: dtype {X.dtype} differs from the model's {dtype}")
-    if X.device != device:
-        raise ValueError(f"{name}: device {X.device} differs from the model's {device}")
-    if X.ndim < 2:
-        raise ValueError(f"{name}: expected a batch of inputs (n, ...), got shape {tuple(X.shape)}")
-    return X
+def check_tensor(X, *, dtype, device, input_shape=None):
+    """A batch of inputs for a torch model (:func:`fishercore._validation.check_inputs` on torch's namespace)."""
+    return check_inputs(X, xp=torch_xp, dtype=dtype, device=device, input_shape=input_shape)
 
 
 def model_dtype_device(params: Mapping[str, torch.Tensor], what: str):

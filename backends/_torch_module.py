@@ -91,10 +91,7 @@ class TorchModule(TorchModel):
 
     # -- the protocol -----------------------------------------------------------
     def check_inputs(self, X):
-        check_tensor(X, "X", dtype=self.dtype, device=self.device)
-        if self.input_shape is not None and tuple(X.shape[1:]) != self.input_shape:
-            raise ValueError(f"X: expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(X.shape)}")
+        check_tensor(X, dtype=self.dtype, device=self.device, input_shape=self.input_shape)
         try:
             with MODULE_LOCK, torch.no_grad():
                 h = self._call(X[:1])

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from array_api_compat import device
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
-from fishercore._validation import check_full_column_budget
+from fishercore._validation import check_full_column_budget, check_inputs
 
 from .ops import namespace_ops
 from .rules import columns, dense
@@ -117,21 +117,6 @@ def _check_leaves(names, leaves, what):
     return dtypes.pop()
 
 
-def _check_inputs(X, dtype, dev, input_shape):
-    if not isinstance(X, jax.Array):
-        raise TypeError(f"X: expected a jax.Array for a JAX model, got {type(X).__name__}")
-    if not jnp.issubdtype(X.dtype, jnp.floating):
-        raise TypeError(f"X: expected a real floating-point array, got dtype {X.dtype}")
-    if X.dtype != dtype:
-        raise TypeError(f"X: dtype {X.dtype} differs from the model's {dtype}")
-    if device(X) != dev:
-        raise ValueError(f"X: device {device(X)} differs from the model's {dev}")
-    if X.ndim < 2 or tuple(X.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"X: expected inputs of shape (n, {', '.join(map(str, input_shape))}), "
-                         f"got {tuple(X.shape)}")
-    return X
-
-
 class JaxMLP:
     """An MLP as a parameter pytree (use :func:`from_mlp`)."""
 
@@ -188,7 +173,7 @@ class JaxMLP:
 
     # -- the protocol -----------------------------------------------------------
     def check_inputs(self, X):
-        return _check_inputs(X, self.dtype, self.device, (self.n_inputs,))
+        return check_inputs(X, xp=jnp, dtype=self.dtype, device=self.device, input_shape=(self.n_inputs,))
 
     def outputs(self, X):
         return self._forward(X, 0)[0]
@@ -300,7 +285,7 @@ class JaxFunction:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
 
     def check_inputs(self, X):
-        return _check_inputs(X, self.dtype, self.device, self.input_shape)
+        return check_inputs(X, xp=jnp, dtype=self.dtype, device=self.device, input_shape=self.input_shape)
 
     def outputs(self, X):
         return OPS.jit(_function_outputs, ("apply_fn", "treedef"))(self.leaves, X, **self._static)

@@ -136,14 +136,7 @@ class MLP:
     # -- the protocol --------------------------------------------------------
     def check_inputs(self, X):
         """``X`` must be (n, d_in), of the model's library, dtype and device."""
-        V.check_floating_array(X, "X", xp=self.xp, ndim=2)
-        if X.shape[1] != self.n_inputs:
-            raise ValueError(f"X: expected {self.n_inputs} features per input, got shape {tuple(X.shape)}")
-        if X.dtype != self.dtype:
-            raise TypeError(f"X: dtype {X.dtype} differs from the model's {self.dtype}")
-        if device(X) != self.device:
-            raise ValueError(f"X: device {device(X)} differs from the model's {self.device}")
-        return X
+        return V.check_inputs(X, xp=self.xp, dtype=self.dtype, device=self.device, input_shape=(self.n_inputs,))
 
     def outputs(self, X):
         """``h(X)``, shape (n, C)."""

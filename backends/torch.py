@@ -126,7 +126,7 @@ class TorchSequential(TorchModel):
         return X
 
     def check_inputs(self, X):
-        check_tensor(X, "X", dtype=self.dtype, device=self.device)
+        check_tensor(X, dtype=self.dtype, device=self.device)
         width = 1
         for s in X.shape[1:]:
             width *= int(s)
@@ -259,11 +259,7 @@ class TorchFunction:
         return self.fn(params, x[None])[0]
 
     def check_inputs(self, X):
-        check_tensor(X, "X", dtype=self.dtype, device=self.device)
-        if tuple(X.shape[1:]) != self.input_shape:
-            raise ValueError(f"X: expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(X.shape)}")
-        return X
+        return check_tensor(X, dtype=self.dtype, device=self.device, input_shape=self.input_shape)
 
     def outputs(self, X):
         with torch.no_grad():

@@ -10,8 +10,9 @@ import numbers
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-__all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_model_and_data",
-           "check_positive_int", "check_positive_real", "check_probability", "check_results_finite"]
+__all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_inputs",
+           "check_model_and_data", "check_positive_int", "check_positive_real", "check_probability",
+           "check_results_finite"]
 
 
 def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
@@ -27,6 +28,24 @@ def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(x.shape)}")
     return x
+
+
+def check_inputs(X, *, xp, dtype, device, input_shape=None, name: str = "X"):
+    """A batch of inputs for a model: an array of the model's library ``xp``, real floating, of its ``dtype``
+    and ``device``, of shape ``(n, *input_shape)`` (at least ``(n, ...)`` when ``input_shape`` is None)."""
+    from array_api_compat import device as device_of
+
+    check_floating_array(X, name, xp=xp)
+    if X.dtype != dtype:
+        raise TypeError(f"{name}: dtype {X.dtype} differs from the model's {dtype}")
+    if device_of(X) != device:
+        raise ValueError(f"{name}: device {device_of(X)} differs from the model's {device}")
+    if X.ndim < 2:
+        raise ValueError(f"{name}: expected a batch of inputs (n, ...), got shape {tuple(X.shape)}")
+    if input_shape is not None and tuple(X.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{name}: expected inputs of shape (n, {', '.join(map(str, input_shape))}), "
+                         f"got {tuple(X.shape)}")
+    return X
 
 
 def check_finite(x, name: str) -> None:
