@@ -207,3 +207,46 @@ def test_linear_applied_twice_is_refused():
 ])
 def test_bad_inputs(X, exc, msg):
     assert_raises_named(lambda: fc.analyze(fc_torch.from_sequential(_net(3, 4, 2)), X), exc, msg)
+
+
+@pytest.mark.parametrize("adapter", ["from_sequential", "from_module"])
+def test_one_model_from_several_threads_gives_the_numbers_of_one_thread(adapter):
+    """from_sequential uses no hooks and no functional_call; from_module's hooks run under a lock."""
+    import threading
+
+    net = _net(6, 16, 16, 4, seed=7)
+    model = getattr(fc_torch, adapter)(net)
+    parts = [torch.randn(60, 6, dtype=F64, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    want = [fc.analyze(model, X, batch_size=25) for X in parts]
+    got, errors = [None] * len(parts), []
+
+    def work(k):
+        try:
+            for _ in range(3):
+                got[k] = fc.analyze(model, parts[k], batch_size=25)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.fisher, w.fisher, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g.v2, w.v2, rtol=1e-12, atol=0)
+
+
+def test_results_carry_no_autograd_graph():
+    """Inputs that require grad, or an MLP built from nn.Parameter weights: the analysis detaches them."""
+    from fishercore.backends import mlp
+
+    net = _net(5, 8, 3, seed=1)
+    X = torch.randn(20, 5, dtype=F64, requires_grad=True)
+    model = mlp.MLP([(lin.weight, lin.bias) for lin in net if isinstance(lin, torch.nn.Linear)], "tanh")
+    for m in (model, fc_torch.from_sequential(net)):
+        res = fc.analyze(m, X, batch_size=7)
+        assert all(not f.requires_grad and f.grad_fn is None for f in res.sums)
+        for est in ("i1", "i2"):
+            assert fc.estimate(m, X, estimator=est, seed=0).grad_fn is None
