@@ -1,9 +1,10 @@
 r"""The drivers: :func:`analyze` over an array of inputs, :func:`analyze_batches` over a data loader.
 
-Both hand the model one batch at a time, reduce each batch's derivative blocks to sums
-over its inputs (:mod:`fishercore.sums`) and fold the sums into an
-:class:`~fishercore.sums.Accumulator`, so results never depend on the batching
-(docs/math.md §5).
+:func:`analyze` hands the model one batch at a time, reduces each batch's derivative
+blocks to sums over its inputs (:mod:`fishercore.sums`) and folds them into an
+:class:`~fishercore.sums.Accumulator`; :func:`analyze_batches` analyses each batch of a
+loader so and merges the analyses (the same :func:`~fishercore.sums.merge_sums`), with
+checkpoints.  Results never depend on the batching (docs/math.md §5).
 """
 
 from __future__ import annotations
