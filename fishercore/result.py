@@ -133,16 +133,27 @@ class FisherAnalysis(NamedTuple):
     def optimal_v(self) -> Array:
         r"""Single-draw variance of the optimal combination, ``(v1 v2 − c12²)/(v1 + v2 − 2c12)``.
 
-        Evaluated as ``min(v2 − (v2 − c12)²/den, v1 − (v1 − c12)²/den)`` so it can never
-        exceed ``min(v1, v2)`` through rounding; clipped at 0.
+        With ``a = v1 − c12``, ``b = v2 − c12`` and ``den = a + b`` three exact forms exist,
+        ``ab/den + c12``, ``v2 − b²/den`` and ``v1 − a²/den``, each losing digits where its
+        terms nearly cancel (``v1 − a²/den`` when v1 ≫ v2: it rounds to 0 in float32 for
+        v1 = 1, v2 = 1e-9).  Each entry takes the form with the smallest rounding scale (the
+        sum of its terms' magnitudes), clipped to ``[0, min(v1, v2)]``.  Where ``den = 0``
+        (Î1 and Î2 equal draw by draw) the variance is ``min(v1, v2)``.
         """
         xp = array_namespace(self.sums.v1)
         v1, v2, c12 = self.v1, self.v2, self.c12
-        den = v1 + v2 - 2.0 * c12
+        a, b = v1 - c12, v2 - c12
+        den = a + b
         ok = den > 0
         safe = xp.where(ok, den, xp.ones_like(den))
-        a, b = v2 - c12, v1 - c12
-        out = xp.minimum(v2 - xp.where(ok, a * a / safe, 0.0 * den), v1 - xp.where(ok, b * b / safe, 0.0 * den))
+        ab, aa, bb = a * b / safe, a * a / safe, b * b / safe
+        forms = ((ab + c12, xp.abs(ab) + xp.abs(c12)), (v2 - bb, v2 + bb), (v1 - aa, v1 + aa))
+        best, scale = forms[0]
+        for value, s in forms[1:]:
+            better = s < scale
+            best, scale = xp.where(better, value, best), xp.where(better, s, scale)
+        low = xp.minimum(v1, v2)
+        out = xp.where(ok, xp.minimum(best, low), low)
         return xp.maximum(out, xp.zeros_like(out))
 
     def _single_draw(self, estimator: str) -> Array:

@@ -176,3 +176,34 @@ def test_centred_moments_never_go_negative_in_float32():
     for f in ("var_x", "v1", "v2", "v1_lower", "v2_lower"):
         assert np.all(np.asarray(getattr(res, f)) >= 0), f
     assert np.all(np.asarray(res.sums.fisher_m2) >= 0)
+
+
+@pytest.mark.parametrize("dtype,fisher,v1,v2,c12", [
+    (np.float32, 1e-4, 1.0, 1e-9, 0.0),  # v1/v2 far above 1/ε: v1 − (v1 − c12)²/den rounds to 0
+    (np.float32, 1e-4, 1.0, 1e-9, 2e-5),
+    (np.float32, 1e-4, 1e-9, 1.0, -2e-5),
+    (np.float64, 1e-8, 1.0, 1e-17, 0.0),
+    (np.float64, 1e-8, 2.0, 3.0, 2.4),  # strongly correlated: Î1 − Î2 barely varies
+    (np.float64, 1.0, 2.0, 2.0, 2.0),  # Î1 = Î2 draw by draw (den = 0)
+])
+def test_optimal_variance_does_not_cancel(dtype, fisher, v1, v2, c12):
+    """The least-variance mix, against exact rational arithmetic on the same (rounded) inputs."""
+    from fractions import Fraction
+
+    groups = fc.make_groups([("w", (1,))])
+    arr = {k: np.array([x], dtype=dtype) for k, x in
+           (("fisher", fisher), ("v1", v1), ("v2", v2), ("c12", c12), ("zero", 0.0))}
+    sums = fc.FisherSums(arr["fisher"], arr["zero"], arr["v1"], arr["v2"], arr["c12"], *(arr["zero"],) * 4)
+    res = fc.FisherAnalysis(sums, 1, groups, fc.get_family("categorical"))
+    V1, V2, C = (Fraction(float(arr[k][0])) for k in ("v1", "v2", "c12"))
+    den = V1 + V2 - 2 * C
+    exact = min(V1, V2) if den == 0 else (V1 * V2 - C * C) / den
+    got = float(res.optimal_v()[0])
+    assert abs(Fraction(got) - exact) <= Fraction(8 * float(np.finfo(dtype).eps)) * exact, (got, float(exact))
+    assert got <= min(float(V1), float(V2))
+    # and so the sample size for the mix is never above the better estimator's
+    opt, i1, i2 = (float(res.sample_size(e)[0]) for e in ("optimal", "i1", "i2"))
+    assert opt <= min(i1, i2)
+    if float(exact) > 0:
+        want = np.ceil(float(exact) / (0.05 * 0.01 * fisher ** 2))
+        assert abs(opt - want) <= 1 + 1e-5 * want, (opt, want)
