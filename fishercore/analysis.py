@@ -9,6 +9,8 @@ checkpoints.  Results never depend on the batching (docs/math.md §5).
 
 from __future__ import annotations
 
+from array_api_compat import array_namespace
+
 from fishercore.backends.ops import ops_for
 
 from . import _validation as V
@@ -101,9 +103,10 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
     checkpoint : str or path-like, optional
         A file for the partial sums.  If it exists, the analysis it holds (of the first k
         batches) is loaded — refused if its parameter groups are not the model's — and the
-        first k batches are skipped without computing.  It is rewritten (atomically) every
-        ``checkpoint_every`` batches, at the end, and when an error or interrupt stops the
-        run, so finished batches are never lost.
+        first k batches are skipped without computing, each checked against the size and two
+        sums the checkpoint recorded for it (other or reordered batches are refused).  It is
+        rewritten (atomically) every ``checkpoint_every`` batches, at the end, and when an
+        error or interrupt stops the run, so finished batches are never lost.
     checkpoint_every : int
         Batches between checkpoints.
 
@@ -116,9 +119,11 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
 
     family = get_family(family)
     every = V.check_positive_int(checkpoint_every, "checkpoint_every")
-    done, result = 0, None
     if checkpoint is not None:
-        checkpoint = os.fspath(checkpoint)
+        try:
+            checkpoint = os.fspath(checkpoint)
+        except TypeError as e:
+            raise TypeError(f"checkpoint: expected a file path, got {type(checkpoint).__name__}") from e
         folder = os.path.dirname(os.path.abspath(checkpoint))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise ValueError(f"checkpoint: cannot write to folder {folder}")
@@ -133,53 +138,77 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
             raise TypeError(f"batches: batch {i} is a {type(X).__name__}, not an array (or a tuple starting with one)")
         return X
 
-    saved = [0]  # batches the checkpoint file holds
+    def checkpoint_error(e):
+        return ValueError(f"checkpoint: {str(e).removeprefix('path: ')}")
+
+    result, records, saved = None, [], [0]  # records: one fingerprint per finished batch
 
     def save():
-        if checkpoint is not None and result is not None and done > saved[0]:
-            tmp = f"{checkpoint}.tmp"
-            write(result, tmp, batches=done)
-            os.replace(tmp, checkpoint)
-            saved[0] = done
+        if checkpoint is not None and result is not None and len(records) > saved[0]:
+            write(result, checkpoint, batches=len(records), fingerprints=records)
+            saved[0] = len(records)
 
-    skip = 0
+    expected = []  # the fingerprints of the batches a checkpoint holds
     if checkpoint is not None and os.path.exists(checkpoint):
         try:
             meta = read(checkpoint)[0]
         except ValueError as e:
-            raise ValueError(f"checkpoint: {str(e).removeprefix('path: ')}") from e
-        skip = saved[0] = int(meta.get("batches", -1))
-        if skip < 0:
+            raise checkpoint_error(e) from e
+        expected = meta.get("fingerprints")
+        if not isinstance(meta.get("batches"), int) or not isinstance(expected, list) \
+                or len(expected) != meta["batches"]:
             raise ValueError(f"checkpoint: {checkpoint} is a saved FisherAnalysis but not a checkpoint of "
-                             "analyze_batches (it records no batch count)")
+                             "analyze_batches (it records no finished batches)")
+        saved[0] = len(expected)
+    seen = 0
     with Progress(0, progress, "analyze") as bar:
         try:
             for i, batch in enumerate(iterator):
                 X = inputs(batch, i)
-                if i < skip:  # finished before the checkpoint: consumed, not recomputed
-                    if i == skip - 1:
+                seen = i + 1
+                if i < len(expected):  # finished before the checkpoint: checked, not recomputed
+                    if not _same_batch(_fingerprint(X), expected[i]):
+                        raise ValueError(f"batches: batch {i} ({X.shape[0]} inputs) is not the batch the checkpoint "
+                                         f"{checkpoint} recorded ({expected[i][0]} inputs, other values): resume "
+                                         "with the same batches in the same order, or delete the checkpoint")
+                    records.append(expected[i])
+                    if i == len(expected) - 1:
                         try:
                             loaded = load_analysis(checkpoint, model, like=X)
                         except ValueError as e:
-                            raise ValueError(f"checkpoint: {str(e).removeprefix('path: ')}") from e
+                            raise checkpoint_error(e) from e
                         if loaded.family != family:
                             raise ValueError(f"checkpoint: {checkpoint} holds a {loaded.family!r} analysis, "
                                              f"not {family!r}")
-                        result, done = loaded, skip
+                        result = loaded
                     continue
                 part = analyze(model, X, family, memory_budget=memory_budget)
                 result = part if result is None else result.merge(part)
-                done = i + 1
+                records.append(_fingerprint(X))
                 bar.update()
-                if done % every == 0:
+                if len(records) % every == 0:
                     save()
         except BaseException:
             save()  # keep every finished batch, then report the error
             raise
-    if done < skip:
-        raise ValueError(f"batches: the checkpoint records {skip} finished batches but the iterable "
-                         f"yields only {done}")
+    if seen < len(expected):
+        raise ValueError(f"batches: the checkpoint records {len(expected)} finished batches but the iterable "
+                         f"yields only {seen}")
     if result is None:
         raise ValueError("batches: no batches (an empty iterable)")
     save()
     return result
+
+
+def _fingerprint(X) -> list:
+    """A batch's size and two sums, ``[n, Σ|x|, Σx²]``: cheap, and different for other or reordered batches."""
+    xp = array_namespace(X)
+    X = ops_for(X).detach(X)
+    return [int(X.shape[0]), float(xp.sum(xp.abs(X))), float(xp.sum(X * X))]
+
+
+def _same_batch(got, recorded) -> bool:
+    """Equal sizes, and sums equal up to rounding (1e-9 relative: the same data give the same sums)."""
+    if not (isinstance(recorded, list) and len(recorded) == 3) or got[0] != recorded[0]:
+        return False
+    return all(abs(a - b) <= 1e-9 * max(abs(a), abs(b)) for a, b in zip(got[1:], recorded[1:]))
