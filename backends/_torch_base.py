@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fishercore._protocol import make_groups
-from fishercore._validation import check_inputs
+from fishercore._validation import check_inputs, check_supported_dtype
 
 from .ops import namespace_ops
 
@@ -40,6 +40,7 @@ def model_dtype_device(params: Mapping[str, torch.Tensor], what: str):
     (dtype,), (device,) = dtypes, devices
     if not dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"{what}: parameters must be real floating point, got {dtype}")
+    check_supported_dtype(dtype, what)
     for name, p in params.items():
         if not bool(torch.isfinite(p).all()):
             raise ValueError(f"{what}: parameter {name!r} contains NaN or inf")

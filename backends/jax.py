@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from array_api_compat import device
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
-from fishercore._validation import check_full_column_budget, check_inputs
+from fishercore._validation import check_full_column_budget, check_inputs, check_supported_dtype
 
 from .ops import namespace_ops
 from .rules import columns, dense
@@ -114,7 +114,9 @@ def _check_leaves(names, leaves, what):
         raise ValueError(f"{what}: has no parameters")
     if len(dtypes) != 1:
         raise TypeError(f"{what}: leaves must share one dtype, got {sorted(map(str, dtypes))}")
-    return dtypes.pop()
+    dtype = dtypes.pop()
+    check_supported_dtype(dtype, what)
+    return dtype
 
 
 class JaxMLP:

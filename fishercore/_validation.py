@@ -11,6 +11,7 @@ import numbers
 from array_api_compat import array_namespace, is_array_api_obj
 
 __all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_inputs",
+           "check_supported_dtype",
            "check_model_and_data", "check_positive_int", "check_positive_real", "check_probability",
            "check_results_finite"]
 
@@ -25,6 +26,7 @@ def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
                         "mixed array libraries are not supported")
     if not x_xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name}: expected a real floating-point array, got dtype {x.dtype}")
+    check_supported_dtype(x.dtype, name, x_xp)
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(x.shape)}")
     return x
@@ -46,6 +48,17 @@ def check_inputs(X, *, xp, dtype, device, input_shape=None, name: str = "X"):
         raise ValueError(f"{name}: expected inputs of shape (n, {', '.join(map(str, input_shape))}), "
                          f"got {tuple(X.shape)}")
     return X
+
+
+def check_supported_dtype(dtype, name: str, xp=None) -> None:
+    """fishercore computes in float32 or float64: half precision (float16, bfloat16) has no eigensolver in
+    NumPy or torch and too few digits for fourth moments, extended precision (longdouble) none in any
+    accelerated library.  Anything else is refused up front."""
+    names = ("float32", "float64")
+    ok = any(dtype == getattr(xp, n) for n in names) if xp is not None else str(dtype).split(".")[-1] in names
+    if not ok:
+        raise TypeError(f"{name}: dtype {dtype} is not supported; fishercore computes in float32 or float64 "
+                        "(convert the model and inputs, e.g. with .astype / .to / .double())")
 
 
 def check_finite(x, name: str) -> None:
@@ -146,4 +159,4 @@ def check_results_finite(values, start, stop, what="outputs"):
     name = next(k for k, v in values.items() if not finite(flat(v)))
     label = what if name is None else f"{what} of {name!r}"
     raise FloatingPointError(f"model: {label} are NaN or inf for inputs {start}..{stop - 1} "
-                             "(overflow in the network; check the weights and input scale)")
+                             "(overflow; check the weights, the input scale and the family's parameters)")

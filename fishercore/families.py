@@ -272,9 +272,15 @@ class Gaussian(Family):
 
     Closed forms (docs/math.md §3.2): ``I = ‖u‖²/σ²``, ``v1 = 2 I²``, ``v2 = ‖w‖²/σ²``,
     ``c12 = 0``.  Labels are real targets of shape (n, C).
+
+    ``variance`` must lie in [1e-100, 1e100], where ``σ⁴`` and ``1/σ⁴`` (the bounds' spectrum)
+    are finite in float64; in float32 statistics that overflow are reported by ``analyze``.
     """
 
     name = "gaussian"
+
+    #: The range of σ² for which σ⁴ and 1/σ⁴ are finite in float64.
+    VARIANCE_RANGE = (1e-100, 1e100)
 
     def __init__(self, variance: float = 1.0):
         try:
@@ -283,6 +289,10 @@ class Gaussian(Family):
             raise TypeError(f"variance: expected a positive number, got {variance!r}") from e
         if not (math.isfinite(variance) and variance > 0):
             raise ValueError(f"variance: must be positive and finite, got {variance}")
+        lo, hi = self.VARIANCE_RANGE
+        if not lo <= variance <= hi:
+            raise ValueError(f"variance: must lie in [{lo:g}, {hi:g}] (so that σ⁴ and 1/σ⁴ are finite), "
+                             f"got {variance:g}")
         self.variance = variance
 
     def noise(self, rng, n, n_draws, n_outputs):

@@ -58,12 +58,15 @@ def _read_file(path: pathlib.Path, label: str):
             raise ReportError(f"--data: {path.name} has no column {label!r} (columns: {', '.join(header)}); "
                               "name the label column with --label-column")
         j = header.index(label)
+        body = [r for r in rows[1:] if r]
+        ragged = next((i for i, r in enumerate(body, start=2) if len(r) != len(header)), None)
+        if ragged is not None:
+            raise ReportError(f"--data: {path.name} row {ragged} has {len(body[ragged - 2])} values, the header "
+                              f"{len(header)}")
         try:
-            table = np.array([[float(v) for v in r] for r in rows[1:] if r], dtype=float)
+            table = np.array([[float(v) for v in r] for r in body], dtype=float)
         except ValueError as e:
             raise ReportError(f"--data: {path.name} has a non-numeric value: {e}") from e
-        if table.ndim != 2 or table.shape[1] != len(header):
-            raise ReportError(f"--data: {path.name} has rows of different lengths")
         X, y = np.delete(table, j, axis=1), table[:, j]
     else:
         raise ReportError(f"--data: expected a .npz (arrays X, y) or .csv file, got {path.name}")
@@ -74,6 +77,10 @@ def load(task: str, data: str | None = None, *, label_column: str = "label", tes
          seed: int = 0) -> Dataset:
     """Load, check, split (fixed seed) and standardise a data set for ``task``."""
     name, X, y = _builtin(task) if data is None else _read_file(pathlib.Path(data), label_column)
+    if np.iscomplexobj(X) or np.iscomplexobj(y):
+        raise ReportError("--data: X or y is complex; the study needs real values")
+    if not (np.issubdtype(np.asarray(X).dtype, np.number) and np.issubdtype(np.asarray(y).dtype, np.number)):
+        raise ReportError("--data: X and y must be numeric arrays")
     X = np.asarray(X, dtype=float)
     y = np.asarray(y)
     if X.ndim != 2 or X.shape[0] < 10:
@@ -85,6 +92,9 @@ def load(task: str, data: str | None = None, *, label_column: str = "label", tes
     if task == "classification":
         if not np.allclose(y, np.round(y)) or y.min() < 0:
             raise ReportError("--data: classification labels must be non-negative integers")
+        if y.max() >= X.shape[0]:
+            raise ReportError(f"--data: classification labels must be class indices 0..C-1 with C at most the "
+                              f"number of rows ({X.shape[0]}); the largest label is {y.max():g}")
         y = np.round(y).astype(np.int64)
         n_outputs = int(y.max()) + 1
         if n_outputs < 2:

@@ -91,14 +91,25 @@ def test_natural_gradient_study(tmp_path):
     (["--data", "{no_label}"], "--data: no_label.csv has no column 'label'"),
     (["--data", "{npz_wrong}"], "--data: npz_wrong.npz lacks the arrays ['y']"),
     (["--out", "{file_as_dir}/sub"], "--out: cannot write"),
+    (["--data", "{huge_label}"], "--data: classification labels must be class indices 0..C-1 with C at most the "
+                                 "number of rows (20); the largest label is 1e+08"),
+    (["--data", "{ragged}"], "--data: ragged.csv row 3 has 2 values, the header 3"),
+    (["--data", "{complex}"], "--data: X or y is complex"),
 ])
 def test_bad_arguments_fail_before_training_with_one_line(tmp_path, capsys, args, message):
     (tmp_path / "data.txt").write_text("1,2\n")
     (tmp_path / "no_label.csv").write_text("a,b,y\n1,2,0\n")
     np.savez(tmp_path / "npz_wrong.npz", X=np.zeros((20, 3)))
+    labels = np.arange(20) % 2
+    labels[3] = 10**8  # one label of 1e8 asked for 1e8 + 1 outputs (a 2.98 GiB allocation)
+    np.savez(tmp_path / "huge_label.npz", X=np.ones((20, 3)), y=labels)
+    (tmp_path / "ragged.csv").write_text("a,b,label\n1,2,0\n1,2\n")
+    np.savez(tmp_path / "complex.npz", X=np.ones((20, 3)) * 1j, y=labels % 2)
     (tmp_path / "file").write_text("not a folder")
     subs = {"bad_ext": tmp_path / "data.txt", "no_label": tmp_path / "no_label.csv",
-            "npz_wrong": tmp_path / "npz_wrong.npz", "file_as_dir": tmp_path / "file"}
+            "npz_wrong": tmp_path / "npz_wrong.npz", "file_as_dir": tmp_path / "file",
+            "huge_label": tmp_path / "huge_label.npz", "ragged": tmp_path / "ragged.csv",
+            "complex": tmp_path / "complex.npz"}
     args = [a.format(**subs) for a in args]
     code = cli.main(["report", "--out", str(tmp_path / "out"), *TINY, "--backend", "numpy", *args]
                     if "--out" not in args else ["report", *TINY, "--backend", "numpy", *args])

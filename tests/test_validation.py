@@ -42,6 +42,10 @@ MLP_CASES = {
     "unknown activation": (lambda: mlp.MLP(GOOD, "swish"), ValueError, "activation"),
     "activation count": (lambda: mlp.MLP(GOOD, ["tanh", "relu"]), ValueError, "activation"),
     "negative alpha": (lambda: mlp.MLP(GOOD, "elu", alpha=-1.0), ValueError, "alpha"),
+    "float16 weights": (lambda: mlp.MLP([(W.astype(np.float16), b.astype(np.float16)) for W, b in GOOD]), TypeError,
+                        "layers[0] weight: dtype float16 is not supported"),
+    "longdouble weights": (lambda: mlp.MLP([(W.astype(np.longdouble), b.astype(np.longdouble)) for W, b in GOOD]),
+                           TypeError, "layers[0] weight: dtype float128 is not supported"),
 }
 
 MODEL = mlp.MLP(GOOD, "tanh")
@@ -131,6 +135,8 @@ RESULT_CASES = {
     "gaussian variance -1": (lambda: fc.Gaussian(variance=-1.0), ValueError, "variance"),
     "gaussian variance nan": (lambda: fc.Gaussian(variance=float("nan")), ValueError, "variance"),
     "gaussian variance str": (lambda: fc.Gaussian(variance="big"), TypeError, "variance"),
+    "gaussian variance 1e-320": (lambda: fc.Gaussian(variance=1e-320), ValueError, "variance: must lie in"),
+    "gaussian variance 1e300": (lambda: fc.Gaussian(variance=1e300), ValueError, "variance: must lie in"),
 }
 
 
@@ -190,3 +196,38 @@ def test_mixed_array_libraries(backend):
         fc.analyze(model, X_GOOD)
     with pytest.raises(TypeError, match="^labels"):
         fc.estimate(model, backend.asarray(X_GOOD), labels=np.zeros(5, dtype=int))
+
+
+@pytest.mark.parametrize("variance", fc.Gaussian.VARIANCE_RANGE)
+def test_gaussian_variance_at_the_ends_of_its_range_computes(variance):
+    """σ² = 1e-100 and 1e100: every field and sample size finite in float64, v1 = 2 I² still exact."""
+    res = fc.analyze(MODEL, X_GOOD, fc.Gaussian(variance=variance))
+    for f in ("fisher", "v1", "v2", "v1_lower", "v1_upper", "v2_lower", "v2_upper", "var_x"):
+        assert np.all(np.isfinite(getattr(res, f))), f
+    np.testing.assert_allclose(res.v1, 2 * (res.var_x + res.fisher**2), rtol=1e-12)
+    assert np.all(np.isfinite(res.sample_size("i1")))
+
+
+def test_half_precision_frameworks_are_refused_when_the_model_is_built(backend):
+    """float16 (and bfloat16 where the library has it) on every backend: refused up front, not deep in a solver."""
+    xp = backend.xp
+    if hasattr(xp, "float16"):  # array_api_strict has no half precision
+        layers = [(xp.astype(backend.asarray(W), xp.float16), xp.astype(backend.asarray(b), xp.float16))
+                  for W, b in GOOD]
+        assert_raises_named(lambda: mlp.MLP(layers), TypeError, "layers[0] weight: dtype")
+    if backend.name.startswith("torch"):
+        import torch
+
+        from fishercore.backends import torch as fc_torch
+
+        for dt in (torch.float16, torch.bfloat16):
+            net = torch.nn.Sequential(torch.nn.Linear(3, 2)).to(dt)
+            assert_raises_named(lambda net=net: fc_torch.from_sequential(net), TypeError, "module: dtype")
+    if backend.name.startswith("jax"):
+        import jax.numpy as jnp
+
+        from fishercore.backends import jax as fc_jax
+
+        for dt in (jnp.float16, jnp.bfloat16):
+            pairs = [(jnp.ones((2, 3), dt), jnp.ones(2, dt))]
+            assert_raises_named(lambda pairs=pairs: fc_jax.from_mlp(pairs), TypeError, "params: dtype")
