@@ -38,6 +38,9 @@ def model_dtype_device(params: Mapping[str, torch.Tensor], what: str):
         raise TypeError(f"{what}: parameters must share one dtype and device, got {sorted(map(str, dtypes))} "
                         f"on {sorted(map(str, devices))}")
     (dtype,), (device,) = dtypes, devices
+    if device.type == "meta":
+        raise ValueError(f"{what}: parameters are on the meta device, which holds no values; materialise them "
+                         "first (e.g. module.to_empty(device='cpu') and load the weights)")
     if not dtype.is_floating_point or dtype.is_complex:
         raise TypeError(f"{what}: parameters must be real floating point, got {dtype}")
     check_supported_dtype(dtype, what)

@@ -32,7 +32,13 @@ import jax.numpy as jnp
 from array_api_compat import device
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
-from fishercore._validation import check_full_column_budget, check_inputs, check_supported_dtype
+from fishercore._validation import (
+    check_full_column_budget,
+    check_inputs,
+    check_positive_int,
+    check_positive_real,
+    check_supported_dtype,
+)
 
 from .ops import namespace_ops
 from .rules import columns, dense
@@ -129,6 +135,8 @@ class JaxMLP:
         self.dtype = _check_leaves(names, leaves, "params")
         self.device = device(leaves[0])
         self.params = params
+        negative_slope = check_positive_real(negative_slope, "negative_slope") if negative_slope != 0 else 0.0
+        alpha = check_positive_real(alpha, "alpha")
         Ws, bs, layout = [], [], []
         for i, layer in enumerate(params):
             if isinstance(layer, dict):
@@ -265,7 +273,7 @@ class JaxFunction:
         self.apply_fn, self.params, self.leaves, self.treedef = apply_fn, params, leaves, treedef
         self.groups = make_groups([(n, tuple(leaf.shape)) for n, leaf in zip(names, leaves)])
         check_full_column_budget(self.groups, max_params, "from_mlp")
-        self.chunk = int(chunk)
+        self.chunk = check_positive_int(chunk, "chunk")
         if input_shape is None:
             raise TypeError("input_shape: from_function needs the shape of one input (without the batch axis), "
                             "e.g. input_shape=(784,), to learn the output width when the model is built")
@@ -366,6 +374,9 @@ def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, de
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices: empty")
+    if not all(isinstance(d, jax.Device) for d in devices):
+        bad = next(d for d in devices if not isinstance(d, jax.Device))
+        raise TypeError(f"devices: expected jax devices (e.g. jax.devices()), got {bad!r}")
     mesh = Mesh(np.array(devices), ("data",))
     step = B * len(devices)
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
-from fishercore._validation import check_full_column_budget
+from fishercore._validation import check_full_column_budget, check_positive_int
 
 from ._torch_base import OPS, TorchModel, check_tensor, input_shape_of, model_dtype_device, outputs_width
 from ._torch_module import TorchModule
@@ -240,7 +240,7 @@ class TorchFunction:
         self.dtype, self.device = model_dtype_device(self.params, "params")
         self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
         check_full_column_budget(self.groups, max_params, "from_sequential/from_module")
-        self.chunk = int(chunk)
+        self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = input_shape_of(input_shape)
         if self.input_shape is None:
             raise TypeError("input_shape: from_function needs the shape of one input (without the batch axis), "

@@ -52,6 +52,8 @@ def _rng(seed):
     if isinstance(seed, np.random.Generator):
         return seed
     if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)):
+        if seed is not None and seed < 0:
+            raise ValueError(f"seed: must be a non-negative integer, got {seed}")
         return np.random.default_rng(seed)
     raise TypeError(f"seed: expected an int, None or numpy.random.Generator, got {type(seed).__name__}")
 

@@ -218,6 +218,10 @@ class FisherAnalysis(NamedTuple):
             raise ValueError("other: parameter groups differ; only analyses of the same model merge")
         if other.family != self.family:
             raise ValueError(f"other: family {other.family!r} differs from {self.family!r}")
+        mine, theirs = array_namespace(self.sums.fisher), array_namespace(other.sums.fisher)
+        if mine is not theirs or self.sums.fisher.dtype != other.sums.fisher.dtype:
+            raise TypeError(f"other: its sums are {theirs.__name__} {other.sums.fisher.dtype}, these "
+                            f"{mine.__name__} {self.sums.fisher.dtype}; load or analyse both in one library and dtype")
         return FisherAnalysis(merge_sums(self.sums, self.n_inputs, other.sums, other.n_inputs),
                               self.n_inputs + other.n_inputs, self.groups, self.family)
 

@@ -8,19 +8,25 @@ import pathlib
 import sys
 import time
 
+from fishercore.backends.rules.activations import ACTIVATIONS
+
 from . import ReportError
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "softplus", "gelu", "elu")
+
+def _integer_at_least(low, what):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    return parse
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+_positive_int = _integer_at_least(1, "a positive integer")
+_seed = _integer_at_least(0, "a non-negative integer")
 
 
 def _widths(text):
@@ -58,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--epochs", type=_positive_int, default=20)
     rep.add_argument("--backend", choices=("auto", "torch", "jax", "numpy"), default="auto",
                      help="auto: torch when installed, else numpy")
-    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--seed", type=_seed, default=0)
     rep.add_argument("--out", default="fishercore-report", metavar="DIR", help="output folder (created)")
     rep.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return parser

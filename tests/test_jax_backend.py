@@ -117,6 +117,14 @@ REFUSALS = {
     "too many parameters": (lambda: fc_jax.from_function(lambda p, x: x, {"w": jnp.zeros((300, 100))}), ValueError,
                             "params: 30000 parameters exceed"),
     "not callable": (lambda: fc_jax.from_function(None, {"w": jnp.zeros(2)}), TypeError, "apply_fn"),
+    "chunk 0": (lambda: fc_jax.from_function(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, input_shape=(3,),
+                                             chunk=0), ValueError, "chunk: must be at least 1"),
+    "no input_shape": (lambda: fc_jax.from_function(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}), TypeError,
+                       "input_shape: from_function needs"),
+    "negative_slope nan": (lambda: fc_jax.from_mlp(_pairs(), "leaky_relu", negative_slope=float("nan")), ValueError,
+                           "negative_slope"),
+    "devices not devices": (lambda: fc_jax.analyze_sharded(fc_jax.from_mlp(_pairs()), jnp.ones((4, 4)),
+                                                           devices=["x"]), TypeError, "devices: expected jax devices"),
 }
 
 

@@ -159,6 +159,10 @@ def test_console_script_and_usage_errors(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "--epochs: expected a positive integer" in out.stderr
     assert out.stderr.count("\n") == 1
+    out = subprocess.run([sys.executable, "-m", "fishercore.report.cli", "report", "--seed", "-1"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "--seed: expected a non-negative integer, got -1" in out.stderr
+    assert out.stderr.count("\n") == 1
     help_text = subprocess.run([sys.executable, "-m", "fishercore.report.cli", "report", "--help"],
                                capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     for option in ("--activation", "--task", "--data", "--hidden", "--epochs", "--backend", "--seed", "--out",

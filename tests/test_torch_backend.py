@@ -179,6 +179,12 @@ REFUSALS = {
     "NaN weight": (lambda: fc_torch.from_function(lambda p, x: x, {"w": torch.tensor([float("nan")])}),
                    ValueError, "params: parameter 'w' contains NaN"),
     "backward hooks": (lambda: fc_torch.from_sequential(_hooked()), ValueError, "module: submodules"),
+    "meta device": (lambda: fc_torch.from_sequential(_net(2, 3).to("meta")), ValueError,
+                    "module: parameters are on the meta device"),
+    "chunk 0": (lambda: fc_torch.from_function(lambda p, x: x @ p["w"], {"w": torch.ones(3, 2)}, input_shape=(3,),
+                                               chunk=0), ValueError, "chunk: must be at least 1"),
+    "no input_shape": (lambda: fc_torch.from_function(lambda p, x: x @ p["w"], {"w": torch.ones(3, 2)}), TypeError,
+                       "input_shape: from_function needs"),
 }
 
 

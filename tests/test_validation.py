@@ -105,6 +105,7 @@ ESTIMATE_CASES = {
     "n_draws bool": (dict(n_draws=True), TypeError, "n_draws"),
     "estimator": (dict(estimator="i3"), ValueError, "estimator"),
     "seed": (dict(seed="abc"), TypeError, "seed"),
+    "seed -1": (dict(seed=-1), ValueError, "seed: must be a non-negative integer"),
     "labels shape": (dict(labels=np.zeros(4, dtype=int)), ValueError, "labels"),
     "labels float for categorical": (dict(labels=np.zeros(5)), TypeError, "labels"),
     "labels out of range": (dict(labels=np.array([0, 1, 2, 3, 4])), ValueError, "labels"),
@@ -196,6 +197,10 @@ def test_mixed_array_libraries(backend):
         fc.analyze(model, X_GOOD)
     with pytest.raises(TypeError, match="^labels"):
         fc.estimate(model, backend.asarray(X_GOOD), labels=np.zeros(5, dtype=int))
+    # analyses of different libraries do not merge, in either order
+    theirs = fc.analyze(model, backend.asarray(X_GOOD))
+    assert_raises_named(lambda: RES.merge(theirs), TypeError, "other: its sums are")
+    assert_raises_named(lambda: theirs.merge(RES), TypeError, "other: its sums are")
 
 
 @pytest.mark.parametrize("variance", fc.Gaussian.VARIANCE_RANGE)
