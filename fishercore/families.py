@@ -233,7 +233,7 @@ class Categorical(Family):
         Lam = -(p[:, :, None] * p[:, None, :]) * (1.0 - eye) + eye * (p * rest)[:, None, :]
         lam = xp.linalg.eigvalsh(Lam)
         # eigvalsh is backward stable: each eigenvalue within ~C ε λ_max (Weyl).  The bounds use
-        # the spectrum widened by that much, so they hold whatever the rounding.
+        # the spectrum widened by that much (the variances' own rounding remains: docs/math.md §4).
         slack = (4.0 * C * unit_roundoff(outputs.dtype)) * lam[:, -1]
         # 𝓜 = Σ_c p_c (m_c − m̄)(m_c − m̄)ᵀ with m_c = vec(d_c d_cᵀ), d_c = e_c − p: its
         # nonzero spectrum is that of the C×C Gram matrix G below (docs/math.md §4).
