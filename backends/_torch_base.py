@@ -50,18 +50,6 @@ def model_dtype_device(params: Mapping[str, torch.Tensor], what: str):
     return dtype, device
 
 
-def input_shape_of(input_shape):
-    if input_shape is None:
-        return None
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except TypeError as e:
-        raise TypeError(f"input_shape: expected the shape of one input (a tuple of ints), got {input_shape!r}") from e
-    if any(s < 1 for s in shape):
-        raise ValueError(f"input_shape: every dimension must be at least 1, got {shape}")
-    return shape
-
-
 def outputs_width(h, what):
     if not isinstance(h, torch.Tensor) or h.ndim != 2:
         raise ValueError(f"{what}: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")

@@ -14,8 +14,9 @@ from torch import nn
 from torch.func import functional_call
 
 from fishercore._protocol import Derivatives
+from fishercore._validation import check_input_shape
 
-from ._torch_base import MODULE_LOCK, OPS, TorchModel, check_tensor, input_shape_of, outputs_width
+from ._torch_base import MODULE_LOCK, OPS, TorchModel, check_tensor, outputs_width
 from .rules import columns, dense
 
 __all__ = ["TorchModule"]
@@ -38,7 +39,7 @@ class TorchModule(TorchModel):
                 sub = dict(module.named_modules()).get(owner, module)
                 raise ValueError(f"module: parameter {pname!r} belongs to {type(sub).__name__}, not nn.Linear; "
                                  "use fishercore.backends.torch.from_function for other layers")
-        self.input_shape = input_shape_of(input_shape)
+        self.input_shape = check_input_shape(input_shape)
         probe = self.input_shape or (self.linears[0][1].in_features,)
         try:
             with MODULE_LOCK, torch.no_grad():

@@ -34,6 +34,7 @@ from array_api_compat import device
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import (
     check_full_column_budget,
+    check_input_shape,
     check_inputs,
     check_positive_int,
     check_positive_real,
@@ -274,14 +275,7 @@ class JaxFunction:
         self.groups = make_groups([(n, tuple(leaf.shape)) for n, leaf in zip(names, leaves)])
         check_full_column_budget(self.groups, max_params, "from_mlp")
         self.chunk = check_positive_int(chunk, "chunk")
-        if input_shape is None:
-            raise TypeError("input_shape: from_function needs the shape of one input (without the batch axis), "
-                            "e.g. input_shape=(784,), to learn the output width when the model is built")
-        try:
-            self.input_shape = tuple(int(s) for s in input_shape)
-        except TypeError as e:
-            raise TypeError(f"input_shape: expected the shape of one input (a tuple of ints), got {input_shape!r}") \
-                from e
+        self.input_shape = check_input_shape(input_shape, required_by="from_function")
         try:
             h = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *self.input_shape), self.dtype))
         except (TypeError, ValueError, IndexError) as e:

@@ -1,9 +1,9 @@
 """The per-framework operations that the layer rules and the core are written against.
 
-One small class per array library, chosen lazily by the type of an array — the pattern
-of einops' ``_backends.py``: :func:`ops_for` recognises an array through
-``array_api_compat``'s ``is_*_array`` (which look in ``sys.modules`` and never import a
-framework), and a framework is imported here only once an array of it exists.
+One small class per array library, chosen lazily by an array's namespace — the pattern
+of einops' ``_backends.py``: :func:`ops_for` recognises it through ``array_api_compat``'s
+``is_*_namespace`` (which never import a framework), and a framework is imported here only
+once an array of it exists.
 
 An :class:`Ops` supplies
 
@@ -33,7 +33,6 @@ __all__ = ["CupyOps", "JaxOps", "Ops", "TorchOps", "namespace_ops", "ops_for"]
 class Ops:
     """Array-API operations of a library without autodiff (NumPy, array_api_strict, ...), run eagerly."""
 
-    autodiff = False
     compiles = False  # True: code is compiled for each new shape (batches are padded to one shape)
 
     def __init__(self, xp):
@@ -113,7 +112,6 @@ class CupyOps(Ops):
 class TorchOps(Ops):
     """PyTorch: ``torch.func`` transforms, eager; CUDA tensors prefer large batches."""
 
-    autodiff = True
 
     def __init__(self, xp):
         super().__init__(xp)
@@ -164,7 +162,6 @@ class TorchOps(Ops):
 class JaxOps(Ops):
     """JAX: ``jax.vjp``/``jvp``/``vmap``, and ``jax.jit`` with one cache per function."""
 
-    autodiff = True
     compiles = True
 
     def __init__(self, xp):

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
-from fishercore._validation import check_full_column_budget, check_positive_int
+from fishercore._validation import check_full_column_budget, check_input_shape, check_positive_int
 
-from ._torch_base import OPS, TorchModel, check_tensor, input_shape_of, model_dtype_device, outputs_width
+from ._torch_base import OPS, TorchModel, check_tensor, model_dtype_device, outputs_width
 from ._torch_module import TorchModule
 from .rules import columns, dense
 from .rules.activations import Autodiff
@@ -241,10 +241,7 @@ class TorchFunction:
         self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
         check_full_column_budget(self.groups, max_params, "from_sequential/from_module")
         self.chunk = check_positive_int(chunk, "chunk")
-        self.input_shape = input_shape_of(input_shape)
-        if self.input_shape is None:
-            raise TypeError("input_shape: from_function needs the shape of one input (without the batch axis), "
-                            "e.g. input_shape=(784,), to learn the output width when the model is built")
+        self.input_shape = check_input_shape(input_shape, required_by="from_function")
         try:
             with torch.no_grad():
                 h = fn(self.params, torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device))

@@ -10,8 +10,8 @@ import numbers
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-__all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_inputs",
-           "check_supported_dtype",
+__all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_input_shape",
+           "check_inputs", "check_supported_dtype",
            "check_model_and_data", "check_positive_int", "check_positive_real", "check_probability",
            "check_results_finite"]
 
@@ -59,6 +59,23 @@ def check_supported_dtype(dtype, name: str, xp=None) -> None:
     if not ok:
         raise TypeError(f"{name}: dtype {dtype} is not supported; fishercore computes in float32 or float64 "
                         "(convert the model and inputs, e.g. with .astype / .to / .double())")
+
+
+def check_input_shape(input_shape, *, required_by: str | None = None):
+    """The shape of one input (without the batch axis) as a tuple of positive ints; None stays None unless
+    ``required_by`` names the entry point that needs it."""
+    if input_shape is None:
+        if required_by is None:
+            return None
+        raise TypeError(f"input_shape: {required_by} needs the shape of one input (without the batch axis), "
+                        "e.g. input_shape=(784,), to learn the output width when the model is built")
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"input_shape: expected the shape of one input (a tuple of ints), got {input_shape!r}") from e
+    if any(s < 1 for s in shape):
+        raise ValueError(f"input_shape: every dimension must be at least 1, got {shape}")
+    return shape
 
 
 def check_finite(x, name: str) -> None:

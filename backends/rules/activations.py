@@ -56,7 +56,7 @@ class Autodiff(NamedTuple):
     (``ops.elementwise_derivatives``: ``jvp`` with a tangent of ones, or reverse mode on ``Σ φ(z)``)."""
 
     fn: Callable
-    ops: Any  # fishercore.backends.ops.Ops with autodiff
+    ops: Any  # fishercore.backends.ops.Ops of a framework with autodiff (torch, JAX)
     piecewise_linear: bool
 
     def derivatives(self, z, xp, order: int = 2):
