@@ -141,7 +141,7 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
     def checkpoint_error(e):
         return ValueError(f"checkpoint: {str(e).removeprefix('path: ')}")
 
-    result, records, saved = None, [], [0]  # records: one fingerprint per finished batch
+    result, records, saved = None, [], [0]  # records: one per finished batch (its fingerprint when checkpointing)
 
     def save():
         if checkpoint is not None and result is not None and len(records) > saved[0]:
@@ -184,7 +184,7 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
                     continue
                 part = analyze(model, X, family, memory_budget=memory_budget)
                 result = part if result is None else result.merge(part)
-                records.append(_fingerprint(X))
+                records.append(_fingerprint(X) if checkpoint is not None else None)
                 bar.update()
                 if len(records) % every == 0:
                     save()
