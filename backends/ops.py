@@ -34,6 +34,7 @@ class Ops:
     """Array-API operations of a library without autodiff (NumPy, array_api_strict, ...), run eagerly."""
 
     compiles = False  # True: code is compiled for each new shape (batches are padded to one shape)
+    mutable = True  # arrays can be updated in place (``+=``), so running sums keep their memory
 
     def __init__(self, xp):
         self.xp = xp
@@ -163,6 +164,7 @@ class JaxOps(Ops):
     """JAX: ``jax.vjp``/``jvp``/``vmap``, and ``jax.jit`` with one cache per function."""
 
     compiles = True
+    mutable = False
 
     def __init__(self, xp):
         super().__init__(xp)

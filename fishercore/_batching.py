@@ -1,12 +1,15 @@
 """Batches of inputs: a fixed ``batch_size``, or sized to a memory budget.
 
-With ``batch_size=None`` the first batch holds :data:`FIRST_BATCH` inputs; its derivative
-blocks show what one input costs — the model's arrays, the core's temporaries for the
-largest block, and the model's own workspace when it declares one
-(:class:`~fishercore.DeclaresWorkspace`, bytes) — and the remaining batches are sized so
-that one batch stays within ``memory_budget`` bytes (and, on the CPU, at most
-:data:`MAX_AUTO_BATCH` inputs: the arrays' ``Ops.prefers_large_batches`` says where not).
-Results do not depend on the batching (sums merge exactly), only memory and speed do.
+With ``batch_size=None`` the first batch holds up to :data:`FIRST_BATCH` inputs (fewer when
+what the model declares says that many would not fit); its derivative blocks show what one
+input costs — the model's arrays, the core's temporaries for the largest block, and the
+model's own workspace when it declares one (:class:`~fishercore.DeclaresWorkspace`, bytes) —
+and the remaining batches are sized so that one batch, one chunk of a layer's sums
+(:data:`CHUNK_SHARE` of the budget) and what the call holds throughout stay within
+``memory_budget`` bytes (and, on the CPU, at most :data:`MAX_AUTO_BATCH` inputs: the arrays'
+``Ops.prefers_large_batches`` says where not).  Estimates count their label draws too, and
+take one input's draws in chunks when they do not fit.  Results do not depend on the
+batching (sums merge exactly), only memory and speed do.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ FIRST_BATCH = 32
 MAX_AUTO_BATCH = 512
 
 
+#: Share of the budget that one chunk of a dense layer's sums may take.
+CHUNK_SHARE = 0.25
+
 # Arrays of a block's (C, k) size that the core holds at once while reducing it
 # (moments, centred columns, per-input statistics and their products).
 _CORE_TEMPORARIES = 16
@@ -50,13 +56,18 @@ def check_batching(batch_size, memory_budget):
     return batch_size, float(memory_budget)
 
 
+def itemsize(x) -> int:
+    """Bytes per number of the array x (8 where its dtype does not say)."""
+    return int(getattr(x.dtype, "itemsize", 8))
+
+
 def _nbytes(x) -> int:
     if x is None:
         return 0
     n = 1
     for s in x.shape:
         n *= int(s)
-    return n * x.dtype.itemsize if hasattr(x.dtype, "itemsize") else n * 8
+    return n * itemsize(x)
 
 
 def bytes_per_input(blocks, n_inputs: int, workspace: int = 0) -> int:
@@ -89,7 +100,27 @@ class Batches:
         self.auto = batch_size is None
         self.size = min(n, FIRST_BATCH) if self.auto else batch_size
         self.fitted = not self.auto
+        #: Bytes for one dense chunk's sums (:func:`fishercore.sums.chunk_rows`).
+        self.chunk_budget = memory_budget * CHUNK_SHARE if self.auto else float("inf")
+        #: Label draws per input taken at once (:func:`fishercore.estimate`); None: all.
+        self.draws: int | None = None
 
+    def first(self, model, itemsize: int, per_draw: int = 0) -> None:
+        """Size the first, measuring batch from what the model declares, so that it too keeps to the budget.
+
+        A dense model (:class:`~fishercore.DeclaresWorkspace`) holds about two (C, width) blocks
+        per layer and input plus its workspace: at most ``2 C P`` numbers; any other model
+        full columns, ``18 C P`` with the core's temporaries.  ``per_draw``: bytes per input
+        and label draw beyond that (:func:`fishercore.estimate`).
+        """
+        if self.fitted:
+            return
+        n_params = sum(g.size for g in model.groups)
+        if isinstance(model, DeclaresWorkspace):
+            guess = 2 * model.n_outputs * n_params * itemsize + model.workspace_per_input(True)
+        else:
+            guess = 18 * model.n_outputs * n_params * itemsize
+        self.size = max(1, min(self.size, int((self.budget - self.chunk_budget) // (guess + per_draw))))
     def take(self, X, start: int, stop: int):
         """``(inputs, mask)`` of the batch ``start:stop`` of X (padded to the batch size when ``pad``)."""
         from array_api_compat import array_namespace, device
@@ -114,19 +145,50 @@ class Batches:
 
     def __len__(self) -> int:
         if self.fitted and self.auto:
-            first = min(self.n, FIRST_BATCH)
-            return 1 + math.ceil((self.n - first) / self.size)
+            return 1 + math.ceil((self.n - self.first_size) / self.size)
         return math.ceil(self.n / self.size)
 
-    def fit(self, blocks, n_inputs: int, model, hessian: bool) -> None:
-        """Size the remaining batches from the first batch's blocks (once; no-op for a fixed size)."""
+    def fit(self, blocks, n_inputs: int, model, hessian: bool, per_draw: int = 0, n_draws: int = 1,
+            resident: int = 0) -> None:
+        """Size the remaining batches from the first batch's blocks (once; no-op for a fixed size).
+
+        ``per_draw``: bytes per input and label draw held beyond the blocks, for ``n_draws``
+        draws (:func:`fishercore.estimate`); ``resident``: bytes held whatever the batch (the
+        final concatenation of the sums).  When one input with all its draws does not fit, the
+        batches hold one input and its draws are taken :attr:`draws` at a time; when not even
+        one input and one draw fit, ValueError names ``memory_budget`` and what would.
+        """
         if self.fitted:
             return
         workspace = model.workspace_per_input(hessian) if isinstance(model, DeclaresWorkspace) else 0
         per_input = bytes_per_input(blocks, n_inputs, workspace)
-        size = min(self.n - min(self.n, FIRST_BATCH), int(self.budget // per_input))  # at most what remains
+        chunk = max([chunk_bytes(b, self.chunk_budget) for b in blocks if isinstance(b, DenseBlock)], default=0)
+        free = self.budget - chunk - resident
+        if free < per_input + per_draw:
+            need = per_input + per_draw + chunk + resident
+            raise ValueError(f"memory_budget: {_mib(self.budget)} cannot hold the working memory of one input, "
+                             f"{_mib(need)} for this model ({_mib(per_input + per_draw)} per input, {_mib(chunk)} "
+                             f"for a chunk of a layer's sums, {_mib(resident)} to concatenate the sums); give at "
+                             f"least {math.ceil(need):,} bytes, or a batch_size")
+        self.first_size = min(self.n, self.size)
+        per_input += n_draws * per_draw
+        size = min(self.n - self.first_size, int(free // per_input))  # at most what remains
+        if free < per_input:  # one input at a time, its draws in chunks
+            self.draws = max(1, int((free - per_input + n_draws * per_draw) // per_draw))
         self.size = max(1, size if self.cap is None else min(size, self.cap))
         self.fitted = True
+
+
+def _mib(nbytes) -> str:
+    return f"{nbytes / 2**20:.3g} MiB"
+
+
+def chunk_bytes(block, budget: float) -> int:
+    """Bytes of one chunk of a dense block's sums: :data:`~fishercore.sums.CHUNK_TEMPORARIES` arrays of
+    (rows, in), rows from :func:`~fishercore.sums.chunk_rows`."""
+    from .sums import CHUNK_TEMPORARIES, chunk_rows
+
+    return CHUNK_TEMPORARIES * chunk_rows(block, budget) * block.inputs.shape[1] * itemsize(block.inputs)
 
 
 def batches_for(X, batch_size, memory_budget, *, statistics: bool = True) -> Batches:

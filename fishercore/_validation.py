@@ -78,9 +78,22 @@ def check_input_shape(input_shape, *, required_by: str | None = None):
     return shape
 
 
+#: Numbers checked at once by :func:`check_finite` (its temporaries: a copy of that many, in some
+#: libraries, e.g. torch's ``isfinite`` takes ``abs``): large inputs are checked in row chunks.
+FINITE_CHUNK = 2**20
+
+
 def check_finite(x, name: str) -> None:
     xp = array_namespace(x)
-    if not bool(xp.all(xp.isfinite(x))):
+    row = 1
+    for s in x.shape[1:]:
+        row *= int(s)
+    step = max(1, FINITE_CHUNK // max(row, 1)) if x.ndim else 1
+    if x.ndim == 0 or x.shape[0] <= step:
+        ok = bool(xp.all(xp.isfinite(x)))
+    else:
+        ok = all(bool(xp.all(xp.isfinite(x[a:a + step, ...]))) for a in range(0, x.shape[0], step))
+    if not ok:
         raise ValueError(f"{name}: contains NaN or inf")
 
 

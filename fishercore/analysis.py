@@ -14,13 +14,13 @@ from array_api_compat import array_namespace
 from fishercore.backends.ops import ops_for
 
 from . import _validation as V
-from ._batching import DEFAULT_MEMORY_BUDGET, batches_for
+from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, itemsize
 from ._progress import Progress
 from ._protocol import Array
 from .families import get_family
 from .io import load_analysis, read, write
 from .result import FisherAnalysis
-from .sums import Accumulator, derivative_sums
+from .sums import Accumulator, chunked_sums
 
 __all__ = ["analyze", "analyze_batches", "analysis_of"]
 
@@ -39,12 +39,16 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
         Output distribution ``p(y | h)``.
     batch_size : int, optional
         Inputs per batch.  By default batches are sized to ``memory_budget`` (after a
-        first batch of 32 inputs that measures the per-input footprint), and hold at
+        first batch of up to 32 inputs that measures the per-input footprint), and hold at
         most 512 inputs on the CPU (any library), where larger batches are not
         faster.  Results do not depend on the batching.
     memory_budget : float
-        Bytes of working memory per batch when ``batch_size`` is None (512 MiB by
-        default); an estimate, not a hard limit.
+        Bytes of working memory when ``batch_size`` is None (512 MiB by default): batches,
+        and the chunks in which a large layer's sums are taken, are sized so that what the
+        call allocates besides its result (9 numbers per parameter) stays within it.  The
+        model, X, and memory the C allocator keeps after it is freed are outside it (see
+        docs/performance.md, "Memory").  A budget too small for one input raises
+        ValueError saying what would do.
     progress : bool
         Show a progress bar over batches (only on a terminal).
 
@@ -68,17 +72,21 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
     batches = batches_for(X, batch_size, memory_budget)
     ops = ops_for(X)
     acc = Accumulator()
+    batches.first(model, itemsize(X))
+    resident = 2 * sum(g.size for g in model.groups) * itemsize(X)  # the final concatenation, one field
     with ops.no_grad(), Progress(len(batches), progress, "analyze") as bar:
         X = ops.detach(X)
         for start, stop in batches:
             Xb, mask = batches.take(X, start, stop)
             d = model.derivatives(Xb)
-            batches.fit(d.blocks, Xb.shape[0], model, hessian=True)
+            batches.fit(d.blocks, Xb.shape[0], model, hessian=True, resident=resident)
             bar.total = len(batches)
             V.check_results_finite(d.outputs, start, stop)
-            batch = derivative_sums(d, family, mask)
-            V.check_results_finite(batch, start, stop, "statistics")
-            acc.add(batch, stop - start)
+            for group, first, transposed, sums in chunked_sums(d, family, mask, batches.chunk_budget):
+                acc.add_piece(group, first, transposed, sums, stop - start)
+            del d
+            V.check_results_finite(acc.by_group(), start, stop, "statistics")
+            acc.count(stop - start)
             bar.update()
     return analysis_of(model, acc, family)
 

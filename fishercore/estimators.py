@@ -25,7 +25,7 @@ from array_api_compat import array_namespace, device
 from fishercore.backends.ops import ops_for
 
 from . import _validation as V
-from ._batching import DEFAULT_MEMORY_BUDGET, batches_for
+from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, itemsize
 from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, SupportsPullback, weight_flat
 
@@ -82,8 +82,9 @@ def sample_labels(model, X: Array, family="categorical", *, n_draws: int = 1, se
 
 
 def _project(score, jac, xp):
-    """sᵀu for every draw: score (M, b, C), jac (b, C, k) → (M, b, k)."""
-    return xp.matmul(score[:, :, None, :], jac[None, ...])[:, :, 0, :]
+    """sᵀu for every draw: score (M, b, C), jac (b, C, k) → (b, M, k), a batched product over inputs
+    (broadcasting jac over the draws would copy it per draw in some libraries)."""
+    return xp.matmul(xp.permute_dims(score, (1, 0, 2)), jac)
 
 
 def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_draws: int = 1, seed=None,
@@ -109,7 +110,9 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
         for comparison.  Class indices (n,) for the categorical family, (n, C)
         otherwise.  Incompatible with ``n_draws > 1``.
     batch_size, memory_budget, progress
-        As in :func:`fishercore.analyze`.
+        As in :func:`fishercore.analyze`.  The draws count in the budget: when one input's
+        ``n_draws`` draws do not fit, inputs are taken one at a time and their draws in
+        chunks (the labels are the same: one input's noise is one stream).
 
     Returns
     -------
@@ -129,18 +132,21 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
             raise ValueError(f"labels: expected one label per input ({n}), got shape {getattr(labels, 'shape', None)}")
     else:
         rng = _rng(seed)
-    use_pullback = est == "i1" and isinstance(model, SupportsPullback)
+    # one backward pass per draw (pullback) beats C of them (derivatives) for fewer draws than outputs
+    use_pullback = est == "i1" and isinstance(model, SupportsPullback) and M < model.n_outputs
+    size = itemsize(X)
+    batches.first(model, size, per_draw=M * _draw_bytes(model.n_outputs, model.n_outputs, size))
     sums: dict = {}
     with ops.no_grad(), Progress(len(batches), progress, f"estimate {est}") as bar:
         X = ops.detach(X)
         for start, stop in batches:
             Xb, mask = batches.take(X, start, stop)
 
-            def score(h, start=start, stop=stop, mask=mask):
-                """Scores (M, b, C) of the batch's labels; zero on a padded batch's filler rows."""
+            def score(h, m=M, start=start, stop=stop, mask=mask):
+                """Scores (m, b, C) of the batch's next m labels; zero on a padded batch's filler rows."""
                 V.check_results_finite(h, start, stop)
                 if labels is None:
-                    noise = _noise(family, rng, h, M, stop - start)
+                    noise = _noise(family, rng, h, m, stop - start)
                     return ops.jit(_score_from_noise, ("family",))(h, noise, mask, family=family)
                 y = family.check_labels(batches.take(labels, start, stop)[0], h)[None, ...]
                 return _masked_draws(family.score(h, y), mask)
@@ -148,22 +154,37 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
             batch = {}
             if use_pullback:  # one backward pass per draw: t = sᵀ ∂h/∂z directly
                 d = model.pullback(Xb, score)
+                batches.fit(d.blocks, Xb.shape[0], model, hessian=False)
                 for b in d.blocks:
                     batch.update(_aggregate(b, None, ops))
             else:
                 d = model.derivatives(Xb, hessian=est == "i2")
-                s = score(d.outputs)
+                width = max(b.jac.shape[-1] for b in d.blocks)
+                batches.fit(d.blocks, Xb.shape[0], model, hessian=est == "i2", n_draws=M,
+                            per_draw=_draw_bytes(d.outputs.shape[1], width, size))
+                # draws in chunks only for a batch of one input: its noise is then one stream, as unchunked
+                step = batches.draws if batches.draws and stop - start == 1 else M
                 per_input = ops.jit(_per_input, ("family", "est"))
-                for b in d.blocks:
-                    per = per_input(d.outputs, s, b.jac, b.diag_hess, mask, family=family, est=est)
-                    batch.update(_aggregate(b, per, ops))
-            batches.fit(d.blocks, Xb.shape[0], model, hessian=est == "i2")
+                for first in range(0, M, step):
+                    s = score(d.outputs, min(step, M - first))
+                    for b in d.blocks:
+                        part = _aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, mask, family=family,
+                                                       est=est), ops)
+                        for name, value in part.items():
+                            batch[name] = batch[name] + value if name in batch else value
+                    del s
             bar.total = len(batches)
             V.check_results_finite(batch, start, stop, "estimates")
             for name, value in batch.items():
                 sums[name] = sums[name] + value if name in sums else value
             bar.update()
     return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
+
+
+def _draw_bytes(n_outputs: int, width: int, size: int) -> int:
+    """Bytes per input and draw: the NumPy noise (float64), its copy, labels and scores (C each), the
+    projections sᵀu and their squares (``width``, the widest block)."""
+    return 8 * n_outputs + size * (3 * n_outputs + 3 * width)
 
 
 def _masked_draws(s, mask):
@@ -191,9 +212,9 @@ def _per_input(h, s, jac, diag_hess, mask, family, est):
     xp = array_namespace(h)
     if est == "i1":
         t = _project(s, jac, xp)
-        return xp.sum(t * t, axis=0)  # s = 0 on filler rows
+        return xp.sum(t * t, axis=1)  # s = 0 on filler rows
     M = s.shape[0]
-    per = M * family.fisher(h, jac) - xp.sum(_project(s, diag_hess, xp), axis=0)
+    per = M * family.fisher(h, jac) - _project(xp.sum(s, axis=0, keepdims=True), diag_hess, xp)[:, 0, :]
     return per if mask is None else per * mask[:, None]
 
 

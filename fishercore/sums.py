@@ -25,7 +25,8 @@ from fishercore.backends.ops import ops_for
 from ._protocol import Array, ColumnBlock, DenseBlock, weight_flat
 from .stats import PerInputStats, per_input_stats
 
-__all__ = ["Accumulator", "FisherSums", "all_reduce_sums", "block_sums", "derivative_sums", "merge_sums"]
+__all__ = ["Accumulator", "FisherSums", "all_reduce_sums", "block_sums", "chunked_sums", "derivative_sums",
+           "merge_sums"]
 
 
 class FisherSums(NamedTuple):
@@ -111,20 +112,27 @@ def _product_centred_ss(F, G, xp, mask=None):
     return xp.minimum(xp.maximum(out, xp.zeros_like(out)), S2)
 
 
-def _dense_weight_sums(stats: PerInputStats, inputs: Array, transposed: bool, mask=None) -> FisherSums:
-    """Σ_x stat_a(x) a_b(x)^k for every W[a, b], flattened in the group's order."""
+def _dense_weight_sums(stats: PerInputStats, inputs: Array, mask=None) -> FisherSums:
+    """Σ_x stat_a(x) a_b(x)^k for every W[a, b] of the rows a that ``stats`` holds: each (rows, in)."""
     xp = array_namespace(inputs)
     sq = inputs * inputs
     powers = {2: _rows(sq, mask), 4: _rows(sq * sq, mask)}
-    sums = [None if k is None else weight_flat(transposed, xp.matmul(xp.permute_dims(s, (1, 0)), powers[k]))
+    sums = [None if k is None else xp.matmul(xp.permute_dims(s, (1, 0)), powers[k])
             for s, k in zip((stats.fisher, None) + tuple(stats[1:]), _WEIGHT_POWER)]
-    sums[1] = weight_flat(transposed, _product_centred_ss(stats.fisher, sq, xp, mask))
+    sums[1] = _product_centred_ss(stats.fisher, sq, xp, mask)
     return FisherSums(*sums)
 
 
-def _dense_sums(outputs, jac, diag_hess, inputs, spectrum, mask, family, transposed):
+def _dense_stats(outputs, jac, diag_hess, spectrum, mask, family):
+    """Per-neuron statistics (n, out) of a dense block and their sums over inputs (the bias's)."""
     stats = per_input_stats(outputs, jac, diag_hess, family, spectrum)
-    return _dense_weight_sums(stats, inputs, transposed, mask), _sums_over_inputs(stats, mask)
+    return stats, _sums_over_inputs(stats, mask)
+
+
+def _dense_sums(outputs, jac, diag_hess, inputs, spectrum, mask, family, transposed):
+    stats, bias = _dense_stats(outputs, jac, diag_hess, spectrum, mask, family)
+    weight = _dense_weight_sums(stats, inputs, mask)
+    return FisherSums(*(weight_flat(transposed, w) for w in weight)), bias
 
 
 def _column_sums(outputs, jac, diag_hess, spectrum, mask, family):
@@ -133,6 +141,21 @@ def _column_sums(outputs, jac, diag_hess, spectrum, mask, family):
 
 def _spectrum(outputs, family):
     return family.spectrum(outputs)
+
+
+#: Arrays of one dense chunk's (rows, in) size alive at once while its sums are computed and
+#: merged: the nine sums, the centred sum of squares' temporaries, the merged copy.
+CHUNK_TEMPORARIES = 32
+
+
+def chunk_rows(block, budget: float) -> int:
+    """Rows of a dense block's weight whose sums are computed at once, so that their temporaries
+    (:data:`CHUNK_TEMPORARIES` arrays of (rows, in)) take at most ``budget`` bytes (at least one row)."""
+    out = block.jac.shape[-1]
+    if budget == float("inf"):
+        return out
+    per_row = CHUNK_TEMPORARIES * block.inputs.shape[1] * getattr(block.inputs.dtype, "itemsize", 8)
+    return max(1, min(out, int(budget // per_row)))
 
 
 def block_sums(outputs: Array, block, family, spectrum=None, mask=None) -> dict:
@@ -159,6 +182,32 @@ def derivative_sums(d, family, mask=None) -> dict:
     for block in d.blocks:
         sums.update(block_sums(d.outputs, block, family, spectrum, mask))
     return sums
+
+
+def chunked_sums(d, family, mask=None, chunk_budget: float = float("inf")):
+    """The sums of :func:`derivative_sums`, one piece at a time: ``(group, start, transposed, FisherSums)``.
+
+    A dense weight comes in chunks of :func:`chunk_rows` rows ``start:start + rows`` of its
+    (out, in) matrix, each (rows, in); every other group whole (``start`` 0, flat).  Only one
+    chunk's temporaries are alive at once, so a batch's working memory does not grow with the
+    size of the largest layer.
+    """
+    ops = ops_for(d.outputs)
+    spectrum = ops.jit(_spectrum, ("family",))(d.outputs, family=family)
+    for block in d.blocks:
+        if isinstance(block, DenseBlock):
+            stats, bias = ops.jit(_dense_stats, ("family",))(d.outputs, block.jac, block.diag_hess, spectrum, mask,
+                                                               family=family)
+            if block.bias is not None:
+                yield block.bias, 0, False, bias
+            rows, out = chunk_rows(block, chunk_budget), block.jac.shape[-1]
+            weight_sums = ops.jit(_dense_weight_sums)
+            for a in range(0, out, rows):
+                part = stats if rows >= out else PerInputStats(*(s[:, a:a + rows] for s in stats))
+                yield block.weight, a, block.transposed, weight_sums(part, block.inputs, mask)
+        else:
+            for name, sums in block_sums(d.outputs, block, family, spectrum, mask).items():
+                yield name, 0, False, sums
 
 
 # -- the reduction -------------------------------------------------------------------------
@@ -195,37 +244,97 @@ def merge_sums(a: FisherSums, na, b: FisherSums, nb) -> FisherSums:
                       *(x + y for x, y in zip(a[2:], b[2:])))
 
 
-def _merge_groups(a: dict, na, b: dict, nb) -> dict:
-    return {name: merge_sums(a[name], na, b[name], nb) for name in a}
+def _merge_into(held: list, na, b: FisherSums, nb) -> None:
+    """:func:`merge_sums` of the fields ``held`` (updated in place) and b."""
+    a = FisherSums(*held)
+    mean = (a.fisher + b.fisher) / (na + nb)
+    m2 = _centred_term(a, na, mean)
+    m2 += _centred_term(b, nb, mean)
+    held[1][...] = m2
+    del m2, mean
+    for i in (0, *range(2, len(held))):
+        held[i] += b[i]
 
 
 class Accumulator:
-    """Per-group sums of a stream of batches: ``add({name: FisherSums}, n)``, then ``flat(groups)``.
+    """Sums of a stream of batches, kept in pieces: ``add(...)`` per batch, then ``flat(groups)``.
 
-    Every batch brings the sums of the same groups; they are merged by :func:`merge_sums`, all
-    groups in one call (compiled once per model structure where the arrays' library compiles).
+    A piece is a group, or a chunk of a dense weight's rows (:func:`chunked_sums`).  Each
+    batch's piece is merged into the held one by :func:`merge_sums` as soon as it exists (one
+    compiled merge per piece shape where the library compiles), so a batch never holds more
+    than one piece's sums beside the running total.  ``add_piece`` for each piece of a batch,
+    then ``count(n)``; ``add(sums, n)`` does both for whole groups.
     """
 
     def __init__(self):
-        self.sums: dict = {}
+        self.pieces: dict = {}  # (group, start) → list of the FisherSums fields
+        self.transposed: dict = {}  # group → stored (in, out)
         self.n_inputs = 0
+        self._batch: set = set()
 
-    def add(self, sums: dict, n: int) -> None:
-        """Fold in the sums of n more inputs (of every group the earlier batches had)."""
-        if self.sums:
-            if set(sums) != set(self.sums):
-                raise RuntimeError(f"model: a batch's derivative blocks cover the groups {sorted(sums)}, "
-                                   f"an earlier batch's {sorted(self.sums)}")
-            first = next(iter(sums.values())).fisher
-            self.sums = ops_for(first).jit(_merge_groups)(self.sums, self.n_inputs, sums, n)
+    def add_piece(self, group: str, start: int, transposed: bool, sums: FisherSums, n: int) -> None:
+        """Merge one piece of the current batch (of n inputs) into the total."""
+        key = (group, start)
+        held = self.pieces.get(key)
+        if held is None:
+            if self.n_inputs:
+                raise RuntimeError(f"model: a batch's derivative blocks cover the group {group!r}, "
+                                   f"which earlier batches did not")
+            self.pieces[key], self.transposed[group] = list(sums), transposed
         else:
-            self.sums = dict(sums)
+            ops = ops_for(sums.fisher)
+            if ops.mutable:  # in place: the running sums stay where they are, and memory does not fragment
+                _merge_into(held, self.n_inputs, sums, n)
+            else:
+                held[:] = ops.jit(merge_sums)(FisherSums(*held), self.n_inputs, sums, n)
+        self._batch.add(key)
+
+    def count(self, n: int) -> None:
+        """Close the current batch, of n inputs."""
+        if self._batch != set(self.pieces):
+            missing = sorted({g for g, _ in set(self.pieces) - self._batch})
+            raise RuntimeError(f"model: a batch's derivative blocks do not cover the groups {missing}, "
+                               f"which earlier batches did")
+        self._batch = set()
         self.n_inputs += n
 
+    def add(self, sums: dict, n: int) -> None:
+        """Fold in the sums (name → FisherSums, flat) of n more inputs."""
+        for name, s in sums.items():
+            self.add_piece(name, 0, False, s, n)
+        self.count(n)
+
+    def by_group(self) -> dict:
+        """group → the arrays of all its pieces (for a check)."""
+        out: dict = {}
+        for (g, _), fields in self.pieces.items():
+            out.setdefault(g, []).extend(fields)
+        return out
+
     def flat(self, groups) -> FisherSums:
-        """The sums of every group concatenated in flat parameter order."""
-        missing = [g.name for g in groups if g.name not in self.sums]
+        """The sums of every group concatenated in flat parameter order (consumes the pieces, one field at a
+        time, so that the total is held about once)."""
+        starts: dict = {}
+        for g, a in self.pieces:
+            starts.setdefault(g, []).append(a)
+        missing = [g.name for g in groups if g.name not in starts]
         if missing:
             raise RuntimeError(f"model: derivative blocks do not cover the groups {missing}")
-        xp = array_namespace(self.sums[groups[0].name].fisher)
-        return FisherSums(*(xp.concat([self.sums[g.name][i] for g in groups]) for i in range(len(FisherSums._fields))))
+        first = self.pieces[(groups[0].name, 0)][0]
+        xp = array_namespace(first)
+        fields = []
+        for i in range(len(FisherSums._fields)):
+            parts = []
+            for g in groups:
+                chunks = [self.pieces[(g.name, a)] for a in sorted(starts[g.name])]
+                if len(chunks) == 1 and chunks[0][i].ndim == 1:
+                    parts.append(chunks[0][i])
+                else:
+                    whole = chunks[0][i] if len(chunks) == 1 else xp.concat([c[i] for c in chunks], axis=0)
+                    parts.append(weight_flat(self.transposed[g.name], whole))
+                for c in chunks:
+                    c[i] = None
+            fields.append(xp.concat(parts))
+            del parts
+        self.pieces = {}
+        return FisherSums(*fields)

@@ -135,30 +135,41 @@ def test_batch_size_and_merge_are_exact():
 
 
 def test_batches_sized_to_the_memory_budget_give_the_same_numbers():
-    from fishercore._batching import FIRST_BATCH, MAX_AUTO_BATCH, Batches, bytes_per_input
+    from fishercore._batching import CHUNK_SHARE, FIRST_BATCH, MAX_AUTO_BATCH, Batches, bytes_per_input, chunk_bytes
 
     model, X = make_problem(Problem("3h", "tanh", "categorical", n=90))
     one = fc.analyze(model, X, batch_size=90)
-    for budget in (1.0, 2e5, 1e9):  # one input per batch after the first, a few per batch, all at once
-        assert_analysis_close(fc.analyze(model, X, memory_budget=budget), one, rtol=1e-12)
-    np.testing.assert_allclose(fc.estimate(model, X, seed=2, memory_budget=1.0), fc.estimate(model, X, seed=2),
-                               rtol=1e-13)
-    # the sizes: the first batch measures, the rest fit the budget, capped at MAX_AUTO_BATCH
     d = model.derivatives(X[:FIRST_BATCH])
     per_input = bytes_per_input(d.blocks, FIRST_BATCH, model.workspace_per_input(True))
     held = sum(np.asarray(a).nbytes for b in d.blocks for a in (b.jac, b.diag_hess, b.inputs)) / FIRST_BATCH
     assert held < per_input < 40 * held
-    for budget, size in ((1.0, 1), (10.5 * per_input, 10), (1e12, 90)):
+    resident = 2 * sum(g.size for g in model.groups) * 8
+
+    def fixed(budget):  # what a batch cannot use: one chunk of a layer's sums and the final concatenation
+        return max(chunk_bytes(b, budget * CHUNK_SHARE) for b in d.blocks) + resident
+
+    # a budget that holds one input, a few, all at once: the same numbers
+    budgets = [per_input * k + fixed(per_input * k * 4) for k in (1.2, 10.5, 1e6)]
+    for budget in budgets:
+        assert_analysis_close(fc.analyze(model, X, memory_budget=budget), one, rtol=1e-12)
+    np.testing.assert_allclose(fc.estimate(model, X, seed=2, memory_budget=budgets[0]), fc.estimate(model, X, seed=2),
+                               rtol=1e-13)
+    # the sizes: the first batch measures, the rest fit the budget, capped at MAX_AUTO_BATCH
+    for budget in budgets:
         batches = Batches(90, None, budget)
         spans = []
         for start, stop in batches:
             spans.append(stop - start)
-            batches.fit(d.blocks, FIRST_BATCH, model, True)
-        assert spans[0] == FIRST_BATCH and set(spans[1:-1]) <= {min(size, 90 - FIRST_BATCH)}
+            batches.fit(d.blocks, FIRST_BATCH, model, True, resident=resident)
+        size = min(90 - spans[0], int((budget - fixed(budget)) // per_input))
+        assert set(spans[1:-1]) <= {size} and spans[-1] <= size
         assert sum(spans) == 90 and len(spans) == len(batches)
     big = Batches(10**6, None, 1e15)
     big.fit(d.blocks, FIRST_BATCH, model, True)
     assert big.size == MAX_AUTO_BATCH
+    # a budget that cannot hold one input is refused, saying what would
+    with pytest.raises(ValueError, match=r"memory_budget: .* cannot hold .* give at least [0-9,]+ bytes"):
+        fc.analyze(model, X, memory_budget=per_input)
 
 
 def test_var_x_and_variance_formulas():

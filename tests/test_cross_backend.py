@@ -209,3 +209,45 @@ def test_float32_within_stated_tolerance(p, kind, request):
     if "jax" in kind:
         request.getfixturevalue("jax_x64")  # float32 arrays side by side with the float64 reference
     _check(p, kind, "float32", 1e-4)
+
+
+CHUNK_KINDS = ["mlp-numpy"] + [k for k in ("torch-sequential", "jax-mlp", "jax-mlp-flax") if k in KINDS]
+
+
+@pytest.mark.parametrize("kind", CHUNK_KINDS)
+def test_budget_chunks_give_the_same_numbers(kind, request, monkeypatch):
+    """Budgets small enough to split a layer's sums into row chunks and an input's draws into chunks give
+    the numbers of one unchunked pass (the labels too: one input's noise is one stream)."""
+    import fishercore.estimators as E
+    import fishercore.sums as S
+
+    if "jax" in kind:
+        request.getfixturevalue("jax_x64")
+    rows, draws = [], []
+    chunk_rows, noise = S.chunk_rows, E._noise
+    monkeypatch.setattr(S, "chunk_rows", lambda b, budget: rows.append((chunk_rows(b, budget), b.jac.shape[-1]))
+                        or rows[-1][0])
+    monkeypatch.setattr(E, "_noise", lambda fam, rng, h, m, k=None: draws.append(m) or noise(fam, rng, h, m, k))
+    for fam in ("categorical", "gaussian", "bernoulli"):
+        p = Problem("2h", "tanh", fam, n=4)
+        ref_model = mlp.MLP(make_layers(p.arch, p.seed), p.activation)
+        ref_X = np.random.default_rng(p.seed + 1).normal(size=(p.n, ARCHS[p.arch][0]))
+        ref = fc.analyze(ref_model, ref_X, fam, batch_size=p.n)
+        ref_est = fc.estimate(ref_model, ref_X, fam, n_draws=300, seed=3, batch_size=p.n)
+        model, X, to_ref = (ref_model, ref_X, np.asarray) if kind == "mlp-numpy" else build(kind, p, "float64")
+        chunked = {"rows": False, "draws": False}
+        for budget in (3e3, 1e4, 3e4, 1e5):
+            rows.clear()
+            draws.clear()
+            try:
+                res = fc.analyze(model, X, fam, memory_budget=budget)
+                est = fc.estimate(model, X, fam, n_draws=300, seed=3, memory_budget=budget)
+            except ValueError as e:  # too small to hold one input: said so, naming the budget
+                assert "memory_budget" in str(e)
+                continue
+            chunked["rows"] |= any(r < out for r, out in rows)
+            chunked["draws"] |= max(draws) < 300
+            for f in FIELDS:
+                _compare(to_ref(getattr(res, f)), getattr(ref, f), 1e-12, f"{fam} {budget:g} {f}", kind, "float64")
+            _compare(to_ref(est), ref_est, 1e-12, f"{fam} {budget:g} estimate", kind, "float64")
+        assert chunked == {"rows": True, "draws": True}, (fam, chunked)

@@ -1,0 +1,136 @@
+"""Peak memory of ``analyze`` and ``estimate`` against ``memory_budget``, per backend.
+
+Run from the repository root:
+
+    python benchmarks/memory.py                         # issue 13's case: 784-512-512-10, 20,000 inputs, 64 MiB
+    python benchmarks/memory.py --n 2000 --budget 64    # quicker
+    python benchmarks/memory.py --job estimate --n-draws 400000 --n 100
+
+Each case runs in a fresh process.  After the model and the inputs exist (and, for JAX, after
+one call on a few inputs has compiled the code, which is XLA's memory, not the budget's), the
+process's peak resident set is reset (``/proc/self/clear_refs``) and the job runs; the growth
+reported is ``VmHWM − VmRSS before``: everything the call allocated at its peak.  The model's
+weights and X are outside it (they exist before the call).  Results go to stdout as a Markdown
+table.  Benchmarks are not tests: the test ``tests/test_memory.py`` asserts the budget on a
+smaller case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+MIB = 2**20
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+
+def reset_peak():
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def peak():
+    return _status("VmHWM")
+
+
+def build(backend, widths, n, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    layers = [(rng.normal(size=(o, i)) / np.sqrt(i), 0.1 * rng.normal(size=o)) for i, o in zip(widths[:-1], widths[1:])]
+    X = rng.normal(size=(n, widths[0]))
+    if backend == "numpy":
+        from fishercore.backends import mlp
+        return mlp.MLP(layers, "tanh"), X
+    if backend == "torch":
+        import torch
+
+        from fishercore.backends import torch as ft
+        torch.set_num_threads(os.cpu_count())
+        return ft.from_sequential(ft.sequential_from_layers(layers, "tanh")), torch.from_numpy(X)
+    if backend == "jax":
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        from fishercore.backends import jax as fj
+        return fj.from_mlp([(jnp.asarray(W), jnp.asarray(b)) for W, b in layers], "tanh"), jnp.asarray(X)
+    raise ValueError(backend)
+
+
+def child(args):
+    import fishercore as fc
+
+    model, X = build(args.backend, args.widths, args.n)
+    budget = args.budget * MIB
+
+    def job(X):
+        if args.job == "analyze":
+            return fc.analyze(model, X, memory_budget=budget).fisher
+        return fc.estimate(model, X, estimator=args.estimator, n_draws=args.n_draws, seed=0, memory_budget=budget)
+
+    # warm up on a small model: the libraries' start-up (BLAS thread buffers, thread pools) is not the
+    # call's working memory; compiling for this model (JAX) is measured with the call
+    small, Xs = build(args.backend, [8, 4, 3], 64)
+    fc.analyze(small, Xs)
+    del small, Xs
+    if args.compile_first:  # and compile for this model's shapes: the first call measured is the second
+        job(X)
+    grown = []
+    for _ in range(1 if args.compile_first else 2):  # the first call compiles (JAX), the second runs compiled code
+        before = reset_peak()
+        out = job(X)
+        float(out[0])
+        result = out.nbytes * (9 if args.job == "analyze" else 1)
+        del out
+        grown.append(peak() - before)
+    print(json.dumps({"backend": args.backend, "job": args.job, "first_mib": grown[0] / MIB,
+                      "second_mib": grown[-1] / MIB, "result_mib": result / MIB, "budget_mib": args.budget}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", nargs="+", default=["numpy", "torch", "jax"])
+    p.add_argument("--widths", type=int, nargs="+", default=[784, 512, 512, 10])
+    p.add_argument("--n", type=int, default=20_000)
+    p.add_argument("--budget", type=float, default=64.0, help="memory_budget in MiB")
+    p.add_argument("--job", choices=["analyze", "estimate"], default="analyze")
+    p.add_argument("--estimator", default="i1")
+    p.add_argument("--n-draws", type=int, default=1)
+    p.add_argument("--compile-first", action="store_true", help="one call before the measured ones")
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.backend:
+        return child(args)
+    print(f"{args.job} {'-'.join(map(str, args.widths))}, n = {args.n:,}"
+          + (f", {args.estimator}, n_draws = {args.n_draws:,}" if args.job == "estimate" else "")
+          + f", memory_budget = {args.budget:g} MiB\n")
+    print("| backend | growth, first call (MiB) | of it, the result (MiB) | (growth − result) ÷ budget | "
+          "growth, second call (MiB) |\n|---|---|---|---|---|")
+    for backend in args.backends:
+        cmd = [sys.executable, __file__, "--backend", backend, "--job", args.job, "--n", str(args.n),
+               "--budget", str(args.budget), "--estimator", args.estimator, "--n-draws", str(args.n_draws),
+               "--widths", *map(str, args.widths)] + (["--compile-first"] if args.compile_first else [])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            print(f"| {backend} | failed: {r.stderr.strip().splitlines()[-1]} | | | |")
+            continue
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"| {backend} | {res['first_mib']:.0f} | {res['result_mib']:.0f} | "
+              f"{(res['first_mib'] - res['result_mib']) / args.budget:.2f} | {res['second_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
