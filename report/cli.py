@@ -67,43 +67,104 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=_seed, default=0)
     rep.add_argument("--out", default="fishercore-report", metavar="DIR", help="output folder (created)")
     rep.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    rep.add_argument("--render-only", metavar="DIR",
+                     help="only draw the figures and pages again from DIR/results.json (e.g. of an interrupted run); "
+                          "every other option is ignored")
     return parser
 
 
-def run_report(args) -> int:
-    from .results import check_writable
-    from .train import resolve_backend
+def _render(results: dict, folder: pathlib.Path) -> list[str]:
+    if results["study"] == "natural-gradient":
+        from .ngd import render_ngd
 
-    out = check_writable(pathlib.Path(args.out))
+        return render_ngd(results, folder)
+    from .render import render_fisher
+
+    return render_fisher(results, folder)
+
+
+class _Stopped(Exception):
+    """A run stopped early (interrupt or error) after its finished records were moved into ``--out``."""
+
+    def __init__(self, cause: BaseException, out: pathlib.Path, saved: bool):
+        super().__init__(str(cause))
+        self.cause, self.out, self.saved = cause, out, saved
+
+
+def run_report(args) -> int:
+    from .results import check_writable, load_results, publish, staging_dir
+
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
-    if args.study == "natural-gradient":
-        from .ngd import NGDStudy, render_ngd, run_ngd_study
-
-        results = run_ngd_study(NGDStudy(seed=args.seed), out, progress=progress)
-        findings = render_ngd(results, out)
+    if args.render_only is not None:  # figures and pages again, from a folder's results.json
+        out = check_writable(pathlib.Path(args.render_only))
+        results = load_results(out)
+        work = staging_dir(out)
+        findings = _render(results, work)
+        publish(work, out, results=False)
     else:
-        from . import data as D
-        from .render import render_fisher
-        from .study import FisherStudy, run_fisher_study
+        out = check_writable(pathlib.Path(args.out))
+        work = staging_dir(out)  # the run writes here; its files replace the report's in --out at the end
+        try:
+            results = _study(args, work, progress)
+        except BaseException as e:
+            saved = (work / "results.json").exists() and _has_records(work)
+            if saved:  # finished records are never lost: into --out, without pages of another run
+                publish(work, out)
+            else:
+                import shutil
 
-        backend = resolve_backend(args.backend)
-        D.load(args.task, args.data, label_column=args.label_column, seed=args.seed)  # fail before training
-        cfg = FisherStudy(task=args.task, data=args.data, label_column=args.label_column, activation=args.activation,
-                          hidden=tuple(args.hidden), epochs=args.epochs, backend=backend, seed=args.seed)
-        results = run_fisher_study(cfg, out, progress=progress)
-        findings = render_fisher(results, out)
+                shutil.rmtree(work, ignore_errors=True)
+            raise _Stopped(e, out, saved) from e
+        try:
+            findings = _render(results, work)
+        except BaseException as e:
+            publish(work, out)
+            raise _Stopped(e, out, True) from e
+        publish(work, out)
     if not args.quiet:
         print("\n".join(f"* {f.replace('`', '')}" for f in findings))
-        print(f"wrote {out / 'report.html'} (and report.md, results.json, results.csv, *.png) "
+        print(f"wrote {out / 'report.html'} (and report.md, figures{'' if args.render_only else ', results'}) "
               f"in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _has_records(folder: pathlib.Path) -> bool:
+    import json
+
+    try:
+        data = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(data.get("epochs") or data.get("runs"))
+
+
+def _study(args, out: pathlib.Path, progress: bool) -> dict:
+    if args.study == "natural-gradient":
+        from .ngd import NGDStudy, run_ngd_study
+
+        return run_ngd_study(NGDStudy(seed=args.seed), out, progress=progress)
+    from . import data as D
+    from .study import FisherStudy, run_fisher_study
+    from .train import resolve_backend
+
+    backend = resolve_backend(args.backend)
+    D.load(args.task, args.data, label_column=args.label_column, seed=args.seed)  # fail before training
+    cfg = FisherStudy(task=args.task, data=args.data, label_column=args.label_column, activation=args.activation,
+                      hidden=tuple(args.hidden), epochs=args.epochs, backend=backend, seed=args.seed)
+    return run_fisher_study(cfg, out, progress=progress)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_report(args)
+        try:
+            return run_report(args)
+        except _Stopped as stop:
+            if stop.saved:
+                print(f"fishercore: stopped; the finished records are in {stop.out}/results.json; "
+                      f"`fishercore report --render-only {stop.out}` draws their figures and pages", file=sys.stderr)
+            raise stop.cause from None
     except ReportError as e:
         print(f"fishercore: error: {e}", file=sys.stderr)
         return 2
@@ -114,7 +175,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fishercore: interrupted; finished epochs are in {args.out}/results.json", file=sys.stderr)
+        print("fishercore: interrupted", file=sys.stderr)
         return 130
 
 

@@ -61,6 +61,57 @@ def group_records(res, names=None) -> dict:
     return out
 
 
+#: Every file a report writes: what :func:`publish` replaces in ``--out`` (nothing else there is touched).
+RESULT_FILES = ("results.json", "results.csv")
+PAGE_FILES = ("report.md", "report.html", "fisher_grid.png", "i2_better.png", "sample_size.png",
+              "natural_gradient.png")
+
+
+def staging_dir(out: pathlib.Path) -> pathlib.Path:
+    """A fresh folder beside ``out`` (same file system, so files move into place by rename)."""
+    import tempfile
+
+    return pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def publish(work: pathlib.Path, out: pathlib.Path, *, results: bool = True) -> None:
+    """Move a finished (or interrupted) run's files from ``work`` into ``out``, then remove ``work``.
+
+    The report's files in ``out`` that ``work`` does not have are removed first, so ``out`` never
+    mixes two runs (an old report.html beside new results); ``results=False`` (re-rendering)
+    leaves the results files alone.  Other files in ``out`` are never touched.
+    """
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    owned = (RESULT_FILES if results else ()) + PAGE_FILES
+    for name in owned:
+        if not (work / name).exists():
+            (out / name).unlink(missing_ok=True)
+    for name in owned:
+        if (work / name).exists():
+            os.replace(work / name, out / name)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def load_results(folder: pathlib.Path) -> dict:
+    """The results.json of a report folder, checked enough to render it."""
+    path = folder / "results.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"--render-only: {folder} has no results.json (not a report folder?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"--render-only: cannot read {path}: {e}") from None
+    key = {"fisher": "epochs", "natural-gradient": "runs"}.get(data.get("study") if isinstance(data, dict) else None)
+    if key is None or not isinstance(data.get(key), list) or "config" not in data:
+        raise ReportError(f"--render-only: {path} is not a fishercore report's results "
+                          f"(no study, config and {key or 'records'})")
+    if not data[key]:
+        raise ReportError(f"--render-only: {path} holds no finished {key} yet; nothing to render")
+    return data
+
+
 def check_writable(out: pathlib.Path) -> pathlib.Path:
     """Create ``out`` and prove it writable, before any work starts."""
     try:

@@ -134,9 +134,18 @@ def test_user_csv_and_npz_data(tmp_path):
     assert a["epochs"][-1]["test_loss"] == pytest.approx(b["epochs"][-1]["test_loss"], rel=1e-12)
 
 
-def test_interrupted_run_keeps_finished_epochs(tmp_path, monkeypatch, capsys):
-    from fishercore.report import study
+def _report_files(folder):
+    return sorted(p.name for p in folder.iterdir())
 
+
+def test_interrupted_run_keeps_finished_epochs_and_never_mixes_two_runs(tmp_path, monkeypatch, capsys):
+    from fishercore.report import render, study
+
+    out = tmp_path / "out"
+    args = ["report", "--out", str(out), "--epochs", "5", "--hidden", "4", "--quiet", "--backend", "numpy"]
+    assert cli.main(args[:3] + TINY + ["--backend", "numpy"]) == 0  # an earlier, complete report in --out
+    (out / "notes.txt").write_text("mine")
+    complete = _report_files(out)
     calls = {"n": 0}
     real = study.group_records
 
@@ -147,11 +156,42 @@ def test_interrupted_run_keeps_finished_epochs(tmp_path, monkeypatch, capsys):
         return real(res, names)
 
     monkeypatch.setattr(study, "group_records", interrupt_after_two)
-    assert cli.main(["report", "--out", str(tmp_path / "out"), "--epochs", "5", "--hidden", "4", "--quiet",
-                     "--backend", "numpy"]) == 130
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert cli.main(args) == 130
+    res = json.loads((out / "results.json").read_text())
     assert [e["epoch"] for e in res["epochs"]] == [0, 1]
-    assert "interrupted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted" in err and f"--render-only {out}" in err
+    # the earlier run's pages and figures are gone with its results; the user's file stays; no staging left
+    assert _report_files(out) == ["notes.txt", "results.csv", "results.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # the figures and pages of the finished epochs, from results.json
+    assert cli.main(["report", "--render-only", str(out), "--quiet"]) == 0
+    assert _report_files(out) == complete
+    assert "Epoch 1, per parameter group" in (out / "report.md").read_text()
+
+    # interrupted while rendering: results in place, no pages of the earlier run beside them
+    monkeypatch.setattr(study, "group_records", real)
+    monkeypatch.setattr(render, "fisher_figures", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(args) == 130
+    assert _report_files(out) == ["notes.txt", "results.csv", "results.json"]
+    assert len(json.loads((out / "results.json").read_text())["epochs"]) == 6
+    monkeypatch.undo()
+    assert cli.main(["report", "--render-only", str(out), "--quiet"]) == 0 and _report_files(out) == complete
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "has no results.json"),
+    ("{not json", "cannot read"),
+    ('{"study": "fisher"}', "not a fishercore report"),
+    ('{"study": "fisher", "config": {}, "epochs": []}', "no finished epochs"),
+])
+def test_render_only_refuses_what_is_not_a_report(tmp_path, capsys, content, message):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    if content is not None:
+        (folder / "results.json").write_text(content)
+    assert cli.main(["report", "--render-only", str(folder)]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_console_script_and_usage_errors(tmp_path):
