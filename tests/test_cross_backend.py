@@ -211,7 +211,7 @@ def test_float32_within_stated_tolerance(p, kind, request):
     _check(p, kind, "float32", 1e-4)
 
 
-CHUNK_KINDS = ["mlp-numpy"] + [k for k in ("torch-sequential", "jax-mlp", "jax-mlp-flax") if k in KINDS]
+CHUNK_KINDS = ["mlp-numpy"] + [k for k in ("torch-sequential", "jax-mlp") if k in KINDS]
 
 
 @pytest.mark.parametrize("kind", CHUNK_KINDS)

@@ -50,7 +50,7 @@ def test_analyze_keeps_to_the_memory_budget(backend):
     pytest.importorskip({"numpy": "numpy", "torch": "torch", "jax": "jax"}[backend])
     budget = 64
     # JAX: compiled for this model first (XLA's compiler memory is not the budget's)
-    res = measure(backend, "--job", "analyze", "--n", "2000", "--budget", str(budget),
+    res = measure(backend, "--job", "analyze", "--n", "400", "--budget", str(budget),
                   *(["--compile-first"] if backend == "jax" else []))
     assert res["result_mib"] == pytest.approx(9 * 669_706 * 8 / MIB)
     assert res["first_mib"] <= budget + res["result_mib"] + ALLOCATOR_SLACK, res
