@@ -33,12 +33,12 @@ from array_api_compat import device
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import (
-    check_full_column_budget,
     check_input_shape,
     check_inputs,
     check_positive_int,
     check_positive_real,
     check_supported_dtype,
+    second_order_within,
 )
 
 from .ops import namespace_ops
@@ -273,7 +273,7 @@ class JaxFunction:
         self.device = device(leaves[0])
         self.apply_fn, self.params, self.leaves, self.treedef = apply_fn, params, leaves, treedef
         self.groups = make_groups([(n, tuple(leaf.shape)) for n, leaf in zip(names, leaves)])
-        check_full_column_budget(self.groups, max_params, "from_mlp")
+        self.second_order = second_order_within(self.groups, max_params)
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
         try:
@@ -284,6 +284,11 @@ class JaxFunction:
             raise ValueError(f"apply_fn: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
         self.n_outputs = int(h.shape[1])
         self._static = {"apply_fn": apply_fn, "treedef": treedef}
+        from ._jax_linearity import curved_leaves
+
+        curved = curved_leaves(apply_fn, params, jnp.zeros((1, *self.input_shape), dtype=self.dtype))
+        #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its jaxpr.
+        self.linear_groups = tuple(g.name for i, g in enumerate(self.groups) if i not in curved)
 
     def __repr__(self) -> str:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
@@ -302,7 +307,9 @@ class JaxFunction:
         blocks = []
         for i, g in enumerate(self.groups):
             w = None
-            if hessian:
+            if hessian and g.name in self.linear_groups:
+                w = jnp.zeros((n, self.n_outputs, g.size), dtype=self.dtype)
+            elif hessian and self.second_order:
                 def chunk(start, k, i=i, g=g):
                     E = columns.unit_directions(jnp, g.shape, start, k, dtype=self.dtype, device=self.device)
                     return hess(self.leaves, X, E, index=i, **self._static)
@@ -324,10 +331,12 @@ def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: i
                   chunk: int = 256) -> JaxFunction:
     """Adapt any pure ``apply_fn(params, x) -> h`` (x a batch of shape ``(n, *input_shape)``, h of shape (n, C)).
 
-    Exact full Jacobian columns and Hessian diagonals per parameter, jit-compiled and
-    chunked over ``chunk`` parameters at a time; more than ``max_params`` parameters
-    are refused.  ``input_shape`` (the shape of one input, without the batch axis) is
-    required: ``jax.eval_shape`` on it gives the output width when the model is built.
+    Exact full Jacobian columns (first order: any size), and Hessian diagonals per
+    parameter, jit-compiled and chunked over ``chunk`` parameters at a time, for models of at
+    most ``max_params`` parameters; beyond, the second-order fields are NaN, "not computed"
+    (:attr:`fishercore.FisherAnalysis.first_order_only`).  ``input_shape`` (the shape of one
+    input, without the batch axis) is required: ``jax.eval_shape`` on it gives the output width
+    when the model is built.
 
     Examples
     --------

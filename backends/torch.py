@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
-from fishercore._validation import check_full_column_budget, check_input_shape, check_positive_int
+from fishercore._validation import check_input_shape, check_positive_int, second_order_within
 
 from ._torch_base import OPS, TorchModel, check_tensor, model_dtype_device, outputs_width
 from ._torch_module import TorchModule
@@ -239,7 +239,7 @@ class TorchFunction:
         self.params = {str(k): v.detach() for k, v in params.items()}
         self.dtype, self.device = model_dtype_device(self.params, "params")
         self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
-        check_full_column_budget(self.groups, max_params, "from_sequential/from_module")
+        self.second_order = second_order_within(self.groups, max_params)
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
         try:
@@ -269,7 +269,8 @@ class TorchFunction:
             h = self.fn(self.params, X)
             jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: self._single(p, x), self.params, eye))(X)
             blocks = tuple(ColumnBlock(g.name, jac[g.name].reshape(n, -1, g.size),
-                                       self._diag_hessian(X, g) if hessian else None) for g in self.groups)
+                                       self._diag_hessian(X, g) if hessian and self.second_order else None)
+                           for g in self.groups)
         return Derivatives(h, blocks)
 
     def _diag_hessian(self, X, group):
@@ -302,8 +303,10 @@ def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_sha
                   max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256) -> TorchFunction:
     """Adapt any ``fn(params, x) -> h`` (x a batch of shape ``(n, *input_shape)``, h of shape (n, C)).
 
-    Exact full Jacobian columns and Hessian diagonals per parameter; the cost grows
-    with ``P × n``, so models with more than ``max_params`` parameters are refused.
+    Exact full Jacobian columns (first order: any size) and, for models of at most
+    ``max_params`` parameters, Hessian diagonals per parameter (their cost grows with
+    ``P × n``); beyond, the second-order fields are NaN, "not computed"
+    (:attr:`fishercore.FisherAnalysis.first_order_only`).
     Group names are the keys of ``params``; ``input_shape`` (the shape of one input,
     without the batch axis) is required: one call on it gives the output width.
 

@@ -10,7 +10,7 @@ import numbers
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-__all__ = ["check_choice", "check_finite", "check_floating_array", "check_full_column_budget", "check_input_shape",
+__all__ = ["check_choice", "check_finite", "check_floating_array", "check_input_shape",
            "check_inputs", "check_supported_dtype",
            "check_model_and_data", "check_positive_int", "check_positive_real", "check_probability",
            "check_results_finite"]
@@ -111,14 +111,12 @@ def check_choice(value, name: str, choices) -> str:
     return value.lower()
 
 
-def check_full_column_budget(groups, max_params: int, alternative: str) -> int:
-    """The exact full-column path costs P × n forward passes: refuse more than ``max_params``."""
-    P = sum(g.size for g in groups)
-    if P > max_params:
-        raise ValueError(f"params: {P} parameters exceed the exact full-column path's limit of {max_params} "
-                         f"(its cost grows with P × n forward passes); raise max_params, or use {alternative}, "
-                         "whose cost grows with the layer widths")
-    return P
+def second_order_within(groups, max_params) -> bool:
+    """Whether a generic model computes Hessian diagonals: forward over forward along every parameter costs
+    P passes per input, so only up to ``max_params`` parameters (a positive int); beyond, second order
+    is left out (NaN, "not computed") and everything first-order stays exact."""
+    max_params = check_positive_int(max_params, "max_params")
+    return sum(g.size for g in groups) <= max_params
 
 
 def check_probability(x, name: str) -> float:

@@ -28,6 +28,7 @@ from . import _validation as V
 from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, itemsize
 from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, SupportsPullback, weight_flat
+from .sums import block_groups
 
 __all__ = ["estimate", "sample_labels"]
 
@@ -159,6 +160,8 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
                     batch.update(_aggregate(b, None, ops))
             else:
                 d = model.derivatives(Xb, hessian=est == "i2")
+                if est == "i2":
+                    _check_hessians(d.blocks)
                 width = max(b.jac.shape[-1] for b in d.blocks)
                 batches.fit(d.blocks, Xb.shape[0], model, hessian=est == "i2", n_draws=M,
                             per_draw=_draw_bytes(d.outputs.shape[1], width, size))
@@ -179,6 +182,14 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
                 sums[name] = sums[name] + value if name in sums else value
             bar.update()
     return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
+
+
+def _check_hessians(blocks) -> None:
+    missing = [g for b in blocks if b.diag_hess is None for g in block_groups(b)]
+    if missing:
+        raise ValueError(f"estimator: Î2 needs per-sample Hessian diagonals, which the model does not compute for "
+                         f"the groups {missing} (a generic model with more parameters than its max_params); build "
+                         "it with a larger max_params, or use estimator='i1'")
 
 
 def _draw_bytes(n_outputs: int, width: int, size: int) -> int:

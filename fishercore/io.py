@@ -28,6 +28,7 @@ from fishercore.backends.ops import ops_for
 from ._protocol import ParamGroup
 from .families import get_family
 from .result import FisherAnalysis
+from .stats import SECOND_ORDER
 from .sums import FisherSums
 
 __all__ = ["load_analysis", "read", "write"]
@@ -144,7 +145,7 @@ def _validated(path, meta, sums):
             raise bad(f"sums_{k} has dtype {v.dtype}, expected float32 or float64")
         if v.shape != (offset,):
             raise bad(f"sums_{k} has shape {v.shape}, expected ({offset},) for the groups' {offset} parameters")
-        if not np.all(np.isfinite(v)):
+        if not np.all(np.isfinite(v)) and not (k in SECOND_ORDER and _whole_groups_nan(v, sums, groups)):
             raise bad(f"sums_{k} contains NaN or inf")
         if k in _NON_NEGATIVE and np.any(v < 0):
             raise bad(f"sums_{k} has negative entries (a sum of non-negative quantities)")
@@ -152,6 +153,18 @@ def _validated(path, meta, sums):
     if len(dtypes) != 1:
         raise bad(f"the sums mix dtypes {sorted(map(str, dtypes))}")
     return {**meta, "groups": groups, "family": family}, sums
+
+
+def _whole_groups_nan(v, sums, groups) -> bool:
+    """Whether v's non-finite entries are whole groups that are NaN in every second-order sum ("not computed")
+    and finite elsewhere."""
+    for g in groups:
+        part = v[g.offset:g.offset + g.size]
+        if np.all(np.isfinite(part)):
+            continue
+        if not all(np.all(np.isnan(sums[f][g.offset:g.offset + g.size])) for f in SECOND_ORDER if f in sums):
+            return False
+    return True
 
 
 def load_analysis(path, model=None, *, like=None) -> FisherAnalysis:

@@ -9,6 +9,7 @@ relative error, and the least-variance unbiased mix of Î1 and Î2.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from array_api_compat import array_namespace
@@ -46,6 +47,12 @@ class GroupSummary(NamedTuple):
     i2_better: float  # fraction of parameters with v2 < v1
 
 
+def _cell(value, width, fmt) -> str:
+    if isinstance(value, float) and math.isnan(value) and fmt:
+        return f"{'–':{width}}"
+    return f"{value:{width}{fmt}}"
+
+
 class Summary(tuple):
     """A tuple of :class:`GroupSummary` rows that prints as a table."""
 
@@ -56,7 +63,9 @@ class Summary(tuple):
     def __str__(self) -> str:
         lines = [" ".join(f"{name:{width}}" for name, width, _ in self._COLS)]
         for row in self:
-            lines.append(" ".join(f"{getattr(row, name):{width}{fmt}}" for name, width, fmt in self._COLS))
+            lines.append(" ".join(_cell(getattr(row, name), width, fmt) for name, width, fmt in self._COLS))
+        if any(math.isnan(row.v2) for row in self):
+            lines.append("– : not computed (no Hessian diagonals for the group; see FisherAnalysis.first_order_only)")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -117,6 +126,29 @@ class FisherAnalysis(NamedTuple):
     def v2_upper(self) -> Array:
         return self.sums.v2_upper / self.n_inputs
 
+    # -- which groups have second-order statistics ----------------------------
+    @property
+    def first_order_only(self) -> tuple[str, ...]:
+        """The groups whose second-order statistics (v2, c12, v2's bounds) were not computed.
+
+        Their entries of ``v2``, ``c12``, ``v2_lower`` and ``v2_upper`` are NaN — not a number
+        because there is none: the model supplied no Hessian diagonals for them (a generic
+        model above its ``max_params``).  Everything first-order (Fisher, v1, ``var_x``, v1's
+        bounds, Î1's sample sizes) is exact for every group.
+        """
+        xp = array_namespace(self.sums.v2)
+        return tuple(g.name for g in self.groups
+                     if g.size and bool(xp.all(xp.isnan(self.sums.v2[g.offset:g.offset + g.size]))))
+
+    def _require_second_order(self, what: str) -> None:
+        missing = self.first_order_only
+        if missing:
+            raise ValueError(f"{what} needs second-order statistics (v2, c12), which were not computed for the "
+                             f"groups {list(missing)}: the model supplied no Hessian diagonals for them (a generic "
+                             "model with more parameters than its max_params). Build the model with a larger "
+                             "max_params, or through an adapter with a layer rule for those layers "
+                             "(docs/models.md); Î1 and every first-order field are exact as they are")
+
     # -- the optimal combination (docs/math.md §6, beyond the paper) ----------
     def alpha(self) -> Array:
         r"""Weight ``α*`` of the least-variance unbiased combination ``α Î1 + (1 − α) Î2``.
@@ -124,6 +156,7 @@ class FisherAnalysis(NamedTuple):
         ``α* = (v2 − c12) / (v1 + v2 − 2 c12)`` (means over x).  Where Î1 and Î2
         coincide draw by draw (denominator 0) any α is optimal; 0 is returned.
         """
+        self._require_second_order("alpha()")
         xp = array_namespace(self.sums.v1)
         v1, v2, c12 = self.v1, self.v2, self.c12
         den = v1 + v2 - 2.0 * c12
@@ -140,6 +173,7 @@ class FisherAnalysis(NamedTuple):
         sum of its terms' magnitudes), clipped to ``[0, min(v1, v2)]``.  Where ``den = 0``
         (Î1 and Î2 equal draw by draw) the variance is ``min(v1, v2)``.
         """
+        self._require_second_order("optimal_v()")
         xp = array_namespace(self.sums.v1)
         v1, v2, c12 = self.v1, self.v2, self.c12
         a, b = v1 - c12, v2 - c12
@@ -158,6 +192,8 @@ class FisherAnalysis(NamedTuple):
 
     def _single_draw(self, estimator: str) -> Array:
         estimator = V.check_choice(estimator, "estimator", ("i1", "i2", "optimal"))
+        if estimator != "i1":
+            self._require_second_order(f"estimator {estimator!r}")
         return {"i1": self.v1, "i2": self.v2}[estimator] if estimator != "optimal" else self.optimal_v()
 
     # -- what follows for a Monte-Carlo estimate -----------------------------
@@ -249,6 +285,7 @@ class FisherAnalysis(NamedTuple):
         """Per-group table: means, relative std per draw, and where Î2 beats Î1."""
         xp = array_namespace(self.sums.v1)
         fields = {k: getattr(self, k) for k in ("fisher", "v1", "v2", "v1_lower", "v1_upper", "v2_lower", "v2_upper")}
+        missing = set(self.first_order_only)
         rows = []
         for g in self.groups:
             sl = {k: v[g.offset:g.offset + g.size] for k, v in fields.items()}
@@ -257,10 +294,11 @@ class FisherAnalysis(NamedTuple):
             safe = xp.where(pos, f, xp.ones_like(f))
             rel1 = (xp.sqrt(sl["v1"]) / safe)[pos]
             rel2 = (xp.sqrt(sl["v2"]) / safe)[pos]
+            absent = g.name in missing  # no second order: NaN, shown as "–", never a fraction
             rows.append(GroupSummary(
                 g.name, g.size, *(float(xp.mean(sl[k])) for k in fields),
-                _median(rel1, xp), _median(rel2, xp),
-                float(xp.mean(xp.astype(sl["v2"] < sl["v1"], f.dtype))),
+                _median(rel1, xp), float("nan") if absent else _median(rel2, xp),
+                float("nan") if absent else float(xp.mean(xp.astype(sl["v2"] < sl["v1"], f.dtype))),
             ))
         return Summary(rows)
 

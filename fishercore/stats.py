@@ -87,11 +87,26 @@ def fisher_stats(outputs: Array, jac: Array, diag_hess: Array, family, /, *, spe
     return per_input_stats(outputs, jac, diag_hess, family, spectrum)
 
 
+#: The statistics that need the Hessian diagonals w; NaN — not computed — where a model has none.
+SECOND_ORDER = ("v2", "c12", "v2_lower", "v2_upper")
+
+
 def per_input_stats(outputs, jac, diag_hess, family, spectrum=None) -> PerInputStats:
-    """:func:`fisher_stats` without argument checks (traceable: used inside compiled code)."""
-    xp = array_namespace(outputs, jac, diag_hess)
+    """:func:`fisher_stats` without argument checks (traceable: used inside compiled code).
+
+    ``diag_hess=None``: the model has no Hessian diagonals for this block; the first-order
+    statistics are exact and the second-order ones (:data:`SECOND_ORDER`) NaN, "not computed".
+    """
+    xp = array_namespace(outputs, jac)
+    absent = diag_hess is None
+    if absent:
+        diag_hess = xp.zeros_like(jac)
     m = family.moments(outputs, jac, diag_hess)
     pu, pw = family.center(jac), family.center(diag_hess)
     spectrum = family.spectrum(outputs) if spectrum is None else spectrum
     b = variance_bounds(m, spectrum, xp.sum(pu * pu, axis=-2), xp.sum(pw * pw, axis=-2))
-    return PerInputStats(m.fisher, m.v1, m.v2, m.c12, *b)
+    stats = PerInputStats(m.fisher, m.v1, m.v2, m.c12, *b)
+    if absent:
+        nan = xp.full_like(m.fisher, float("nan"))
+        stats = stats._replace(**{k: nan for k in SECOND_ORDER})
+    return stats

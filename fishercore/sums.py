@@ -23,7 +23,7 @@ from array_api_compat import array_namespace
 from fishercore.backends.ops import ops_for
 
 from ._protocol import Array, ColumnBlock, DenseBlock, weight_flat
-from .stats import PerInputStats, per_input_stats
+from .stats import SECOND_ORDER, PerInputStats, per_input_stats
 
 __all__ = ["Accumulator", "FisherSums", "all_reduce_sums", "block_sums", "chunked_sums", "derivative_sums",
            "merge_sums"]
@@ -184,6 +184,13 @@ def derivative_sums(d, family, mask=None) -> dict:
     return sums
 
 
+def block_groups(block) -> tuple:
+    """The names of the groups a derivative block covers."""
+    if isinstance(block, DenseBlock):
+        return (block.weight,) if block.bias is None else (block.weight, block.bias)
+    return (block.group,)
+
+
 def chunked_sums(d, family, mask=None, chunk_budget: float = float("inf")):
     """The sums of :func:`derivative_sums`, one piece at a time: ``(group, start, transposed, FisherSums)``.
 
@@ -304,11 +311,13 @@ class Accumulator:
             self.add_piece(name, 0, False, s, n)
         self.count(n)
 
-    def by_group(self) -> dict:
-        """group → the arrays of all its pieces (for a check)."""
+    def by_group(self, first_order_only=()) -> dict:
+        """group → the arrays of all its pieces (for a check); only the first-order sums of the groups in
+        ``first_order_only``, whose second-order sums are NaN: not computed."""
         out: dict = {}
+        keep = [i for i, f in enumerate(FisherSums._fields) if f not in SECOND_ORDER]
         for (g, _), fields in self.pieces.items():
-            out.setdefault(g, []).extend(fields)
+            out.setdefault(g, []).extend([fields[i] for i in keep] if g in first_order_only else fields)
         return out
 
     def flat(self, groups) -> FisherSums:

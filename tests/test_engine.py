@@ -1,6 +1,8 @@
 """The derivative engine: families as static arguments, compilation once per structure, padded batches,
 the declared protocol, and dense chains the old adapters turned away."""
 
+import math
+
 import numpy as np
 import pytest
 from array_api_compat import array_namespace
@@ -8,6 +10,8 @@ from array_api_compat import array_namespace
 import fishercore as fc
 from fishercore.backends import mlp
 from helpers import (
+    ARCHS,
+    BACKENDS,
     BATCH,
     FAMILIES,
     N_INPUTS,
@@ -158,3 +162,84 @@ def test_sequential_with_activations_before_the_first_and_after_the_last_linear(
             want = fc.estimate(full, X, family, estimator=e, seed=2, n_draws=2)
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     assert array_namespace(fc.analyze(seq, X, "gaussian").v2) is array_namespace(X)
+
+
+def _generic_models(max_params):
+    """The same tanh net through torch's and JAX's from_function, with the given max_params."""
+    layers = make_layers("2h", 0)
+    X = np.random.default_rng(1).normal(size=(7, ARCHS["2h"][0]))
+    out = {}
+    if "torch" in BACKENDS:
+        import torch
+
+        from fishercore.backends import torch as fc_torch
+
+        params = {f"{k}{i}": torch.from_numpy(a) for i, (W, b) in enumerate(layers) for k, a in (("W", W), ("b", b))}
+
+        def fn(p, x):
+            for i in range(len(layers)):
+                x = x @ p[f"W{i}"].T + p[f"b{i}"]
+                x = torch.tanh(x) if i < len(layers) - 1 else x
+            return x
+
+        out["torch"] = (fc_torch.from_function(fn, params, input_shape=X.shape[1:], max_params=max_params),
+                        torch.from_numpy(X))
+    if "jax" in BACKENDS:
+        import jax.numpy as jnp
+
+        from fishercore.backends import jax as fc_jax
+
+        params = {f"{k}{i}": jnp.asarray(a) for i, (W, b) in enumerate(layers) for k, a in (("W", W), ("b", b))}
+
+        def apply(p, x):
+            for i in range(len(layers)):
+                x = x @ p[f"W{i}"].T + p[f"b{i}"]
+                x = jnp.tanh(x) if i < len(layers) - 1 else x
+            return x
+
+        out["jax"] = (fc_jax.from_function(apply, params, input_shape=X.shape[1:], max_params=max_params),
+                      jnp.asarray(X))
+    return out
+
+
+@pytest.mark.backends("torch", "jax")
+def test_second_order_is_exact_or_marked_not_computed(request, tmp_path):
+    """Above max_params a generic model gives every first-order field exactly and marks the second-order ones
+    NaN, "not computed": shown as "–", refused by everything that needs them, kept through save/load/merge."""
+    if "jax" in BACKENDS:
+        request.getfixturevalue("jax_x64")
+    full, first = _generic_models(10**6), _generic_models(5)
+    assert full.keys() == first.keys() and full
+    for name in full:
+        (m_full, X), (m_first, _) = full[name], first[name]
+        exact, res = fc.analyze(m_full, X), fc.analyze(m_first, X)
+        # (JAX reads the groups the function is linear in off its jaxpr: exact w = 0 there, at any size)
+        linear = getattr(m_first, "linear_groups", ())
+        names = tuple(g.name for g in res.groups if g.name not in linear)
+        assert exact.first_order_only == () and res.first_order_only == names
+        assert name != "jax" or set(linear) == {"W2", "b2"}  # the output layer
+        for f in ("fisher", "v1", "var_x", "v1_lower", "v1_upper"):
+            np.testing.assert_allclose(np.asarray(getattr(res, f)), np.asarray(getattr(exact, f)), rtol=1e-12,
+                                       atol=0, err_msg=f"{name} {f}")
+        for f in ("v2", "c12", "v2_lower", "v2_upper"):
+            for g in res.groups:
+                part = np.asarray(getattr(res, f))[g.offset:g.offset + g.size]
+                assert np.all(np.isnan(part)) if g.name in names else np.all(part == 0), (name, f, g.name)
+        np.testing.assert_array_equal(np.asarray(res.sample_size("i1")), np.asarray(exact.sample_size("i1")))
+        for call, args in ((res.sample_size, ("i2",)), (res.variance, ("optimal",)), (res.alpha, ()),
+                           (res.optimal_v, ())):
+            with pytest.raises(ValueError, match=r"second-order statistics .* not computed for the groups"):
+                call(*args)
+        table = str(res.summary())
+        assert "–" in table and "nan" not in table.lower() and "not computed" in table
+        assert all(math.isnan(r.i2_better) and math.isnan(r.v2) for r in res.summary() if r.group in names)
+        np.testing.assert_allclose(np.asarray(fc.estimate(m_first, X, estimator="i1", seed=1)),
+                                   np.asarray(fc.estimate(m_full, X, estimator="i1", seed=1)), rtol=1e-12)
+        with pytest.raises(ValueError, match="estimator: Î2 needs per-sample Hessian diagonals"):
+            fc.estimate(m_first, X, estimator="i2")
+        res.save(tmp_path / f"{name}.npz")
+        back = fc.load_analysis(tmp_path / f"{name}.npz")
+        assert back.first_order_only == names
+        merged = res.merge(res)
+        assert merged.first_order_only == names
+        np.testing.assert_allclose(np.asarray(merged.fisher), np.asarray(res.fisher), rtol=1e-14)

@@ -114,8 +114,8 @@ REFUSALS = {
     "integer leaf": (lambda: fc_jax.from_mlp([(jnp.ones((2, 3), dtype=jnp.int32), jnp.ones(2))]), TypeError,
                      "params: leaf '0.0'"),
     "NaN leaf": (lambda: fc_jax.from_mlp([(jnp.full((2, 3), jnp.nan), jnp.ones(2))]), ValueError, "params: leaf"),
-    "too many parameters": (lambda: fc_jax.from_function(lambda p, x: x, {"w": jnp.zeros((300, 100))}), ValueError,
-                            "params: 30000 parameters exceed"),
+    "max_params 0": (lambda: fc_jax.from_function(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, input_shape=(3,),
+                                                  max_params=0), ValueError, "max_params: must be at least 1"),
     "not callable": (lambda: fc_jax.from_function(None, {"w": jnp.zeros(2)}), TypeError, "apply_fn"),
     "chunk 0": (lambda: fc_jax.from_function(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, input_shape=(3,),
                                              chunk=0), ValueError, "chunk: must be at least 1"),
@@ -142,3 +142,94 @@ def test_refusals(case):
 def test_bad_inputs(make, exc, msg):
     X = make()  # made inside the test, after the fixture enabled float64
     assert_raises_named(lambda: fc.analyze(fc_jax.from_mlp(_pairs("1h"), "tanh"), X), exc, msg)
+
+
+def _linearity_cases():
+    import jax
+    import jax.numpy as jnp
+
+    def dense(p, x):
+        return x @ p["W"] + p["b"]
+
+    def relu_pool(p, x):  # ReLU, max pooling, a residual sum: piecewise linear in every single parameter
+        a = jax.nn.relu(dense(p["l1"], x))
+        a = jnp.maximum(a[:, 0::2], a[:, 1::2]) + a[:, :3]
+        return dense(p["l2"], jnp.abs(a) - jnp.minimum(a, 0.5))
+
+    def smooth(act):
+        return lambda p, x: dense(p["l2"], act(dense(p["l1"], x)))
+
+    def layernorm(p, x):
+        z = dense(p["l1"], x)
+        z = (z - z.mean(-1, keepdims=True)) / jnp.sqrt(z.var(-1, keepdims=True) + 1e-5)
+        return dense(p["l2"], z * p["g"] + p["beta"])
+
+    def attention(p, x):
+        q, k, v = (x @ p[n] for n in ("q", "k", "v"))
+        a = jax.nn.softmax(q[:, :, None] * k[:, None, :], axis=-1)
+        return jnp.einsum("nij,nj->ni", a, v)[:, :3] @ p["o"]
+
+    def square(p, x):  # W enters twice: curved in W though every primitive is bilinear
+        return ((x @ p["W"]) @ p["W"].T)[:, :2] + (x / p["s"])[:, :2]
+
+    rng = np.random.default_rng(0)
+
+    def arr(*shape):
+        return jnp.asarray(rng.normal(size=shape))
+
+    layer = lambda i, o: {"W": arr(i, o), "b": arr(o)}  # noqa: E731
+    two = {"l1": layer(3, 6), "l2": layer(6, 2)}
+    return {  # name: (fn, params, input width, leaves that must be taken as curved)
+        "relu-pool": (relu_pool, {"l1": layer(3, 6), "l2": layer(3, 2)}, 3, set()),
+        "tanh": (smooth(jnp.tanh), two, 3, {"l1.W", "l1.b"}),
+        "gelu": (smooth(jax.nn.gelu), two, 3, {"l1.W", "l1.b"}),
+        "silu": (smooth(jax.nn.silu), two, 3, {"l1.W", "l1.b"}),
+        "softplus": (smooth(jax.nn.softplus), two, 3, {"l1.W", "l1.b"}),
+        "layernorm": (layernorm, {**two, "g": arr(6), "beta": arr(6)}, 3, {"l1.W", "l1.b"}),
+        "attention": (attention, {n: arr(3, 3) for n in ("q", "k", "v")} | {"o": arr(3, 2)}, 3, {"q", "k"}),
+        "square": (square, {"W": arr(3, 3), "s": arr(3)}, 3, {"W", "s"}),
+    }
+
+
+def _hessian_diagonals(fn, leaves, treedef, i, X):
+    """∂²h/∂θ² along every coordinate of leaf i, per input and output, by jax.hessian: (n, C, size)."""
+    import jax
+    import jax.numpy as jnp
+
+    def h(v, x):
+        ls = list(leaves)
+        ls[i] = v.reshape(leaves[i].shape)
+        return fn(jax.tree_util.tree_unflatten(treedef, ls), x[None])[0]
+
+    H = jax.jit(jax.vmap(lambda x: jax.hessian(h)(leaves[i].reshape(-1), x)))(X)  # (n, C, p, p)
+    return np.asarray(jnp.diagonal(H, axis1=-2, axis2=-1))
+
+
+def test_piecewise_linear_groups_read_off_the_jaxpr_are_exact_and_never_smooth(jax_x64):
+    """A group taken as piecewise linear has every Hessian diagonal exactly 0 (brute force, jax.hessian); every
+    parameter behind tanh, GELU, SiLU, softplus, LayerNorm's normalisation, softmax attention or a square is
+    taken as curved; linear groups get exact second order at any size (here max_params=1)."""
+    import jax
+    import jax.numpy as jnp
+
+    X = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)))
+    for name, (fn, params, width, must_curve) in _linearity_cases().items():
+        model = fc_jax.from_function(fn, params, input_shape=(width,), max_params=1)
+        linear = set(model.linear_groups)
+        assert not (linear & must_curve), (name, linear & must_curve)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        names = [g.name for g in model.groups]
+        for i in range(len(leaves)):
+            diag = _hessian_diagonals(fn, leaves, treedef, i, X)
+            if names[i] in linear:
+                assert np.all(diag == 0), (name, names[i])
+            elif names[i] in must_curve:
+                assert np.abs(diag).max() > 1e-8, (name, names[i], "taken as curved but is it?")
+        if name not in ("relu-pool", "layernorm"):  # the analysis of a linear and a mixed case
+            continue
+        res = fc.analyze(model, X, "gaussian")
+        assert set(res.first_order_only) == set(names) - linear
+        for g in res.groups:
+            if g.name in linear:
+                sl = slice(g.offset, g.offset + g.size)
+                assert np.all(np.asarray(res.v2)[sl] == 0) and np.all(np.asarray(res.c12)[sl] == 0)
