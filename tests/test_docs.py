@@ -36,8 +36,13 @@ def test_readme_starts_with_install_and_test_commands():
 
 
 def _framework(path):
-    """The framework a page or example needs: named in its file name (``ewc_torch.py``, ``backends/jax.md``)."""
-    return next((name for name in ("torch", "jax") if name in path.stem.split("_")), None)
+    """The framework a page or example needs: named in its file name (``ewc_torch.py``, ``backends/jax.md``), or
+    for a page without one, the framework its code imports (``docs/models.md``)."""
+    named = next((name for name in ("torch", "jax") if name in path.stem.split("_")), None)
+    if named or path.suffix != ".md":
+        return named
+    code = "".join(re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S))
+    return next((name for name in ("torch", "jax") if re.search(rf"^import {name}\b", code, re.M)), None)
 
 
 def _params(paths):
