@@ -166,39 +166,26 @@ def test_sequential_with_activations_before_the_first_and_after_the_last_linear(
 
 def _generic_models(max_params):
     """The same tanh net through torch's and JAX's from_function, with the given max_params."""
+    import importlib
+
     layers = make_layers("2h", 0)
     X = np.random.default_rng(1).normal(size=(7, ARCHS["2h"][0]))
     out = {}
-    if "torch" in BACKENDS:
-        import torch
+    for name, lib_name in (("torch", "torch"), ("jax", "jax.numpy")):
+        if name not in BACKENDS:
+            continue
+        lib = importlib.import_module(lib_name)
+        adapter = importlib.import_module(f"fishercore.backends.{name}")
+        params = {f"{k}{i}": lib.asarray(a) for i, (W, b) in enumerate(layers) for k, a in (("W", W), ("b", b))}
 
-        from fishercore.backends import torch as fc_torch
-
-        params = {f"{k}{i}": torch.from_numpy(a) for i, (W, b) in enumerate(layers) for k, a in (("W", W), ("b", b))}
-
-        def fn(p, x):
+        def fn(p, x, lib=lib):
             for i in range(len(layers)):
                 x = x @ p[f"W{i}"].T + p[f"b{i}"]
-                x = torch.tanh(x) if i < len(layers) - 1 else x
+                x = lib.tanh(x) if i < len(layers) - 1 else x
             return x
 
-        out["torch"] = (fc_torch.from_function(fn, params, input_shape=X.shape[1:], max_params=max_params),
-                        torch.from_numpy(X))
-    if "jax" in BACKENDS:
-        import jax.numpy as jnp
-
-        from fishercore.backends import jax as fc_jax
-
-        params = {f"{k}{i}": jnp.asarray(a) for i, (W, b) in enumerate(layers) for k, a in (("W", W), ("b", b))}
-
-        def apply(p, x):
-            for i in range(len(layers)):
-                x = x @ p[f"W{i}"].T + p[f"b{i}"]
-                x = jnp.tanh(x) if i < len(layers) - 1 else x
-            return x
-
-        out["jax"] = (fc_jax.from_function(apply, params, input_shape=X.shape[1:], max_params=max_params),
-                      jnp.asarray(X))
+        out[name] = (adapter.from_function(fn, params, input_shape=X.shape[1:], max_params=max_params),
+                     lib.asarray(X))
     return out
 
 
