@@ -5,6 +5,7 @@ Private to :mod:`fishercore.backends.torch` (which imports torch only when impor
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 
@@ -56,6 +57,34 @@ def outputs_width(h, what):
     return int(h.shape[1])
 
 
+_RANDOM_IN_TRAINING = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+def check_eval_mode(module: nn.Module) -> None:
+    """Refuse a module whose dropout draws random masks, or whose batch norm uses batch statistics: its outputs
+    for one input depend on the others or on chance, so there is no per-input Fisher to compute."""
+    for name, m in module.named_modules():
+        if isinstance(m, _RANDOM_IN_TRAINING) and m.training:
+            what = "draws random masks" if isinstance(m, nn.modules.dropout._DropoutNd) else \
+                "normalises by the batch's statistics"
+            raise ValueError(f"module: {name or '<root>'!r} ({type(m).__name__}) is in training mode, where it {what}; "
+                             "call module.eval() before building the model (Dropout is then the identity, "
+                             "BatchNorm uses its running statistics)")
+
+
+@contextlib.contextmanager
+def randomness_refused(what: str):
+    """Turn torch.func's error for a random operation under vmap into one that says what to do."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "random operation" not in str(e):
+            raise
+        raise ValueError(f"{what}: draws random numbers (dropout in training mode?); call .eval() on the module "
+                         "it runs, or remove the randomness: a per-input analysis needs a deterministic "
+                         "network") from None
+
+
 class TorchModel:
     """What the module adapters share: parameters, dtype and device, groups, input checks."""
 
@@ -67,6 +96,7 @@ class TorchModel:
         if hooked:
             raise ValueError(f"module: submodules {hooked} carry backward hooks (e.g. from backpack.extend), "
                              "which torch.func cannot trace; pass a copy without them (copy.deepcopy before extend)")
+        check_eval_mode(module)
         self.module = module
         self.params = {k: v.detach() for k, v in module.named_parameters()}
         self.buffers = {k: v.detach() for k, v in module.named_buffers()}

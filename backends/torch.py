@@ -31,7 +31,7 @@ from torch import nn
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import check_input_shape, check_positive_int, second_order_within
 
-from ._torch_base import OPS, TorchModel, check_tensor, model_dtype_device, outputs_width
+from ._torch_base import OPS, TorchModel, check_tensor, model_dtype_device, outputs_width, randomness_refused
 from ._torch_module import TorchModule
 from .rules import columns, dense
 from .rules.activations import Autodiff
@@ -87,8 +87,8 @@ class TorchSequential(TorchModel):
     """
 
     def __init__(self, module: nn.Sequential):
-        super().__init__(module)
-        children = [m for _, m in module.named_children()]
+        super().__init__(module)  # in eval mode: Dropout is the identity and is left out
+        children = [m for _, m in module.named_children() if not isinstance(m, nn.modules.dropout._DropoutNd)]
         self.flatten = isinstance(children[0], nn.Flatten)
         first = next(i for i, m in enumerate(children) if isinstance(m, nn.Linear))
         self._prefix = children[int(self.flatten):first]  # elementwise modules applied to the inputs
@@ -193,8 +193,10 @@ def from_sequential(module: nn.Sequential) -> TorchSequential:
     """Adapt ``nn.Sequential(Linear, act, Linear, ..., Linear)``; ``Flatten`` may come first.
 
     Activations: ``Tanh``, ``Sigmoid``, ``ReLU``, ``LeakyReLU``, ``Softplus``, ``GELU``,
-    ``ELU``, ``Identity``, one or several between two Linear layers, and after the last.
-    Anything else raises a ``ValueError`` naming the layer.
+    ``ELU``, ``Identity``, one or several between two Linear layers, and after the last;
+    ``Dropout`` anywhere, in eval mode (where it is the identity; in training mode it is
+    refused, saying to call ``module.eval()``).  Anything else raises a ``ValueError`` naming
+    the layer.
 
     Examples
     --------
@@ -211,6 +213,8 @@ def from_sequential(module: nn.Sequential) -> TorchSequential:
     if not any(isinstance(m, nn.Linear) for _, m in children):
         raise ValueError("module: the Sequential has no nn.Linear layer")
     for i, (name, m) in enumerate(children):
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            continue  # the identity in eval mode (TorchModel refuses training mode)
         if isinstance(m, nn.Flatten):
             if i != 0:
                 raise ValueError(f"module: layer {name!r} (Flatten) is only supported as the first layer")
@@ -265,7 +269,7 @@ class TorchFunction:
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         n = X.shape[0]
         eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), randomness_refused("fn"):
             h = self.fn(self.params, X)
             jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: self._single(p, x), self.params, eye))(X)
             blocks = tuple(ColumnBlock(g.name, jac[g.name].reshape(n, -1, g.size),
@@ -292,7 +296,7 @@ class TorchFunction:
         """Per-sample gradients of ``Σ_c s_c h_c`` for every draw, (n, M, p): one vjp per draw."""
         h = self.outputs(X)
         s = cotangent_fn(h).transpose(0, 1)  # (n, M, C)
-        with torch.no_grad():
+        with torch.no_grad(), randomness_refused("fn"):
             grads = OPS.vmap(lambda x, si: columns.pullback(OPS, lambda p: self._single(p, x), self.params, si))(X, s)
         n, M = s.shape[:2]
         return Derivatives(h, tuple(ColumnBlock(g.name, grads[g.name].reshape(n, M, g.size), None)

@@ -256,3 +256,25 @@ def test_results_carry_no_autograd_graph():
         assert all(not f.requires_grad and f.grad_fn is None for f in res.sums)
         for est in ("i1", "i2"):
             assert fc.estimate(m, X, estimator=est, seed=0).grad_fn is None
+
+
+def test_training_mode_randomness_is_refused_and_eval_mode_dropout_is_the_identity():
+    """Dropout or BatchNorm in training mode: refused when the model is built (from_sequential, from_module) or
+    analysed (from_function), saying to call .eval(); in eval mode Dropout is the identity."""
+    torch.manual_seed(0)
+    plain = _net(4, 8, 3)
+    net = torch.nn.Sequential(torch.nn.Dropout(0.2), plain[0], plain[1], torch.nn.Dropout(0.5), plain[2]).double()
+    X = torch.randn(6, 4, dtype=F64)
+    for build in (fc_torch.from_sequential, fc_torch.from_module):
+        assert_raises_named(lambda build=build: build(net), ValueError, "module: '0' (Dropout) is in training mode")
+    bn = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2)).double()
+    assert_raises_named(lambda: fc_torch.from_module(bn), ValueError, "module: '1' (BatchNorm1d) is in training mode")
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    fn_model = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)), params, input_shape=(4,))
+    assert_raises_named(lambda: fc.analyze(fn_model, X), ValueError, "fn: draws random numbers")
+    net.eval()
+    want = fc.analyze(fc_torch.from_sequential(plain), X)
+    for got in (fc.analyze(fc_torch.from_sequential(net), X), fc.analyze(fc_torch.from_module(net), X),
+                fc.analyze(fn_model, X)):
+        for f in ("fisher", "v1", "v2", "c12"):
+            torch.testing.assert_close(getattr(got, f), getattr(want, f), rtol=1e-12, atol=1e-15)
