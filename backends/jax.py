@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from array_api_compat import device
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
@@ -261,11 +262,25 @@ def _function_pullback(leaves, X, s, *, apply_fn, treedef):
     return jax.tree_util.tree_leaves(grads)  # per leaf (n, M, *shape)
 
 
+def _check_input_dtype(input_dtype):
+    """None (inputs of the parameters' dtype) or an integer dtype (token ids)."""
+    if input_dtype is None:
+        return None
+    try:
+        dtype = np.dtype(input_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"input_dtype: expected None (inputs of the parameters' dtype) or an integer dtype for "
+                        f"token ids, got {input_dtype!r}")
+    return dtype
+
+
 class JaxFunction:
     """Any pure ``apply_fn(params, x) -> h`` of a parameter pytree, with exact full columns."""
 
     def __init__(self, apply_fn: Callable, params, *, input_shape, max_params: int = DEFAULT_MAX_PARAMS,
-                 chunk: int = 256):
+                 chunk: int = 256, input_dtype=None):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn: expected a callable apply_fn(params, x) -> h, got {type(apply_fn).__name__}")
         names, leaves, treedef = _named_leaves(params)
@@ -276,8 +291,10 @@ class JaxFunction:
         self.second_order = second_order_within(self.groups, max_params)
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
+        self.input_dtype = _check_input_dtype(input_dtype)
+        in_dtype = self.dtype if self.input_dtype is None else self.input_dtype
         try:
-            h = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *self.input_shape), self.dtype))
+            h = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *self.input_shape), in_dtype))
         except (TypeError, ValueError, IndexError) as e:
             raise ValueError(f"input_shape: apply_fn cannot run on one input of shape {self.input_shape} ({e})") from e
         if len(getattr(h, "shape", ())) != 2:
@@ -286,7 +303,7 @@ class JaxFunction:
         self._static = {"apply_fn": apply_fn, "treedef": treedef}
         from ._jax_linearity import curved_leaves
 
-        curved = curved_leaves(apply_fn, params, jnp.zeros((1, *self.input_shape), dtype=self.dtype))
+        curved = curved_leaves(apply_fn, params, jnp.zeros((1, *self.input_shape), dtype=in_dtype))
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its jaxpr.
         self.linear_groups = tuple(g.name for i, g in enumerate(self.groups) if i not in curved)
 
@@ -294,7 +311,8 @@ class JaxFunction:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
 
     def check_inputs(self, X):
-        return check_inputs(X, xp=jnp, dtype=self.dtype, device=self.device, input_shape=self.input_shape)
+        return check_inputs(X, xp=jnp, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
+                            input_dtype=self.input_dtype)
 
     def outputs(self, X):
         return OPS.jit(_function_outputs, ("apply_fn", "treedef"))(self.leaves, X, **self._static)
@@ -328,7 +346,7 @@ class JaxFunction:
 
 
 def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: int = DEFAULT_MAX_PARAMS,
-                  chunk: int = 256) -> JaxFunction:
+                  chunk: int = 256, input_dtype=None) -> JaxFunction:
     """Adapt any pure ``apply_fn(params, x) -> h`` (x a batch of shape ``(n, *input_shape)``, h of shape (n, C)).
 
     Exact full Jacobian columns (first order: any size), and Hessian diagonals per
@@ -336,7 +354,8 @@ def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: i
     most ``max_params`` parameters; beyond, the second-order fields are NaN, "not computed"
     (:attr:`fishercore.FisherAnalysis.first_order_only`).  ``input_shape`` (the shape of one
     input, without the batch axis) is required: ``jax.eval_shape`` on it gives the output width
-    when the model is built.
+    when the model is built.  ``input_dtype``: an integer dtype (e.g. ``jnp.int32``) for models
+    that take token ids (embeddings); inputs must then have it.
 
     Examples
     --------
@@ -347,7 +366,8 @@ def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: i
     >>> fc.analyze(model, jnp.ones((5, 3)), "gaussian").fisher.shape
     (8,)
     """
-    return JaxFunction(apply_fn, params, input_shape=input_shape, max_params=max_params, chunk=chunk)
+    return JaxFunction(apply_fn, params, input_shape=input_shape, max_params=max_params, chunk=chunk,
+                       input_dtype=input_dtype)
 
 
 def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, devices=None):

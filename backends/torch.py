@@ -31,7 +31,16 @@ from torch import nn
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import check_input_shape, check_positive_int, second_order_within
 
-from ._torch_base import OPS, TorchModel, check_tensor, model_dtype_device, outputs_width, randomness_refused
+from ._torch_base import (
+    OPS,
+    TorchModel,
+    check_input_dtype,
+    check_tensor,
+    model_dtype_device,
+    outputs_width,
+    randomness_refused,
+    torch_xp,
+)
 from ._torch_module import TorchModule
 from .rules import columns, dense
 from .rules.activations import Autodiff
@@ -234,7 +243,7 @@ class TorchFunction:
     """
 
     def __init__(self, fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape,
-                 max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256):
+                 max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256, input_dtype=None):
         if not callable(fn):
             raise TypeError(f"fn: expected a callable fn(params, x) -> h, got {type(fn).__name__}")
         if not isinstance(params, Mapping) or not all(isinstance(v, torch.Tensor) for v in params.values()):
@@ -246,12 +255,19 @@ class TorchFunction:
         self.second_order = second_order_within(self.groups, max_params)
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
+        self.input_dtype = check_input_dtype(input_dtype, torch_xp, "torch")
+        probe = torch.zeros((1, *self.input_shape), dtype=input_dtype or self.dtype, device=self.device)
         try:
             with torch.no_grad():
-                h = fn(self.params, torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device))
+                h = fn(self.params, probe)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"input_shape: fn cannot run on one input of shape {self.input_shape} ({e})") from e
         self.n_outputs = outputs_width(h, "fn")
+        from ._torch_linearity import curved_params
+
+        curved = curved_params(fn, self.params, probe)
+        #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
+        self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
 
     def __repr__(self) -> str:
         return f"TorchFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
@@ -260,7 +276,8 @@ class TorchFunction:
         return self.fn(params, x[None])[0]
 
     def check_inputs(self, X):
-        return check_tensor(X, dtype=self.dtype, device=self.device, input_shape=self.input_shape)
+        return check_tensor(X, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
+                            input_dtype=self.input_dtype)
 
     def outputs(self, X):
         with torch.no_grad():
@@ -272,10 +289,18 @@ class TorchFunction:
         with torch.no_grad(), randomness_refused("fn"):
             h = self.fn(self.params, X)
             jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: self._single(p, x), self.params, eye))(X)
-            blocks = tuple(ColumnBlock(g.name, jac[g.name].reshape(n, -1, g.size),
-                                       self._diag_hessian(X, g) if hessian and self.second_order else None)
+            blocks = tuple(ColumnBlock(g.name, jac[g.name].reshape(n, -1, g.size), self._hessian(X, g, hessian))
                            for g in self.groups)
         return Derivatives(h, blocks)
+
+    def _hessian(self, X, group, hessian: bool):
+        """The group's Hessian diagonals: 0 where the function is piecewise linear in it, computed up to
+        ``max_params`` parameters, else None (not computed)."""
+        if not hessian:
+            return None
+        if group.name in self.linear_groups:
+            return torch.zeros((X.shape[0], self.n_outputs, group.size), dtype=self.dtype, device=self.device)
+        return self._diag_hessian(X, group) if self.second_order else None
 
     def _diag_hessian(self, X, group):
         """∂²h/∂θ_i² for every parameter i of a group, (n, C, size), ``chunk`` directions at a time."""
@@ -304,14 +329,16 @@ class TorchFunction:
 
 
 def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape=None,
-                  max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256) -> TorchFunction:
+                  max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256, input_dtype=None) -> TorchFunction:
     """Adapt any ``fn(params, x) -> h`` (x a batch of shape ``(n, *input_shape)``, h of shape (n, C)).
 
     Exact full Jacobian columns (first order: any size) and, for models of at most
     ``max_params`` parameters, Hessian diagonals per parameter (their cost grows with
     ``P × n``); beyond, the second-order fields are NaN, "not computed"
     (:attr:`fishercore.FisherAnalysis.first_order_only`).
-    Group names are the keys of ``params``; ``input_shape`` (the shape of one input,
+    ``input_dtype``: an integer dtype (e.g. ``torch.long``) for models that take token ids
+    (embeddings); inputs must then have it.  Group names are the keys of ``params``;
+    ``input_shape`` (the shape of one input,
     without the batch axis) is required: one call on it gives the output width.
 
     Examples
@@ -323,7 +350,8 @@ def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_sha
     >>> fc.analyze(model, torch.randn(6, 3, dtype=torch.float64), "gaussian").fisher.shape
     torch.Size([8])
     """
-    return TorchFunction(fn, params, input_shape=input_shape, max_params=max_params, chunk=chunk)
+    return TorchFunction(fn, params, input_shape=input_shape, max_params=max_params, chunk=chunk,
+                         input_dtype=input_dtype)
 
 
 def all_reduce(analysis, group=None):

@@ -32,14 +32,22 @@ def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
     return x
 
 
-def check_inputs(X, *, xp, dtype, device, input_shape=None, name: str = "X"):
+def check_inputs(X, *, xp, dtype, device, input_shape=None, name: str = "X", input_dtype=None):
     """A batch of inputs for a model: an array of the model's library ``xp``, real floating, of its ``dtype``
-    and ``device``, of shape ``(n, *input_shape)`` (at least ``(n, ...)`` when ``input_shape`` is None)."""
+    and ``device``, of shape ``(n, *input_shape)`` (at least ``(n, ...)`` when ``input_shape`` is None).
+
+    ``input_dtype``: an integer dtype the model takes instead (token ids), which X must have."""
     from array_api_compat import device as device_of
 
-    check_floating_array(X, name, xp=xp)
-    if X.dtype != dtype:
-        raise TypeError(f"{name}: dtype {X.dtype} differs from the model's {dtype}")
+    if input_dtype is not None:
+        if not is_array_api_obj(X) or array_namespace(X) is not xp:
+            check_floating_array(X, name, xp=xp)  # the library's own message
+        if X.dtype != input_dtype:
+            raise TypeError(f"{name}: dtype {X.dtype} differs from the model's input_dtype {input_dtype} (ids)")
+    else:
+        check_floating_array(X, name, xp=xp)
+        if X.dtype != dtype:
+            raise TypeError(f"{name}: dtype {X.dtype} differs from the model's {dtype}")
     if device_of(X) != device:
         raise ValueError(f"{name}: device {device_of(X)} differs from the model's {device}")
     if X.ndim < 2:

@@ -200,11 +200,11 @@ def test_second_order_is_exact_or_marked_not_computed(request, tmp_path):
     for name in full:
         (m_full, X), (m_first, _) = full[name], first[name]
         exact, res = fc.analyze(m_full, X), fc.analyze(m_first, X)
-        # (JAX reads the groups the function is linear in off its jaxpr: exact w = 0 there, at any size)
-        linear = getattr(m_first, "linear_groups", ())
+        # (the groups the function is linear in are read off its traced graph: exact w = 0 there, at any size)
+        linear = m_first.linear_groups
         names = tuple(g.name for g in res.groups if g.name not in linear)
         assert exact.first_order_only == () and res.first_order_only == names
-        assert name != "jax" or set(linear) == {"W2", "b2"}  # the output layer
+        assert set(linear) == {"W2", "b2"}  # the output layer
         for f in ("fisher", "v1", "var_x", "v1_lower", "v1_upper"):
             np.testing.assert_allclose(np.asarray(getattr(res, f)), np.asarray(getattr(exact, f)), rtol=1e-12,
                                        atol=0, err_msg=f"{name} {f}")
@@ -230,3 +230,51 @@ def test_second_order_is_exact_or_marked_not_computed(request, tmp_path):
         merged = res.merge(res)
         assert merged.first_order_only == names
         np.testing.assert_allclose(np.asarray(merged.fisher), np.asarray(res.fisher), rtol=1e-14)
+
+
+@pytest.mark.backends("torch", "jax")
+def test_token_ids_in_through_an_embedding(request):
+    """Integer inputs (token ids) with input_dtype: an embedding, a tanh layer and a linear head, the same numbers
+    on torch and JAX, every field against the full columns of the same model on one-hot float inputs."""
+    if "jax" in BACKENDS:
+        request.getfixturevalue("jax_x64")
+    rng = np.random.default_rng(3)
+    E, W, b, V = rng.normal(size=(7, 3)), rng.normal(size=(3, 4)), rng.normal(size=4), rng.normal(size=(4, 5))
+    ids = rng.integers(0, 7, size=(9, 2))  # two tokens per input, mean of their embeddings
+    results = {}
+    for name, lib_name in (("torch", "torch"), ("jax", "jax.numpy")):
+        if name not in BACKENDS:
+            continue
+        import importlib
+
+        lib = importlib.import_module(lib_name)
+        adapter = importlib.import_module(f"fishercore.backends.{name}")
+        params = {"E": lib.asarray(E), "W": lib.asarray(W), "b": lib.asarray(b), "V": lib.asarray(V)}
+        int_dtype = lib.int64 if name == "torch" else lib.int32
+
+        def fn(p, x, lib=lib):
+            return lib.tanh(p["E"][x].mean(1) @ p["W"] + p["b"]) @ p["V"]
+
+        def onehot_fn(p, x, lib=lib):  # the same model on one-hot rows: a float model of the same parameters
+            return lib.tanh((x @ p["E"]).mean(1) @ p["W"] + p["b"]) @ p["V"]
+
+        model = adapter.from_function(fn, params, input_shape=(2,), input_dtype=int_dtype)
+        X = lib.asarray(ids.astype(np.int64 if name == "torch" else np.int32))
+        res = fc.analyze(model, X)
+        ref = fc.analyze(adapter.from_function(onehot_fn, params, input_shape=(2, 7)),
+                         lib.asarray(np.eye(7)[ids]))
+        for f in ("fisher", "v1", "v2", "c12", "var_x", "v1_upper", "v2_upper"):
+            np.testing.assert_allclose(np.asarray(getattr(res, f)), np.asarray(getattr(ref, f)), rtol=1e-10,
+                                       atol=1e-14, err_msg=f"{name} {f}")
+        assert set(model.linear_groups) == {"V"}
+        with pytest.raises(TypeError, match="X: dtype .* differs from the model's input_dtype"):
+            fc.analyze(model, lib.asarray(ids.astype(np.float64)))
+        with pytest.raises(TypeError, match="input_dtype: expected None"):
+            adapter.from_function(fn, params, input_shape=(2,), input_dtype=lib.float64)
+        results[name] = res
+    if len(results) == 2:  # group by group: JAX orders a dict's keys, torch keeps their order
+        t, j = results["torch"], results["jax"]
+        for f in ("fisher", "v1", "v2", "c12"):
+            jt, jj = t.unflatten(getattr(t, f)), j.unflatten(getattr(j, f))
+            for k in jt:
+                np.testing.assert_allclose(np.asarray(jt[k]), np.asarray(jj[k]), rtol=1e-10, atol=1e-14)

@@ -278,3 +278,76 @@ def test_training_mode_randomness_is_refused_and_eval_mode_dropout_is_the_identi
                 fc.analyze(fn_model, X)):
         for f in ("fisher", "v1", "v2", "c12"):
             torch.testing.assert_close(getattr(got, f), getattr(want, f), rtol=1e-12, atol=1e-15)
+
+
+def _torch_linearity_cases():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+
+    def arr(*shape):
+        return torch.randn(*shape, dtype=F64, generator=g)
+
+    def dense(p, x, k):
+        return x @ p[f"{k}.W"] + p[f"{k}.b"]
+
+    def relu_pool(p, x):  # ReLU, max and average pooling, a residual sum
+        a = torch.relu(dense(p, x, "l1"))
+        a = F.max_pool1d(a[:, None, :], 2)[:, 0, :] + F.avg_pool1d(a[:, None, :], 2)[:, 0, :] + a[:, :3]
+        return dense(p, a, "l2")
+
+    def smooth(act):
+        return lambda p, x: dense(p, act(dense(p, x, "l1")), "l2")
+
+    def layernorm(p, x):
+        return dense(p, F.layer_norm(dense(p, x, "l1"), (6,), p["g"], p["beta"]), "l2")
+
+    def batchnorm(p, x):  # eval mode: affine in its input
+        z = F.batch_norm(dense(p, x, "l1"), torch.zeros(6, dtype=F64), torch.ones(6, dtype=F64), p["g"], p["beta"],
+                         training=False)
+        return dense(p, torch.relu(z), "l2")
+
+    def attention(p, x):
+        q, k, v = (x @ p[n] for n in ("q", "k", "v"))
+        a = torch.softmax(q[:, :, None] * k[:, None, :], dim=-1)
+        return torch.einsum("nij,nj->ni", a, v)[:, :3] @ p["o"]
+
+    def square(p, x):
+        return ((x @ p["W"]) @ p["W"].T)[:, :2] + (x / p["s"])[:, :2]
+
+    two = {"l1.W": arr(3, 6), "l1.b": arr(6), "l2.W": arr(6, 2), "l2.b": arr(2)}
+    return {
+        "relu-pool": (relu_pool, {"l1.W": arr(3, 6), "l1.b": arr(6), "l2.W": arr(3, 2), "l2.b": arr(2)}, set()),
+        "tanh": (smooth(torch.tanh), two, {"l1.W", "l1.b"}),
+        "gelu": (smooth(F.gelu), two, {"l1.W", "l1.b"}),
+        "silu": (smooth(F.silu), two, {"l1.W", "l1.b"}),
+        "sigmoid": (smooth(torch.sigmoid), two, {"l1.W", "l1.b"}),
+        "layernorm": (layernorm, {**two, "g": arr(6), "beta": arr(6)}, {"l1.W", "l1.b"}),
+        "batchnorm": (batchnorm, {**two, "g": arr(6), "beta": arr(6)}, set()),
+        "attention": (attention, {n: arr(3, 3) for n in ("q", "k", "v")} | {"o": arr(3, 2)}, {"q", "k"}),
+        "square": (square, {"W": arr(3, 3), "s": arr(3)}, {"W", "s"}),
+    }
+
+
+def test_piecewise_linear_groups_read_off_the_aten_graph_are_exact_and_never_smooth():
+    """As for JAX: a group taken as piecewise linear has every Hessian diagonal exactly 0 (torch.func.hessian);
+    parameters behind tanh, GELU, SiLU, sigmoid, LayerNorm's normalisation, softmax attention or a square are
+    taken as curved; linear groups get exact second order at any size (max_params=1)."""
+    X = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for name, (fn, params, must_curve) in _torch_linearity_cases().items():
+        model = fc_torch.from_function(fn, params, input_shape=(3,), max_params=1)
+        linear = set(model.linear_groups)
+        assert not (linear & must_curve), (name, linear & must_curve)
+        for k, leaf in params.items():
+            def h(v, x, k=k, leaf=leaf, fn=fn, params=params):
+                return fn({**params, k: v.reshape(leaf.shape)}, x[None])[0]
+
+            H = torch.stack([torch.func.hessian(h)(leaf.reshape(-1), x) for x in X])  # (n, C, p, p)
+            diag = torch.diagonal(H, dim1=-2, dim2=-1)
+            if k in linear:
+                assert bool((diag == 0).all()), (name, k)
+            elif k in must_curve:
+                assert float(diag.abs().max()) > 1e-8, (name, k)
+        if name in ("relu-pool", "layernorm"):
+            res = fc.analyze(model, X, "gaussian")
+            assert set(res.first_order_only) == set(params) - linear
