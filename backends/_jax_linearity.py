@@ -1,26 +1,15 @@
-r"""Which parameters a JAX function is piecewise linear in, read off its jaxpr (docs/math.md §9).
+r"""Which parameters a JAX function is piecewise linear in, read off its jaxpr.
 
-``w_i = ∂²h/∂θ_i²`` is exactly 0 (almost everywhere) when ``h`` is piecewise linear in the single
-coordinate ``θ_i``.  Along the function's jaxpr each value carries two sets of parameter leaves:
-
-* ``D`` — the leaves it depends on;
-* ``N`` — the leaves in a single coordinate of which it may be curved.
-
-Linear and piecewise-linear primitives (sums, reshapes, slices, ``max``/``min``/``abs``/
-``select_n`` — ReLU, max pooling —, reductions by sum or max) pass both on; a product of two
-values (``mul``, ``dot_general``, convolutions) is curved in the leaves both factors depend on;
-a quotient is curved in its divisor's; piecewise-constant results (comparisons, ``sign``,
-``floor``, integers) depend on nothing; calls (``jit``, ``custom_jvp_call`` …) are followed into
-their bodies.  Every other primitive — ``tanh``, ``exp``, ``logistic``, ``erf``, ``rsqrt``,
-``integer_pow``, control flow — is taken as curved in everything it depends on.  The analysis
-can only err towards "curved", which costs time, never exactness: a leaf reported linear has
-``w = 0``.
+The rule is :mod:`fishercore.backends.rules.linearity`'s; this module maps JAX's primitives to
+its kinds and follows calls (``jit``, ``custom_jvp_call`` …) into their bodies.
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+
+from .rules.linearity import EMPTY, propagate
 
 __all__ = ["curved_leaves"]
 
@@ -38,7 +27,6 @@ _PIECEWISE_CONSTANT = frozenset({
 _BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
                     "custom_vjp_call_jaxpr", "remat", "checkpoint"})
-_EMPTY = frozenset()
 
 
 def _inexact(var) -> bool:
@@ -58,38 +46,36 @@ def _body(eqn):
     return None
 
 
+def _kind(name: str) -> str | None:
+    if name in _LINEAR:
+        return "linear"
+    if name in _PIECEWISE_CONSTANT:
+        return "constant"
+    if name in _BILINEAR:
+        return "product"
+    return "quotient" if name == "div" else None
+
+
 def _walk(jaxpr, inputs):
     """``(D, N)`` of every output of ``jaxpr`` given those of its inputs."""
     env = {}
 
     def read(v):
         if not hasattr(v, "aval") or type(v).__name__ == "Literal":
-            return _EMPTY, _EMPTY
-        return env.get(v, (_EMPTY, _EMPTY))
+            return EMPTY, EMPTY
+        return env.get(v, (EMPTY, EMPTY))
 
     for var, dn in zip(jaxpr.invars, inputs):
         env[var] = dn
     for eqn in jaxpr.eqns:
         args = [read(v) for v in eqn.invars]
-        deps = frozenset().union(*(d for d, _ in args))
-        curved = frozenset().union(*(n for _, n in args))
         name = eqn.primitive.name
         if name in _CALLS and _body(eqn) is not None:
             outs = _walk(_body(eqn), args)
         else:
-            if name in _LINEAR:
-                pass
-            elif name in _PIECEWISE_CONSTANT:
-                deps, curved = _EMPTY, _EMPTY
-            elif name in _BILINEAR and len(args) == 2:
-                curved = curved | (args[0][0] & args[1][0])
-            elif name == "div" and len(args) == 2:
-                curved = curved | args[1][0]
-            else:  # anything else may be curved in every leaf it depends on
-                curved = curved | deps
-            outs = [(deps, curved)] * len(eqn.outvars)
+            outs = [propagate(_kind(name), args)] * len(eqn.outvars)
         for var, dn in zip(eqn.outvars, outs):
-            env[var] = dn if _inexact(var) else (_EMPTY, _EMPTY)
+            env[var] = dn if _inexact(var) else (EMPTY, EMPTY)
     return [read(v) for v in jaxpr.outvars]
 
 
@@ -103,8 +89,8 @@ def curved_leaves(apply_fn, params, example_x) -> frozenset:
 
     closed = jax.make_jaxpr(flat)(leaves, example_x)
     jaxpr = closed.jaxpr
-    inputs = [(frozenset({i}), _EMPTY) for i in range(len(leaves))]
-    inputs += [(_EMPTY, _EMPTY)] * (len(jaxpr.invars) - len(leaves))
+    inputs = [(frozenset({i}), EMPTY) for i in range(len(leaves))]
+    inputs += [(EMPTY, EMPTY)] * (len(jaxpr.invars) - len(leaves))
     # constants captured by the function do not depend on the parameters
     curved = frozenset()
     for _, n in _walk(jaxpr, inputs):

@@ -1,14 +1,8 @@
 r"""Which parameters a torch function is piecewise linear in, read off its ATen graph (``make_fx``).
 
-The same analysis as :mod:`fishercore.backends._jax_linearity` (see there): every value of the
-traced graph carries ``D``, the parameters it depends on, and ``N``, those in a single coordinate
-of which it may be curved.  Shape operations, sums, ``relu``/``max``/``where``, pooling and
-embedding lookups pass both on; products (``mm``, ``mul``, ``addmm``, convolutions, ``linear``)
-are curved in the parameters both factors depend on; a quotient in its divisor's; ``layer_norm``
-in its input's (an eval-mode batch norm is affine in its input); comparisons and integer results
-depend on nothing.  Every other operation — ``tanh``, ``exp``, ``sigmoid``, ``gelu``, ``silu``,
-``softmax``, ``pow`` … — is curved in everything it depends on.  Errs only towards "curved"; a
-function that cannot be traced is taken as curved in every parameter.
+The rule is :mod:`fishercore.backends.rules.linearity`'s; this module maps ATen operations to its
+kinds (an eval-mode ``native_batch_norm`` is a product of its input and scale, ``native_layer_norm``
+a normalisation).  A function that cannot be traced is taken as curved in every parameter.
 """
 
 from __future__ import annotations
@@ -16,6 +10,8 @@ from __future__ import annotations
 import operator
 
 import torch
+
+from .rules.linearity import EMPTY, propagate
 
 __all__ = ["curved_params"]
 
@@ -39,12 +35,21 @@ _PIECEWISE_CONSTANT = frozenset({
 _BILINEAR = {"mm": (0, 1), "bmm": (0, 1), "mul": (0, 1), "matmul": (0, 1), "dot": (0, 1), "mv": (0, 1),
              "addmm": (1, 2), "baddbmm": (1, 2), "addmv": (1, 2), "linear": (0, 1), "convolution": (0, 1),
              "_native_batch_norm_legit_no_training": (0, 1)}
-_EMPTY = frozenset()
 
 
 def _name(target) -> str:
     packet = getattr(target, "overloadpacket", None)
     return getattr(packet, "__name__", str(target)).split(".")[-1]
+
+
+def _kind(name: str) -> str | None:
+    if name in _LINEAR:
+        return "linear"
+    if name in _PIECEWISE_CONSTANT:
+        return "constant"
+    if name == "native_layer_norm":  # (input, shape, weight, bias)
+        return "normalise"
+    return "quotient" if name == "div" else None
 
 
 def _walk(graph, inputs):
@@ -54,47 +59,36 @@ def _walk(graph, inputs):
 
     def read(a):
         if isinstance(a, torch.fx.Node):
-            return env.get(a, (_EMPTY, _EMPTY))
+            return env.get(a, (EMPTY, EMPTY))
         if isinstance(a, (list, tuple)):
             parts = [read(b) for b in a]
             return (frozenset().union(*(d for d, _ in parts)), frozenset().union(*(n for _, n in parts)))
-        return _EMPTY, _EMPTY
+        return EMPTY, EMPTY
 
     for node in graph.nodes:
         if node.op == "placeholder":
-            env[node] = next(placeholders, (_EMPTY, _EMPTY))
+            env[node] = next(placeholders, (EMPTY, EMPTY))
             continue
         if node.op == "output":
             out.append(read(node.args[0]))
             continue
         if node.op != "call_function":
-            env[node] = (_EMPTY, _EMPTY)
+            env[node] = (EMPTY, EMPTY)
             continue
         args = [read(a) for a in node.args]
-        deps = frozenset().union(*(d for d, _ in args)) if args else _EMPTY
-        curved = frozenset().union(*(n for _, n in args)) if args else _EMPTY
         if node.target is operator.getitem:
             env[node] = args[0]
             continue
         name = _name(node.target)
-        if name in _LINEAR:
-            pass
-        elif name in _PIECEWISE_CONSTANT:
-            deps, curved = _EMPTY, _EMPTY
-        elif name == "native_batch_norm" and len(node.args) > 5 and node.args[5] is False:
-            curved = curved | (args[0][0] & args[1][0])  # running statistics: affine in the input
-        elif name == "native_layer_norm":  # (input, shape, weight, bias): normalisation curves the input's
-            curved = curved | args[0][0]
-        elif name in _BILINEAR and len(args) > max(_BILINEAR[name]):
-            a, b = _BILINEAR[name]
-            curved = curved | (args[a][0] & args[b][0])
-        elif name == "div" and len(args) == 2:
-            curved = curved | args[1][0]
+        if name == "native_batch_norm" and len(node.args) > 5 and node.args[5] is False:
+            deps, curved = propagate("product", args)  # running statistics: affine in the input
+        elif name in _BILINEAR:
+            deps, curved = propagate("product", args, _BILINEAR[name])
         else:
-            curved = curved | deps
+            deps, curved = propagate(_kind(name), args)
         meta = node.meta.get("val")
         floating = not isinstance(meta, torch.Tensor) or meta.dtype.is_floating_point
-        env[node] = (deps, curved) if floating else (_EMPTY, _EMPTY)
+        env[node] = (deps, curved) if floating else (EMPTY, EMPTY)
     return out
 
 
@@ -112,7 +106,7 @@ def curved_params(fn, params: dict, example_x) -> frozenset:
         graph = make_fx(flat)([params[k] for k in names], example_x).graph
     except Exception:  # noqa: BLE001 - any tracing failure: assume curvature everywhere (exact, slower)
         return frozenset(names)
-    inputs = [(frozenset({k}), _EMPTY) for k in names]
+    inputs = [(frozenset({k}), EMPTY) for k in names]
     curved = frozenset()
     for _, n in _walk(graph, inputs):
         curved |= n
