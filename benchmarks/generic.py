@@ -1,0 +1,69 @@
+"""The generic path (``from_function``: full columns by autodiff) against the dense rule (``from_sequential``).
+
+Run from the repository root:
+
+    python benchmarks/generic.py                      # 64-128-128-10 and the 99,530-parameter MLP, 1,797 inputs
+    python benchmarks/generic.py --widths 64 128 10 --n 500
+
+Same network, same inputs, float64, torch on the CPU, side by side in one process.
+``from_sequential`` computes every field; ``from_function`` above its ``max_params`` every
+first-order field (the second-order ones are not computed), and its output layer's second order
+(w = 0, read off the traced graph).  Medians of ``--repeat`` runs after a warm-up.
+Benchmarks are not tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import fishercore as fc
+from fishercore.backends import torch as fc_torch
+
+
+def median_time(job, repeat):
+    job()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        job()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--widths", type=int, nargs="+", action="append",
+                   help="layer widths (repeatable); default 64 128 128 10 and 64 300 200 10")
+    p.add_argument("--n", type=int, default=1797)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    print("| network | P | from_sequential, every field (s) | from_function, first order (s) | ratio |")
+    print("|---|---|---|---|---|")
+    for widths in args.widths or [[64, 128, 128, 10], [64, 300, 200, 10]]:
+        a, b, P = compare(widths, rng.normal(size=(args.n, widths[0])), args.repeat)
+        print(f"| {'-'.join(map(str, widths))} tanh | {P:,} | {a:.2f} | {b:.2f} | {b / a:.1f}× |", flush=True)
+
+
+def compare(widths, X, repeat):
+    """Seconds of ``analyze`` through from_sequential and from_function, and the parameter count."""
+    torch.manual_seed(0)
+    mods = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        mods += [torch.nn.Linear(a, b)] + ([torch.nn.Tanh()] if i < len(widths) - 2 else [])
+    net = torch.nn.Sequential(*mods).double().eval()
+    X = torch.from_numpy(X)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    seq = fc_torch.from_sequential(net)
+    gen = fc_torch.from_function(lambda prm, x: torch.func.functional_call(net, prm, (x,)), params,
+                                 input_shape=(widths[0],))
+    return (median_time(lambda: fc.analyze(seq, X), repeat), median_time(lambda: fc.analyze(gen, X), repeat),
+            sum(v.numel() for v in params.values()))
+
+if __name__ == "__main__":
+    main()
