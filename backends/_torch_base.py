@@ -30,20 +30,6 @@ def check_tensor(X, *, dtype, device, input_shape=None, input_dtype=None):
     return check_inputs(X, xp=torch_xp, dtype=dtype, device=device, input_shape=input_shape, input_dtype=input_dtype)
 
 
-def check_input_dtype(input_dtype, xp, what: str):
-    """None (inputs of the model's floating dtype) or an integer dtype of ``xp`` (token ids)."""
-    if input_dtype is None:
-        return None
-    try:
-        integral = xp.isdtype(input_dtype, "integral")
-    except (TypeError, ValueError):
-        integral = False
-    if not integral:
-        raise TypeError(f"input_dtype: expected None (inputs of the parameters' dtype) or an integer dtype of "
-                        f"{what} for token ids, got {input_dtype!r}")
-    return input_dtype
-
-
 def model_dtype_device(params: Mapping[str, torch.Tensor], what: str):
     if not params:
         raise ValueError(f"{what}: has no parameters")

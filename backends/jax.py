@@ -34,6 +34,7 @@ from array_api_compat import device
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
 from fishercore._validation import (
+    check_input_dtype,
     check_input_shape,
     check_inputs,
     check_positive_int,
@@ -42,6 +43,7 @@ from fishercore._validation import (
     second_order_within,
 )
 
+from ._jax_linearity import curved_leaves
 from .ops import namespace_ops
 from .rules import columns, dense
 from .rules.activations import ACTIVATIONS, PIECEWISE_LINEAR, Autodiff
@@ -262,20 +264,6 @@ def _function_pullback(leaves, X, s, *, apply_fn, treedef):
     return jax.tree_util.tree_leaves(grads)  # per leaf (n, M, *shape)
 
 
-def _check_input_dtype(input_dtype):
-    """None (inputs of the parameters' dtype) or an integer dtype (token ids)."""
-    if input_dtype is None:
-        return None
-    try:
-        dtype = np.dtype(input_dtype)
-    except TypeError:
-        dtype = None
-    if dtype is None or not np.issubdtype(dtype, np.integer):
-        raise TypeError(f"input_dtype: expected None (inputs of the parameters' dtype) or an integer dtype for "
-                        f"token ids, got {input_dtype!r}")
-    return dtype
-
-
 class JaxFunction:
     """Any pure ``apply_fn(params, x) -> h`` of a parameter pytree, with exact full columns."""
 
@@ -291,7 +279,8 @@ class JaxFunction:
         self.second_order = second_order_within(self.groups, max_params)
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
-        self.input_dtype = _check_input_dtype(input_dtype)
+        input_dtype = check_input_dtype(input_dtype, jnp)
+        self.input_dtype = None if input_dtype is None else np.dtype(input_dtype)  # comparable with X.dtype
         in_dtype = self.dtype if self.input_dtype is None else self.input_dtype
         try:
             h = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *self.input_shape), in_dtype))
@@ -301,8 +290,6 @@ class JaxFunction:
             raise ValueError(f"apply_fn: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
         self.n_outputs = int(h.shape[1])
         self._static = {"apply_fn": apply_fn, "treedef": treedef}
-        from ._jax_linearity import curved_leaves
-
         curved = curved_leaves(apply_fn, params, jnp.zeros((1, *self.input_shape), dtype=in_dtype))
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its jaxpr.
         self.linear_groups = tuple(g.name for i, g in enumerate(self.groups) if i not in curved)
@@ -324,15 +311,14 @@ class JaxFunction:
         hess = OPS.jit(_function_hessian, ("apply_fn", "treedef", "index"))
         blocks = []
         for i, g in enumerate(self.groups):
-            w = None
-            if hessian and g.name in self.linear_groups:
-                w = jnp.zeros((n, self.n_outputs, g.size), dtype=self.dtype)
-            elif hessian and self.second_order:
-                def chunk(start, k, i=i, g=g):
-                    E = columns.unit_directions(jnp, g.shape, start, k, dtype=self.dtype, device=self.device)
-                    return hess(self.leaves, X, E, index=i, **self._static)
+            def chunk(start, k, i=i, g=g):
+                E = columns.unit_directions(jnp, g.shape, start, k, dtype=self.dtype, device=self.device)
+                return hess(self.leaves, X, E, index=i, **self._static)
 
-                w = columns.chunked(g.size, self.chunk, chunk)
+            w = columns.group_hessian(jnp, (n, self.n_outputs, g.size), hessian=hessian,
+                                      linear=g.name in self.linear_groups, second_order=self.second_order,
+                                      compute=lambda g=g, chunk=chunk: columns.chunked(g.size, self.chunk, chunk),
+                                      dtype=self.dtype, device=self.device)
             blocks.append(ColumnBlock(g.name, jac[i].reshape(n, -1, g.size), w))
         return Derivatives(self.outputs(X), tuple(blocks))
 

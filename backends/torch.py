@@ -29,18 +29,17 @@ import torch
 from torch import nn
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
-from fishercore._validation import check_input_shape, check_positive_int, second_order_within
+from fishercore._validation import check_input_dtype, check_input_shape, check_positive_int, second_order_within
 
 from ._torch_base import (
     OPS,
     TorchModel,
-    check_input_dtype,
     check_tensor,
     model_dtype_device,
     outputs_width,
     randomness_refused,
-    torch_xp,
 )
+from ._torch_linearity import curved_params
 from ._torch_module import TorchModule
 from .rules import columns, dense
 from .rules.activations import Autodiff
@@ -255,7 +254,7 @@ class TorchFunction:
         self.second_order = second_order_within(self.groups, max_params)
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
-        self.input_dtype = check_input_dtype(input_dtype, torch_xp, "torch")
+        self.input_dtype = check_input_dtype(input_dtype, OPS.xp)
         probe = torch.zeros((1, *self.input_shape), dtype=input_dtype or self.dtype, device=self.device)
         try:
             with torch.no_grad():
@@ -263,8 +262,6 @@ class TorchFunction:
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"input_shape: fn cannot run on one input of shape {self.input_shape} ({e})") from e
         self.n_outputs = outputs_width(h, "fn")
-        from ._torch_linearity import curved_params
-
         curved = curved_params(fn, self.params, probe)
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
@@ -294,13 +291,11 @@ class TorchFunction:
         return Derivatives(h, blocks)
 
     def _hessian(self, X, group, hessian: bool):
-        """The group's Hessian diagonals: 0 where the function is piecewise linear in it, computed up to
-        ``max_params`` parameters, else None (not computed)."""
-        if not hessian:
-            return None
-        if group.name in self.linear_groups:
-            return torch.zeros((X.shape[0], self.n_outputs, group.size), dtype=self.dtype, device=self.device)
-        return self._diag_hessian(X, group) if self.second_order else None
+        """The group's Hessian diagonals by the column rule (:func:`.rules.columns.group_hessian`)."""
+        return columns.group_hessian(OPS.xp, (X.shape[0], self.n_outputs, group.size), hessian=hessian,
+                                     linear=group.name in self.linear_groups, second_order=self.second_order,
+                                     compute=lambda: self._diag_hessian(X, group), dtype=self.dtype,
+                                     device=self.device)
 
     def _diag_hessian(self, X, group):
         """∂²h/∂θ_i² for every parameter i of a group, (n, C, size), ``chunk`` directions at a time."""

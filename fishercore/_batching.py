@@ -121,6 +121,7 @@ class Batches:
         else:
             guess = 18 * model.n_outputs * n_params * itemsize
         self.size = max(1, min(self.size, int((self.budget - self.chunk_budget) // (guess + per_draw))))
+
     def take(self, X, start: int, stop: int):
         """``(inputs, mask)`` of the batch ``start:stop`` of X (padded to the batch size when ``pad``)."""
         from array_api_compat import array_namespace, device
@@ -171,10 +172,10 @@ class Batches:
                              f"for a chunk of a layer's sums, {_mib(resident)} to concatenate the sums); give at "
                              f"least {math.ceil(need):,} bytes, or a batch_size")
         self.first_size = min(self.n, self.size)
-        per_input += n_draws * per_draw
-        size = min(self.n - self.first_size, int(free // per_input))  # at most what remains
-        if free < per_input:  # one input at a time, its draws in chunks
-            self.draws = max(1, int((free - per_input + n_draws * per_draw) // per_draw))
+        with_draws = per_input + n_draws * per_draw
+        size = min(self.n - self.first_size, int(free // with_draws))  # at most what remains
+        if free < with_draws:  # one input at a time, its draws in chunks
+            self.draws = max(1, int((free - per_input) // per_draw))
         self.size = max(1, size if self.cap is None else min(size, self.cap))
         self.fitted = True
 

@@ -10,7 +10,7 @@ import numbers
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-__all__ = ["check_choice", "check_finite", "check_floating_array", "check_input_shape",
+__all__ = ["check_choice", "check_finite", "check_floating_array", "check_input_dtype", "check_input_shape",
            "check_inputs", "check_supported_dtype",
            "check_model_and_data", "check_positive_int", "check_positive_real", "check_probability",
            "check_results_finite"]
@@ -117,6 +117,20 @@ def check_choice(value, name: str, choices) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
         raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
     return value.lower()
+
+
+def check_input_dtype(input_dtype, xp):
+    """None (inputs of the parameters' floating dtype) or an integer dtype of the library ``xp`` (token ids)."""
+    if input_dtype is None:
+        return None
+    try:
+        integral = bool(xp.isdtype(input_dtype, "integral"))
+    except (TypeError, ValueError, AttributeError):
+        integral = False
+    if not integral:
+        raise TypeError(f"input_dtype: expected None (inputs of the parameters' dtype) or an integer dtype for "
+                        f"token ids (e.g. torch.long, jnp.int32), got {input_dtype!r}")
+    return input_dtype
 
 
 def second_order_within(groups, max_params) -> bool:

@@ -171,17 +171,20 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
                 for first in range(0, M, step):
                     s = score(d.outputs, min(step, M - first))
                     for b in d.blocks:
-                        part = _aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, mask, family=family,
-                                                       est=est), ops)
-                        for name, value in part.items():
-                            batch[name] = batch[name] + value if name in batch else value
+                        _add_into(batch, _aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, mask,
+                                                                 family=family, est=est), ops))
                     del s
             bar.total = len(batches)
             V.check_results_finite(batch, start, stop, "estimates")
-            for name, value in batch.items():
-                sums[name] = sums[name] + value if name in sums else value
+            _add_into(sums, batch)
             bar.update()
     return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
+
+
+def _add_into(total: dict, part: dict) -> None:
+    """Add the per-group sums of ``part`` into ``total`` (name → array)."""
+    for name, value in part.items():
+        total[name] = total[name] + value if name in total else value
 
 
 def _check_hessians(blocks) -> None:

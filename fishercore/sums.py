@@ -22,6 +22,7 @@ from array_api_compat import array_namespace
 
 from fishercore.backends.ops import ops_for
 
+from ._batching import itemsize
 from ._protocol import Array, ColumnBlock, DenseBlock, weight_flat
 from .stats import SECOND_ORDER, PerInputStats, per_input_stats
 
@@ -154,7 +155,7 @@ def chunk_rows(block, budget: float) -> int:
     out = block.jac.shape[-1]
     if budget == float("inf"):
         return out
-    per_row = CHUNK_TEMPORARIES * block.inputs.shape[1] * getattr(block.inputs.dtype, "itemsize", 8)
+    per_row = CHUNK_TEMPORARIES * block.inputs.shape[1] * itemsize(block.inputs)
     return max(1, min(out, int(budget // per_row)))
 
 

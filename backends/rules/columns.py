@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace
 
-__all__ = ["chunked", "diag_hessian", "pullback", "unit_directions"]
+__all__ = ["chunked", "diag_hessian", "group_hessian", "pullback", "unit_directions"]
 
 
 def pullback(ops, f, primal, cotangents):
@@ -61,3 +61,16 @@ def chunked(size: int, chunk: int, compute):
     xp = array_namespace(*parts)
     out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
     return xp.permute_dims(out[:, :size, :], (0, 2, 1))
+
+
+def group_hessian(xp, shape, *, hessian: bool, linear: bool, second_order: bool, compute, dtype, device):
+    """A group's Hessian diagonals, ``shape`` (n, C, size), as the column rule gives them.
+
+    None when not asked for, or not computed (``second_order`` False: a generic model above its
+    ``max_params``); exact zeros where the function is piecewise linear in the group
+    (``linear``, read off its traced graph, :mod:`fishercore.backends.rules.linearity`), at any
+    size; else ``compute()``, forward over forward along every coordinate.
+    """
+    if not hessian or not (linear or second_order):
+        return None
+    return xp.zeros(shape, dtype=dtype, device=device) if linear else compute()
