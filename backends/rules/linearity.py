@@ -1,4 +1,5 @@
-r"""Which parameters a traced function is piecewise linear in: the propagation rule both frameworks use.
+r"""Which parameters a traced function is piecewise linear in: the propagation rule both frameworks use
+(docs/math.md §11).
 
 ``w_i = ∂²h/∂θ_i²`` is exactly 0 (almost everywhere) when ``h`` is piecewise linear in the single
 coordinate ``θ_i``.  Along a traced graph (JAX's jaxpr, torch's ATen graph) every value carries two
