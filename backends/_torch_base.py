@@ -57,6 +57,19 @@ def outputs_width(h, what):
     return int(h.shape[1])
 
 
+def outputs_shape(h, what) -> tuple:
+    """The shape of one input's outputs: (C,), or (T, C) for sequence outputs (n, T, C)."""
+    if not isinstance(h, torch.Tensor) or h.ndim not in (2, 3):
+        raise ValueError(f"{what}: must return outputs of shape (n, C), or (n, T, C) for sequences, "
+                         f"got {getattr(h, 'shape', type(h))}")
+    return tuple(int(s) for s in h.shape[1:])
+
+
+def flat_outputs(h):
+    """Outputs (n, C) as they are, sequence outputs (n, T, C) as (n, T·C), position-major."""
+    return h if h.ndim == 2 else h.reshape(h.shape[0], -1)
+
+
 _RANDOM_IN_TRAINING = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 

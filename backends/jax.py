@@ -25,6 +25,7 @@ caller's choice).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -264,6 +265,24 @@ def _function_pullback(leaves, X, s, *, apply_fn, treedef):
     return jax.tree_util.tree_leaves(grads)  # per leaf (n, M, *shape)
 
 
+class _Flat:
+    """``apply_fn`` with sequence outputs (n, T, C) flattened to (n, T·C), position-major; hashable like
+    ``apply_fn`` (compiled code takes it as a static argument)."""
+
+    def __init__(self, apply_fn):
+        self.apply_fn = apply_fn
+
+    def __call__(self, params, X):
+        h = self.apply_fn(params, X)
+        return h.reshape(h.shape[0], -1)
+
+    def __eq__(self, other):
+        return isinstance(other, _Flat) and other.apply_fn == self.apply_fn
+
+    def __hash__(self):
+        return hash((_Flat, self.apply_fn))
+
+
 class JaxFunction:
     """Any pure ``apply_fn(params, x) -> h`` of a parameter pytree, with exact full columns."""
 
@@ -286,9 +305,13 @@ class JaxFunction:
             h = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *self.input_shape), in_dtype))
         except (TypeError, ValueError, IndexError) as e:
             raise ValueError(f"input_shape: apply_fn cannot run on one input of shape {self.input_shape} ({e})") from e
-        if len(getattr(h, "shape", ())) != 2:
-            raise ValueError(f"apply_fn: must return outputs of shape (n, C), got {getattr(h, 'shape', type(h))}")
-        self.n_outputs = int(h.shape[1])
+        if len(getattr(h, "shape", ())) not in (2, 3):
+            raise ValueError("apply_fn: must return outputs of shape (n, C), or (n, T, C) for sequences, got "
+                             f"{getattr(h, 'shape', type(h))}")
+        #: (C,), or (T, C) for sequence outputs, which the core sees flattened (n, T·C)
+        self.output_shape = tuple(int(d) for d in h.shape[1:])
+        self.n_outputs = math.prod(self.output_shape)
+        apply_fn = _Flat(apply_fn) if len(self.output_shape) == 2 else apply_fn
         self._static = {"apply_fn": apply_fn, "treedef": treedef}
         curved = curved_leaves(apply_fn, params, jnp.zeros((1, *self.input_shape), dtype=in_dtype))
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its jaxpr.

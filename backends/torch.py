@@ -23,6 +23,7 @@ Python loops over samples.  Group names are the module's own parameter names
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -35,8 +36,9 @@ from ._torch_base import (
     OPS,
     TorchModel,
     check_tensor,
+    flat_outputs,
     model_dtype_device,
-    outputs_width,
+    outputs_shape,
     randomness_refused,
 )
 from ._torch_linearity import curved_params
@@ -247,7 +249,7 @@ class TorchFunction:
             raise TypeError(f"fn: expected a callable fn(params, x) -> h, got {type(fn).__name__}")
         if not isinstance(params, Mapping) or not all(isinstance(v, torch.Tensor) for v in params.values()):
             raise TypeError("params: expected a mapping of names to torch.Tensor")
-        self.fn = fn
+        self.user_fn = fn
         self.params = {str(k): v.detach() for k, v in params.items()}
         self.dtype, self.device = model_dtype_device(self.params, "params")
         self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
@@ -261,13 +263,19 @@ class TorchFunction:
                 h = fn(self.params, probe)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"input_shape: fn cannot run on one input of shape {self.input_shape} ({e})") from e
-        self.n_outputs = outputs_width(h, "fn")
-        curved = curved_params(fn, self.params, probe)
+        #: (C,), or (T, C) for sequence outputs, which the core sees flattened (n, T·C)
+        self.output_shape = outputs_shape(h, "fn")
+        self.n_outputs = math.prod(self.output_shape)
+        curved = curved_params(self.fn, self.params, probe)
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
 
     def __repr__(self) -> str:
         return f"TorchFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
+
+    def fn(self, params, X):
+        """The function's outputs, flattened to (n, C') (sequence outputs position-major)."""
+        return flat_outputs(self.user_fn(params, X))
 
     def _single(self, params, x):
         return self.fn(params, x[None])[0]

@@ -28,7 +28,7 @@ from ._protocol import (
 from .analysis import analyze, analyze_batches
 from .bounds import Bounds, variance_bounds
 from .estimators import estimate, sample_labels
-from .families import Bernoulli, Categorical, Family, Gaussian, Moments, Spectrum, get_family
+from .families import Bernoulli, Categorical, Family, Gaussian, Moments, Positions, Spectrum, get_family
 from .io import load_analysis
 from .result import FisherAnalysis, GroupSummary, Summary
 from .stats import PerInputStats, fisher_stats
@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Bernoulli", "Bounds", "Categorical", "ColumnBlock", "DeclaresWorkspace", "DenseBlock", "Derivatives", "Family",
     "FisherAnalysis", "FisherSums", "Gaussian", "GroupSummary", "Model", "Moments", "ParamGroup", "PerInputStats",
+    "Positions",
     "Spectrum", "Summary", "SupportsPullback", "all_reduce_sums", "analyze", "analyze_batches", "estimate",
     "fisher_stats", "get_family", "load_analysis", "make_groups", "sample_labels", "variance_bounds",
 ]

@@ -11,9 +11,8 @@ import numbers
 from array_api_compat import array_namespace, is_array_api_obj
 
 __all__ = ["check_choice", "check_finite", "check_floating_array", "check_input_dtype", "check_input_shape",
-           "check_inputs", "check_supported_dtype",
-           "check_model_and_data", "check_positive_int", "check_positive_real", "check_probability",
-           "check_results_finite"]
+           "check_inputs", "check_mask", "check_model_and_data", "check_positive_int", "check_positive_real",
+           "check_probability", "check_results_finite", "check_supported_dtype", "model_family"]
 
 
 def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
@@ -166,7 +165,6 @@ def check_model_and_data(model, X, family):
     the family; ``X`` must be a non-empty, finite batch the model accepts.
     """
     from ._protocol import Model
-    from .families import get_family
 
     if not isinstance(model, Model):
         raise TypeError("model: expected a fishercore model (e.g. fishercore.backends.mlp.MLP), "
@@ -174,13 +172,60 @@ def check_model_and_data(model, X, family):
     C = model.n_outputs
     if isinstance(C, bool) or not isinstance(C, numbers.Integral) or C < 1:
         raise TypeError(f"model: n_outputs must be a positive integer known when the model is built, got {C!r}")
-    family = get_family(family)
+    family = model_family(model, family)
     family.check_outputs(int(C))
     X = model.check_inputs(X)
     if X.shape[0] == 0:
         raise ValueError("X: empty data set (0 inputs)")
     check_finite(X, "X")
     return family, X
+
+
+def model_family(model, family):
+    """The family as the model's outputs need it: ``family`` at each position (:class:`~fishercore.Positions`)
+    for a model whose ``output_shape`` is (T, C), itself otherwise."""
+    from .families import Positions, get_family
+
+    family = get_family(family)
+    shape = tuple(getattr(model, "output_shape", None) or (getattr(model, "n_outputs", None),))
+    if len(shape) not in (1, 2):
+        raise ValueError(f"model: outputs of shape (n, {', '.join(map(str, shape))}) are not supported; "
+                         "expected (n, C), or (n, T, C) for sequences")
+    if len(shape) == 1:
+        if isinstance(family, Positions):
+            raise ValueError(f"family: {family!r} is for outputs with positions (n, T, C); the model's are (n, C)")
+        return family
+    if isinstance(family, Positions):
+        if family.length != shape[0]:
+            raise ValueError(f"family: {family!r} has {family.length} positions; the model's outputs have {shape[0]}")
+        return family
+    return Positions(family, int(shape[0]))
+
+
+def check_mask(mask, model, X):
+    """A boolean (n, T) mask of the positions that count, for a model with sequence outputs; or None."""
+    if mask is None:
+        return None
+    shape = tuple(getattr(model, "output_shape", None) or (model.n_outputs,))
+    if len(shape) != 2:
+        raise ValueError(f"mask: the model's outputs (n, {shape[0]}) have no positions to mask; a mask is for "
+                         "sequence outputs (n, T, C)")
+    xp = array_namespace(X)
+    if not hasattr(mask, "shape"):
+        raise TypeError(f"mask: expected a boolean array of shape ({X.shape[0]}, {shape[0]}), got "
+                        f"{type(mask).__name__}")
+    try:
+        other = array_namespace(mask)
+    except TypeError as e:
+        raise TypeError(f"mask: expected an array of X's library, got {type(mask).__name__}") from e
+    if other is not xp:
+        raise TypeError(f"mask: array library {other.__name__} differs from X's ({xp.__name__})")
+    if tuple(mask.shape) != (X.shape[0], shape[0]):
+        raise ValueError(f"mask: expected shape ({X.shape[0]}, {shape[0]}) (inputs, positions), "
+                         f"got {tuple(mask.shape)}")
+    if mask.dtype != xp.bool:
+        raise TypeError(f"mask: expected a boolean array (True where a position counts), got dtype {mask.dtype}")
+    return mask
 
 
 def _all_finite(*arrays):

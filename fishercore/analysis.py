@@ -17,7 +17,6 @@ from . import _validation as V
 from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, itemsize
 from ._progress import Progress
 from ._protocol import Array
-from .families import get_family
 from .io import load_analysis, read, write
 from .result import FisherAnalysis
 from .sums import Accumulator, block_groups, chunked_sums
@@ -25,7 +24,7 @@ from .sums import Accumulator, block_groups, chunked_sums
 __all__ = ["analyze", "analyze_batches", "analysis_of"]
 
 
-def analyze(model, X: Array, family="categorical", *, batch_size: int | None = None,
+def analyze(model, X: Array, family="categorical", *, mask: Array | None = None, batch_size: int | None = None,
             memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> FisherAnalysis:
     r"""Exact diagonal Fisher, variances of Î1 and Î2, and their bounds over a data set.
 
@@ -36,7 +35,13 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
     X : (n, d) array
         Inputs, in the model's array library, dtype and device.
     family : {"categorical", "gaussian", "bernoulli"} or Family
-        Output distribution ``p(y | h)``.
+        Output distribution ``p(y | h)``.  For a model with sequence outputs (n, T, C) it is the
+        distribution at each position, with one independent label per position
+        (:class:`~fishercore.Positions`, docs/math.md §12); every statistic is then per input
+        sequence.
+    mask : (n, T) boolean array, optional
+        For sequence outputs: True at the positions that count, False at padding, which drops
+        out of every statistic.  In X's library.
     batch_size : int, optional
         Inputs per batch.  By default batches are sized to ``memory_budget`` (after a
         first batch of up to 32 inputs that measures the per-input footprint), and hold at
@@ -69,6 +74,7 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
     True
     """
     family, X = V.check_model_and_data(model, X, family)
+    mask = V.check_mask(mask, model, X)
     batches = batches_for(X, batch_size, memory_budget)
     ops = ops_for(X)
     acc = Accumulator()
@@ -77,12 +83,13 @@ def analyze(model, X: Array, family="categorical", *, batch_size: int | None = N
     with ops.no_grad(), Progress(len(batches), progress, "analyze") as bar:
         X = ops.detach(X)
         for start, stop in batches:
-            Xb, mask = batches.take(X, start, stop)
+            Xb, rows = batches.take(X, start, stop)
+            positions = None if mask is None else batches.take(mask, start, stop)[0]
             d = model.derivatives(Xb)
             batches.fit(d.blocks, Xb.shape[0], model, hessian=True, resident=resident)
             bar.total = len(batches)
             V.check_results_finite(d.outputs, start, stop)
-            for group, first, transposed, sums in chunked_sums(d, family, mask, batches.chunk_budget):
+            for group, first, transposed, sums in chunked_sums(d, family, rows, batches.chunk_budget, positions):
                 acc.add_piece(group, first, transposed, sums, stop - start)
             first_order = {g for b in d.blocks if b.diag_hess is None for g in block_groups(b)}
             del d
@@ -126,7 +133,7 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
     """
     import os
 
-    family = get_family(family)
+    family = V.model_family(model, family)
     every = V.check_positive_int(checkpoint_every, "checkpoint_every")
     if checkpoint is not None:
         try:

@@ -28,7 +28,7 @@ from . import _validation as V
 from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, itemsize
 from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, SupportsPullback, weight_flat
-from .sums import block_groups
+from .sums import block_groups, masked_block, position_weights
 
 __all__ = ["estimate", "sample_labels"]
 
@@ -89,8 +89,8 @@ def _project(score, jac, xp):
 
 
 def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_draws: int = 1, seed=None,
-             labels: Array | None = None, batch_size: int | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-             progress: bool = False) -> Array:
+             labels: Array | None = None, mask: Array | None = None, batch_size: int | None = None,
+             memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> Array:
     r"""Monte-Carlo estimate of the diagonal Fisher, (P,).
 
     Parameters
@@ -109,7 +109,9 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
         Observed labels instead of draws: the *empirical Fisher*.  It is **biased** —
         it estimates ``E_data[∇ℓ∇ℓᵀ]`` rather than the Fisher — and is provided only
         for comparison.  Class indices (n,) for the categorical family, (n, C)
-        otherwise.  Incompatible with ``n_draws > 1``.
+        otherwise; (n, T) or (n, T, C) for sequence outputs.  Incompatible with ``n_draws > 1``.
+    mask : (n, T) boolean array, optional
+        As in :func:`fishercore.analyze`: masked positions drop out of the log-likelihood.
     batch_size, memory_budget, progress
         As in :func:`fishercore.analyze`.  The draws count in the budget: when one input's
         ``n_draws`` draws do not fit, inputs are taken one at a time and their draws in
@@ -121,6 +123,7 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     """
     family, X = V.check_model_and_data(model, X, family)
     batches = batches_for(X, batch_size, memory_budget, statistics=False)
+    mask = V.check_mask(mask, model, X)
     est = V.check_choice(estimator, "estimator", ("i1", "i2"))
     M = V.check_positive_int(n_draws, "n_draws")
     ops = ops_for(X)
@@ -141,16 +144,20 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     with ops.no_grad(), Progress(len(batches), progress, f"estimate {est}") as bar:
         X = ops.detach(X)
         for start, stop in batches:
-            Xb, mask = batches.take(X, start, stop)
+            Xb, rows = batches.take(X, start, stop)
+            positions = None if mask is None else batches.take(mask, start, stop)[0]
 
-            def score(h, m=M, start=start, stop=stop, mask=mask):
-                """Scores (m, b, C) of the batch's next m labels; zero on a padded batch's filler rows."""
+            def score(h, m=M, start=start, stop=stop, rows=rows, positions=positions):
+                """Scores (m, b, C) of the batch's next m labels; zero on a padded batch's filler rows and at
+                masked positions."""
                 V.check_results_finite(h, start, stop)
                 if labels is None:
                     noise = _noise(family, rng, h, m, stop - start)
-                    return ops.jit(_score_from_noise, ("family",))(h, noise, mask, family=family)
-                y = family.check_labels(batches.take(labels, start, stop)[0], h)[None, ...]
-                return _masked_draws(family.score(h, y), mask)
+                    s = ops.jit(_score_from_noise, ("family",))(h, noise, rows, family=family)
+                else:
+                    y = family.check_labels(batches.take(labels, start, stop)[0], h)[None, ...]
+                    s = _masked_draws(family.score(h, y), rows)
+                return s if positions is None else s * position_weights(positions, h)[None, :, :, 0]
 
             batch = {}
             if use_pullback:  # one backward pass per draw: t = sᵀ ∂h/∂z directly
@@ -160,6 +167,9 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
                     batch.update(_aggregate(b, None, ops))
             else:
                 d = model.derivatives(Xb, hessian=est == "i2")
+                if positions is not None:  # Σ_t u_tᵀΛ_t u_t over the kept positions only (Î2's first term)
+                    weights = position_weights(positions, d.outputs)
+                    d = d._replace(blocks=tuple(masked_block(b, weights) for b in d.blocks))
                 if est == "i2":
                     _check_hessians(d.blocks)
                 width = max(b.jac.shape[-1] for b in d.blocks)
@@ -171,7 +181,7 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
                 for first in range(0, M, step):
                     s = score(d.outputs, min(step, M - first))
                     for b in d.blocks:
-                        _add_into(batch, _aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, mask,
+                        _add_into(batch, _aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, rows,
                                                                  family=family, est=est), ops))
                     del s
             bar.total = len(batches)

@@ -28,7 +28,7 @@ from array_api_compat import array_namespace, device
 from ._numerics import log_softmax, sigmoid, sigmoid_pair, softmax, softplus, unit_roundoff
 from ._protocol import Array
 
-__all__ = ["Bernoulli", "Categorical", "Family", "Gaussian", "Moments", "Spectrum", "get_family"]
+__all__ = ["Bernoulli", "Categorical", "Family", "Gaussian", "Moments", "Positions", "Spectrum", "get_family"]
 
 
 class Moments(NamedTuple):
@@ -396,6 +396,147 @@ class Bernoulli(Family):
     def log_likelihood(self, outputs, labels):
         xp = array_namespace(outputs)
         return xp.sum(labels * outputs - softplus(outputs, xp), axis=-1)
+
+
+class Positions(Family):
+    r"""``base`` at each of ``length`` positions: outputs of shape (T, C), one independent label per position.
+
+    For sequence models (a language model's logits over T tokens): ``log p(y|x) =
+    Σ_t log p(y_t|h_t)`` with ``y_t ~ base(h_t)`` independent.  The core sees the outputs
+    flattened, (n, T·C) position-major; every statistic is per input sequence
+    (docs/math.md §12).  With ``a_t = s_tᵀu_t`` (independent, zero mean, ``E[a_t²] = I_t``):
+
+    ``I = Σ_t I_t``, ``E[(Σa_t)³] = Σ_t E[a_t³]``, ``v1 = Σ_t v1_t + 2 Σ_t I_t (I − I_t)``,
+    ``v2 = Σ_t v2_t``, ``c12 = Σ_t c12_t``; Λ is block diagonal, so its spectrum is the union
+    of the positions', and 𝓜's extreme eigenvalues are those of the positions' blocks and
+    ``2 λ_t λ_r`` (t ≠ r) for the cross terms.
+
+    Labels: (n, T) class indices (categorical) or (n, T, C) targets.  A model whose
+    outputs have shape (n, T, C) gets its family wrapped so by every entry point; a mask
+    of padding positions is passed to :func:`fishercore.analyze` and
+    :func:`fishercore.estimate`, not to the family.
+    """
+
+    def __init__(self, base, length: int):
+        base = get_family(base)
+        if isinstance(base, Positions):
+            raise TypeError("base: a Positions family cannot be nested")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length: expected a positive number of positions, got {length!r}")
+        self.base, self.length = base, int(length)
+        self.name = base.name
+
+    def parameters(self) -> tuple:
+        return (("base", self.base), ("length", self.length))
+
+    def __repr__(self) -> str:
+        return f"Positions({self.base!r}, length={self.length})"
+
+    # -- reshaping: (n, T·C, ...) <-> (n·T, C, ...) ----------------------------
+    def _split(self, x):
+        """(n, T·C, ...) → (n·T, C, ...)."""
+        xp = array_namespace(x)
+        return xp.reshape(x, (x.shape[0] * self.length, x.shape[1] // self.length, *x.shape[2:]))
+
+    def _per_input(self, x, n):
+        """(n·T, ...) → (n, T, ...)."""
+        xp = array_namespace(x)
+        return xp.reshape(x, (n, self.length, *x.shape[1:]))
+
+    def check_outputs(self, n_outputs):
+        if n_outputs % self.length:
+            raise ValueError(f"model: {n_outputs} outputs do not split into {self.length} positions")
+        self.base.check_outputs(n_outputs // self.length)
+
+    def check_labels(self, labels, outputs):
+        xp = array_namespace(outputs)
+        _same_namespace(labels, xp, "labels")
+        n, T = outputs.shape[0], self.length
+        C = outputs.shape[1] // T
+        want = (n, T) if self.base.name == "categorical" else (n, T, C)
+        if tuple(labels.shape) != want:
+            raise ValueError(f"labels: expected one label per position, shape {want}, got {tuple(labels.shape)}")
+        flat = xp.reshape(labels, (n * T, *labels.shape[2:]))
+        return xp.reshape(self.base.check_labels(flat, self._split(outputs)), labels.shape)
+
+    def noise(self, rng, n, n_draws, n_outputs):
+        noise = self.base.noise(rng, n, n_draws * self.length, n_outputs // self.length)
+        return noise.reshape(n, n_draws, self.length, *noise.shape[2:])
+
+    def center(self, v):
+        xp = array_namespace(v)
+        *lead, TC, k = v.shape
+        split = xp.reshape(v, (*lead, self.length, TC // self.length, k))
+        return xp.reshape(self.base.center(split), v.shape)
+
+    def fisher(self, outputs, jac):
+        xp = array_namespace(outputs, jac)
+        n = outputs.shape[0]
+        return xp.sum(self._per_input(self.base.fisher(self._split(outputs), self._split(jac)), n), axis=1)
+
+    def moments(self, outputs, jac, diag_hess):
+        xp = array_namespace(outputs, jac, diag_hess)
+        n = outputs.shape[0]
+        m = Moments(*(self._per_input(x, n) for x in self.base.moments(
+            self._split(outputs), self._split(jac), self._split(diag_hess))))  # each (n, T, k)
+        fisher = xp.sum(m.fisher, axis=1)
+        # Σ_{t≠r} I_t I_r = Σ_t I_t (I − I_t), each term ≥ 0 (I − I_t clipped at 0 against rounding)
+        rest = xp.maximum(fisher[:, None, :] - m.fisher, xp.zeros_like(m.fisher))
+        cross = 2.0 * xp.sum(m.fisher * rest, axis=1)
+        return Moments(fisher, xp.sum(m.third, axis=1), xp.sum(m.v1, axis=1) + cross,
+                       xp.sum(m.v2, axis=1), xp.sum(m.c12, axis=1))
+
+    def spectrum(self, outputs, positions=None):
+        r"""Extreme eigenvalues of the block-diagonal Λ and of 𝓜 over the positions where ``positions``
+        (n, T) is true (all by default): those of each position's blocks, and ``2 λ_t λ_r`` (t ≠ r)."""
+        xp = array_namespace(outputs)
+        n = outputs.shape[0]
+        s = Spectrum(*(self._per_input(x, n) for x in self.base.spectrum(self._split(outputs))))  # (n, T)
+        inf = xp.full_like(s.lam_min, float("inf"))  # (n, T)
+        zero = xp.zeros_like(s.lam_min)
+        keep = None if positions is None else xp.astype(positions, xp.bool)
+
+        def lowest(x):
+            return x if keep is None else xp.where(keep, x, inf)
+
+        def highest(x):
+            return x if keep is None else xp.where(keep, x, zero)
+
+        lam_min, m_min = lowest(s.lam_min), lowest(s.m_min)
+        lam_max, m_max = highest(s.lam_max), highest(s.m_max)
+        low, high = xp.min(lam_min, axis=1), xp.max(lam_max, axis=1)
+        m_lo, m_hi = xp.min(m_min, axis=1), xp.max(m_max, axis=1)
+        if self.length > 1:  # the cross blocks t ≠ r: 2 λ_t λ_r, extremes from the two smallest / largest
+            lo2, hi2 = xp.sort(lam_min, axis=1)[:, :2], xp.sort(lam_max, axis=1)[:, -2:]
+            pair = xp.isfinite(lo2[:, 1])  # False where fewer than two positions are kept: no cross block
+            lo2 = xp.where(xp.isfinite(lo2), lo2, xp.zeros_like(lo2))
+            m_lo = xp.where(pair, xp.minimum(m_lo, 2.0 * lo2[:, 0] * lo2[:, 1]), m_lo)
+            m_hi = xp.maximum(m_hi, 2.0 * hi2[:, 0] * hi2[:, 1])
+        finite = xp.isfinite(low)  # False only where every position is masked: no term, bounds 0
+        none = xp.zeros_like(low)
+        return Spectrum(xp.where(finite, low, none), high, xp.where(finite, m_lo, none), m_hi)
+
+    def labels_from_noise(self, outputs, noise):
+        xp = array_namespace(outputs, noise)
+        n, M, T = noise.shape[:3]
+        flat = xp.reshape(xp.permute_dims(noise, (0, 2, 1, *range(3, noise.ndim))), (n * T, M, *noise.shape[3:]))
+        y = self.base.labels_from_noise(self._split(outputs), flat)  # (M, n·T, ...)
+        return xp.reshape(y, (M, n, T, *y.shape[2:]))
+
+    def score(self, outputs, labels):
+        xp = array_namespace(outputs)
+        lead = labels.shape[:-2] if self.base.name != "categorical" else labels.shape[:-1]
+        lead = tuple(lead[:-1])  # the draws axis, if any
+        n, T = outputs.shape[0], self.length
+        flat = xp.reshape(labels, (*lead, n * T, *labels.shape[len(lead) + 2:]))
+        s = self.base.score(self._split(outputs), flat)  # (..., n·T, C)
+        return xp.reshape(s, (*lead, n, outputs.shape[1]))
+
+    def log_likelihood(self, outputs, labels):
+        xp = array_namespace(outputs)
+        n, T = outputs.shape[0], self.length
+        flat = xp.reshape(labels, (n * T, *labels.shape[2:]))
+        return xp.sum(xp.reshape(self.base.log_likelihood(self._split(outputs), flat), (n, T)), axis=1)
 
 
 _BY_NAME = {"categorical": Categorical, "gaussian": Gaussian, "bernoulli": Bernoulli}

@@ -26,7 +26,7 @@ from array_api_compat import array_namespace, device
 from fishercore.backends.ops import ops_for
 
 from ._protocol import ParamGroup
-from .families import get_family
+from .families import Positions, get_family
 from .result import FisherAnalysis
 from .stats import SECOND_ORDER
 from .sums import FisherSums
@@ -50,9 +50,11 @@ def write(analysis: FisherAnalysis, path, **extra) -> None:
     """The .npz of :meth:`FisherAnalysis.save`, with ``extra`` entries in its metadata, written atomically."""
     path = _path(path)
     arrays = {f"sums_{k}": ops_for(v).to_host(v) for k, v in zip(FisherSums._fields, analysis.sums)}
+    base = getattr(analysis.family, "base", analysis.family)  # a Positions family: its base, and its length
     meta = {"format": FORMAT, "n_inputs": int(analysis.n_inputs),
             "groups": [[g.name, list(g.shape), g.offset] for g in analysis.groups],
-            "family": analysis.family.name, "variance": getattr(analysis.family, "variance", None), **extra}
+            "family": analysis.family.name, "variance": getattr(base, "variance", None),
+            "positions": getattr(analysis.family, "length", None), **extra}
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -137,6 +139,8 @@ def _validated(path, meta, sums):
         family = get_family(meta["family"])
         if meta["variance"] is not None:
             family = type(family)(variance=meta["variance"])
+        if meta.get("positions") is not None:  # absent in files of earlier versions: no positions
+            family = Positions(family, meta["positions"])
     except (TypeError, ValueError) as e:
         raise bad(f"family {meta['family']!r} ({e})") from e
     dtypes = set()

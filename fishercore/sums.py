@@ -27,7 +27,7 @@ from ._protocol import Array, ColumnBlock, DenseBlock, weight_flat
 from .stats import SECOND_ORDER, PerInputStats, per_input_stats
 
 __all__ = ["Accumulator", "FisherSums", "all_reduce_sums", "block_sums", "chunked_sums", "derivative_sums",
-           "merge_sums"]
+           "masked_block", "merge_sums", "position_weights"]
 
 
 class FisherSums(NamedTuple):
@@ -140,8 +140,25 @@ def _column_sums(outputs, jac, diag_hess, spectrum, mask, family):
     return _sums_over_inputs(per_input_stats(outputs, jac, diag_hess, family, spectrum), mask)
 
 
-def _spectrum(outputs, family):
-    return family.spectrum(outputs)
+def _spectrum(outputs, family, positions=None):
+    return family.spectrum(outputs) if positions is None else family.spectrum(outputs, positions)
+
+
+def position_weights(positions, outputs):
+    """(b, T·C, 1): 1 at the outputs of the positions ``positions`` (b, T) keeps, 0 at the masked ones."""
+    xp = array_namespace(outputs)
+    n, T = positions.shape
+    w = xp.broadcast_to(xp.astype(positions, outputs.dtype)[:, :, None], (n, T, outputs.shape[1] // T))
+    return xp.reshape(w, (n, outputs.shape[1], 1))
+
+
+def masked_block(block, weights):
+    """The block with ``∂h/∂θ`` and ``∂²h/∂θ²`` zero at masked positions' outputs: those positions drop out
+    of every statistic (docs/math.md §12).  ``weights``: :func:`position_weights`, or None (no mask)."""
+    if weights is None:
+        return block
+    return block._replace(jac=block.jac * weights,
+                          diag_hess=None if block.diag_hess is None else block.diag_hess * weights)
 
 
 #: Arrays of one dense chunk's (rows, in) size alive at once while its sums are computed and
@@ -192,17 +209,20 @@ def block_groups(block) -> tuple:
     return (block.group,)
 
 
-def chunked_sums(d, family, mask=None, chunk_budget: float = float("inf")):
+def chunked_sums(d, family, mask=None, chunk_budget: float = float("inf"), positions=None):
     """The sums of :func:`derivative_sums`, one piece at a time: ``(group, start, transposed, FisherSums)``.
 
     A dense weight comes in chunks of :func:`chunk_rows` rows ``start:start + rows`` of its
     (out, in) matrix, each (rows, in); every other group whole (``start`` 0, flat).  Only one
     chunk's temporaries are alive at once, so a batch's working memory does not grow with the
-    size of the largest layer.
+    size of the largest layer.  ``positions`` (b, T): the positions of sequence outputs that count
+    (:class:`~fishercore.Positions`), or None for all.
     """
     ops = ops_for(d.outputs)
-    spectrum = ops.jit(_spectrum, ("family",))(d.outputs, family=family)
+    spectrum = ops.jit(_spectrum, ("family",))(d.outputs, positions=positions, family=family)
+    weights = None if positions is None else ops.jit(position_weights)(positions, d.outputs)
     for block in d.blocks:
+        block = masked_block(block, weights)
         if isinstance(block, DenseBlock):
             stats, bias = ops.jit(_dense_stats, ("family",))(d.outputs, block.jac, block.diag_hess, spectrum, mask,
                                                                family=family)

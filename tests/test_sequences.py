@@ -1,0 +1,205 @@
+"""Sequence outputs (n, T, C): the per-sequence statistics of docs/math.md §12 against enumeration of every
+label sequence, the padding mask, the estimators on the same labels, and the errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+import fishercore as fc
+from helpers import assert_raises_named, label_space
+
+T, C, K = 3, 3, 4  # positions, classes, parameters
+
+
+class Table:
+    """A model given by its derivatives: input i (X[i, 0] = i) has outputs H[i] (T·C), ∂h/∂θ = U[i] (T·C, K) and
+    ∂²h/∂θ² = W[i] — so the statistics can be checked against enumeration with nothing else in between."""
+
+    def __init__(self, H, U, W, output_shape):
+        self.H, self.U, self.W = H, U, W
+        self.output_shape = output_shape
+        self.n_outputs = H.shape[1]
+        self.groups = fc.make_groups([("theta", (U.shape[2],))])
+
+    def check_inputs(self, X):
+        return X
+
+    def _rows(self, X):
+        return X[:, 0].astype(int)
+
+    def outputs(self, X):
+        return self.H[self._rows(X)]
+
+    def derivatives(self, X, *, hessian=True):
+        i = self._rows(X)
+        return fc.Derivatives(self.H[i], (fc.ColumnBlock("theta", self.U[i], self.W[i] if hessian else None),))
+
+
+def table(family, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    width = C if family != "bernoulli" else 2
+    H = 1.5 * rng.normal(size=(n, T * width))
+    U, W = rng.normal(size=(2, n, T * width, K))
+    return Table(H, U, W, (T, width)), np.arange(n, dtype=float)[:, None]
+
+
+def sequence_space(family, h, width):
+    """[(probability, score (T·width,))] of every label sequence, from each position's label space."""
+    per = [label_space(family, h[t * width:(t + 1) * width]) for t in range(T)]
+    return [(np.prod([p for p, _ in combo]), np.concatenate([s for _, s in combo]))
+            for combo in itertools.product(*per)]
+
+
+def enumerate_stats(family, model, keep=None):
+    """Per-parameter means over inputs of I, v1, v2, c12 and var_x, by enumeration of the label sequences."""
+    width = model.output_shape[1]
+    per_input = []
+    for i in range(model.H.shape[0]):
+        u, w = model.U[i].copy(), model.W[i].copy()
+        if keep is not None:  # masked positions: their outputs do not enter the log-likelihood
+            drop = np.repeat(~keep[i], width)
+            u[drop], w[drop] = 0.0, 0.0
+        I = m4 = v2 = c = 0.0
+        for prob, s in sequence_space(family, model.H[i], width):
+            g = s @ u  # ∂ℓ/∂θ = Σ_t s_tᵀu_t
+            b = s @ w  # Σ_t s_tᵀw_t; −∂²ℓ/∂θ² = I − b
+            I, m4, v2, c = I + prob * g**2, m4 + prob * g**4, v2 + prob * b**2, c + prob * g**2 * b
+        per_input.append((I, m4 - I**2, v2, -c))  # c12 = Cov(g², I − b) = −E[g² b], as E[b] = 0
+    I, v1, v2, c12 = (np.array(x) for x in zip(*per_input))
+    return {"fisher": I.mean(0), "v1": v1.mean(0), "v2": v2.mean(0), "c12": c12.mean(0), "var_x": I.var(0)}
+
+
+@pytest.mark.parametrize("family", ["categorical", "bernoulli"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_statistics_match_enumeration_of_label_sequences(family, masked):
+    model, X = table(family)
+    keep = None
+    if masked:
+        keep = np.ones((X.shape[0], T), dtype=bool)
+        keep[0, 2] = keep[1, 0] = keep[3, :2] = False
+    res = fc.analyze(model, X, family, mask=keep)
+    assert isinstance(res.family, fc.Positions) and res.family.length == T
+    want = enumerate_stats(fc.get_family(family), model, keep)
+    for f, ref in want.items():
+        np.testing.assert_allclose(getattr(res, f), ref, rtol=1e-12, atol=1e-13 * np.abs(ref).max(), err_msg=f)
+    # every bound holds (sums over inputs of per-input bounds)
+    assert np.all(res.v1_lower <= res.v1 * (1 + 1e-12)) and np.all(res.v1 <= res.v1_upper * (1 + 1e-12))
+    assert np.all(res.v2_lower <= res.v2 * (1 + 1e-12)) and np.all(res.v2 <= res.v2_upper * (1 + 1e-12))
+
+
+def test_a_masked_position_is_the_same_as_a_sequence_without_it():
+    """Masking the last position equals a model with T − 1 positions (every field, the bounds included)."""
+    model, X = table("categorical", seed=3)
+    keep = np.ones((X.shape[0], T), dtype=bool)
+    keep[:, -1] = False
+    short = Table(model.H[:, :-C], model.U[:, :-C], model.W[:, :-C], (T - 1, C))
+    a, b = fc.analyze(model, X, mask=keep), fc.analyze(short, X)
+    for f in ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-13, atol=1e-15, err_msg=f)
+
+
+def test_one_position_is_the_plain_family():
+    model, X = table("categorical", seed=4)
+    one = Table(model.H[:, :C], model.U[:, :C], model.W[:, :C], (1, C))
+    flat = Table(model.H[:, :C], model.U[:, :C], model.W[:, :C], (C,))
+    a, b = fc.analyze(one, X), fc.analyze(flat, X)
+    for f in ("fisher", "v1", "v2", "c12", "v1_lower", "v1_upper", "v2_lower", "v2_upper"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-13, atol=1e-15, err_msg=f)
+
+
+@pytest.mark.parametrize("family", ["categorical", "bernoulli"])
+def test_spectrum_is_that_of_the_sequence_by_enumeration(family):
+    """λ(Λ) and λ(𝓜) of the whole sequence's score, by enumeration, against Positions.spectrum."""
+    fam = fc.Positions(family, T)
+    width = C if family == "categorical" else 2
+    h = np.random.default_rng(7).normal(size=(1, T * width))
+    space = sequence_space(fc.get_family(family), h[0], width)
+    probs = np.array([p for p, _ in space])
+    S = np.array([s for _, s in space])
+    Lam = S.T @ (S * probs[:, None])
+    vecs = np.einsum("ki,kj->kij", S, S).reshape(len(S), -1)
+    mean = probs @ vecs
+    M = (vecs - mean).T @ ((vecs - mean) * probs[:, None])
+    D = T * width
+    block = np.eye(width) - np.ones((width, width)) / width if family == "categorical" else np.eye(width)
+    P = np.kron(np.eye(T), block)
+    lam = np.linalg.eigvalsh(P @ Lam @ P)
+    lam = lam[lam > 1e-12] if family == "categorical" else lam
+    basis = []
+    for a in range(D):
+        for b in range(a, D):
+            E = np.zeros((D, D))
+            E[a, b] = E[b, a] = 1.0
+            basis.append((P @ E @ P).ravel())
+    Uq, sv, _ = np.linalg.svd(np.array(basis).T, full_matrices=False)
+    Q = Uq[:, sv > 1e-10 * sv.max()]
+    ev = np.linalg.eigvalsh(Q.T @ M @ Q)
+    got = fam.spectrum(h)
+    np.testing.assert_allclose([got.lam_min[0], got.lam_max[0], got.m_max[0]], [lam.min(), lam.max(), ev.max()],
+                               rtol=1e-9)
+    assert got.m_min[0] <= ev.min() + 1e-12
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian", "bernoulli"])
+@pytest.mark.parametrize("estimator", ["i1", "i2"])
+def test_estimates_use_one_label_per_position(family, estimator):
+    """estimate() against Î1 = (Σ_t s_tᵀu_t)², Î2 = Σ_t (u_tᵀΛ_t u_t − s_tᵀw_t) on the labels sample_labels draws,
+    written position by position; masked positions left out of both."""
+    model, X = table(family, seed=5)
+    width = model.output_shape[1]
+    fam = fc.Gaussian(0.7) if family == "gaussian" else fc.get_family(family)
+    keep = np.ones((X.shape[0], T), dtype=bool)
+    keep[2, 1] = False
+    M = 6
+    y = fc.sample_labels(model, X, fam, n_draws=M, seed=11)
+    assert y.shape[:3] == (M, X.shape[0], T)
+    got = fc.estimate(model, X, fam, estimator=estimator, n_draws=M, seed=11, mask=keep)
+    total = np.zeros(K)
+    for m in range(M):
+        for i in range(X.shape[0]):
+            g, curv = np.zeros(K), np.zeros(K)
+            for t in np.flatnonzero(keep[i]):
+                sl = slice(t * width, (t + 1) * width)
+                h, u, w = model.H[i, sl], model.U[i, sl], model.W[i, sl]
+                s = fam.score(h[None], y[m, i, t][None])[0]
+                g += s @ u
+                lam = _output_fisher(fam, h)
+                curv += np.einsum("ck,cd,dk->k", u, lam, u) - s @ w
+            total += g**2 if estimator == "i1" else curv
+    np.testing.assert_allclose(got, total / (M * X.shape[0]), rtol=1e-12, atol=1e-14)
+
+
+def _output_fisher(fam, h):
+    """Λ = −∂²ℓ/∂h² of one position, in closed form."""
+    if fam.name == "categorical":
+        p = np.exp(h - h.max())
+        p /= p.sum()
+        return np.diag(p) - np.outer(p, p)
+    if fam.name == "bernoulli":
+        p = 1 / (1 + np.exp(-h))
+        return np.diag(p * (1 - p))
+    return np.eye(h.shape[0]) / fam.variance
+
+
+def test_errors_name_the_argument():
+    model, X = table("categorical")
+    assert_raises_named(lambda: fc.analyze(model, X, mask=np.ones((X.shape[0], T + 1), dtype=bool)),
+                        ValueError, "mask:")
+    assert_raises_named(lambda: fc.analyze(model, X, mask=np.ones((X.shape[0], T))), TypeError, "mask:")
+    flat = Table(model.H, model.U, model.W, (T * C,))
+    assert_raises_named(lambda: fc.analyze(flat, X, mask=np.ones((X.shape[0], T), dtype=bool)), ValueError, "mask:")
+    assert_raises_named(lambda: fc.analyze(model, X, fc.Positions("categorical", T + 1)), ValueError, "family:")
+    assert_raises_named(lambda: fc.estimate(model, X, labels=np.zeros((X.shape[0],), dtype=int)),
+                        ValueError, "labels:")
+    odd = Table(model.H, model.U, model.W, (T, C, 1))
+    assert_raises_named(lambda: fc.analyze(odd, X), ValueError, "model:")
+
+
+def test_saved_analysis_keeps_its_positions(tmp_path):
+    model, X = table("categorical")
+    res = fc.analyze(model, X)
+    res.save(tmp_path / "seq.npz")
+    back = fc.load_analysis(tmp_path / "seq.npz")
+    assert back.family == res.family == fc.Positions("categorical", T)
+    np.testing.assert_array_equal(back.v1, res.v1)
