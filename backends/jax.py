@@ -295,7 +295,7 @@ class JaxFunction:
         self.device = device(leaves[0])
         self.apply_fn, self.params, self.leaves, self.treedef = apply_fn, params, leaves, treedef
         self.groups = make_groups([(n, tuple(leaf.shape)) for n, leaf in zip(names, leaves)])
-        self.second_order = second_order_within(self.groups, max_params)
+        check_positive_int(max_params, "max_params")
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
         input_dtype = check_input_dtype(input_dtype, jnp)
@@ -316,6 +316,7 @@ class JaxFunction:
         curved = curved_leaves(apply_fn, params, jnp.zeros((1, *self.input_shape), dtype=in_dtype))
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its jaxpr.
         self.linear_groups = tuple(g.name for i, g in enumerate(self.groups) if i not in curved)
+        self.second_order = second_order_within([g for i, g in enumerate(self.groups) if i in curved], max_params)
 
     def __repr__(self) -> str:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"

@@ -41,8 +41,9 @@ from ._torch_base import (
     outputs_shape,
     randomness_refused,
 )
+from ._torch_composites import composites
 from ._torch_linearity import curved_params
-from ._torch_module import TorchModule
+from ._torch_module import DEFAULT_MAX_PARAMS, TorchModule
 from .rules import columns, dense
 from .rules.activations import Autodiff
 
@@ -55,7 +56,6 @@ ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.GELU,
 #: Activation modules whose second derivative vanishes wherever it is defined.
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
-DEFAULT_MAX_PARAMS = 20_000
 
 #: The torch module for each activation name of the hand-written MLP (GELU in its tanh form).
 ACTIVATION_MODULES = {
@@ -170,14 +170,24 @@ class TorchSequential(TorchModel):
         return dense.workspace(widths, curved, self.dtype.itemsize, hessian)
 
 
-def from_module(module: nn.Module, *, input_shape=None) -> TorchModule:
-    """Adapt any ``nn.Module`` whose trainable layers are ``nn.Linear``, each applied once per input.
+def from_module(module: nn.Module, *, input_shape=None, input_dtype=None, max_params: int = DEFAULT_MAX_PARAMS,
+                chunk: int = 256) -> TorchModule:
+    """Adapt any ``nn.Module`` whose forward maps a batch to outputs (n, C), or (n, T, C) for sequences.
 
-    Per-neuron factors come from perturbations of each Linear's output, so skip
-    connections and custom ``forward`` methods work; a Linear applied twice, or a
-    trainable parameter outside a Linear, is refused (use :func:`from_function`).
-    ``input_shape`` is the shape of one input (without the batch axis); by default the
-    module is probed with one input of its first Linear's width, to learn its output width.
+    Put it in ``eval()`` mode first: Dropout is then the identity and BatchNorm uses its running
+    statistics (training mode is refused).  Every ``nn.Linear`` applied once per input to a vector
+    gets per-neuron factors, from perturbations of its output (skip connections and custom
+    ``forward`` methods work); every other parameter (convolutions, norms, embeddings, attention,
+    a Linear applied at every position) gets full columns in the same backward passes.  First
+    order is exact at any size.  Second order is exact for the dense layers, zero where the
+    module is piecewise linear in a group (ReLU, pooling, eval BatchNorm: read off its graph),
+    computed along every parameter of the other groups while their curved parameters number at
+    most ``max_params`` (``chunk`` at a time), and otherwise NaN, "not computed"
+    (:attr:`fishercore.FisherAnalysis.first_order_only`).
+
+    ``input_shape`` is the shape of one input (without the batch axis); by default the module
+    is probed with inputs of its first Linear's width.  ``input_dtype``: an integer dtype (e.g.
+    ``torch.long``) for modules that take token ids.
 
     Examples
     --------
@@ -196,7 +206,7 @@ def from_module(module: nn.Module, *, input_shape=None) -> TorchModule:
     >>> fc.analyze(model, torch.randn(8, 3, dtype=torch.float64)).fisher.shape
     torch.Size([62])
     """
-    return TorchModule(module, input_shape)
+    return TorchModule(module, input_shape, input_dtype=input_dtype, max_params=max_params, chunk=chunk)
 
 
 def from_sequential(module: nn.Sequential) -> TorchSequential:
@@ -253,7 +263,7 @@ class TorchFunction:
         self.params = {str(k): v.detach() for k, v in params.items()}
         self.dtype, self.device = model_dtype_device(self.params, "params")
         self.groups = make_groups([(k, tuple(v.shape)) for k, v in self.params.items()])
-        self.second_order = second_order_within(self.groups, max_params)
+        check_positive_int(max_params, "max_params")
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
         self.input_dtype = check_input_dtype(input_dtype, OPS.xp)
@@ -269,6 +279,7 @@ class TorchFunction:
         curved = curved_params(self.fn, self.params, probe)
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
+        self.second_order = second_order_within([g for g in self.groups if g.name in curved], max_params)
 
     def __repr__(self) -> str:
         return f"TorchFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
@@ -291,7 +302,7 @@ class TorchFunction:
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         n = X.shape[0]
         eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
-        with torch.no_grad(), randomness_refused("fn"):
+        with torch.no_grad(), randomness_refused("fn"), composites():
             h = self.fn(self.params, X)
             jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: self._single(p, x), self.params, eye))(X)
             blocks = tuple(ColumnBlock(g.name, jac[g.name].reshape(n, -1, g.size), self._hessian(X, g, hessian))
@@ -324,7 +335,7 @@ class TorchFunction:
         """Per-sample gradients of ``Σ_c s_c h_c`` for every draw, (n, M, p): one vjp per draw."""
         h = self.outputs(X)
         s = cotangent_fn(h).transpose(0, 1)  # (n, M, C)
-        with torch.no_grad(), randomness_refused("fn"):
+        with torch.no_grad(), randomness_refused("fn"), composites():
             grads = OPS.vmap(lambda x, si: columns.pullback(OPS, lambda p: self._single(p, x), self.params, si))(X, s)
         n, M = s.shape[:2]
         return Derivatives(h, tuple(ColumnBlock(g.name, grads[g.name].reshape(n, M, g.size), None)
