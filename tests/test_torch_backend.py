@@ -467,10 +467,10 @@ def test_composites_differentiate_twice_exactly():
     }
     for name, f in cases.items():
         with composites():
-            second = jvp(lambda p: jvp(f, (p,), (e,))[1], (x,), (e,))[1]
+            second = jvp(lambda p, f=f: jvp(f, (p,), (e,))[1], (x,), (e,))[1]
             composite = f(x)
         torch.testing.assert_close(composite, f(x), rtol=1e-12, atol=1e-14, msg=name)  # the fused kernel's values
-        H = torch.func.hessian(lambda v: f(v.reshape(x.shape)).reshape(-1))(x.reshape(-1))
+        H = torch.func.hessian(lambda v, f=f: f(v.reshape(x.shape)).reshape(-1))(x.reshape(-1))
         k = int(e.reshape(-1).argmax())
         torch.testing.assert_close(second.reshape(-1), H[:, k, k], rtol=1e-10, atol=1e-12, msg=name)
         step = 1e-4

@@ -1,0 +1,70 @@
+"""The tiny transformer (embeddings, LayerNorm, causal multi-head attention, GELU MLP, residuals; outputs (n, T, C)):
+torch's from_module and JAX's from_function of the same weights give the brute-force statistics to 1e-10."""
+
+import types
+
+import numpy as np
+import pytest
+import transformer_reference as R
+
+from helpers import record_deviation, require_framework
+
+REFERENCE = dict(np.load(R.PATH))
+
+
+def _compare(res, tag, kind, to_numpy):
+    worst = 0.0
+    for f in R.FIELDS:
+        want = REFERENCE[tag + f]
+        got = to_numpy(getattr(res, f))
+        err = float(np.max(np.abs(got - want))) / float(np.max(np.abs(want)))
+        worst = max(worst, err)
+        assert err < 1e-10, (tag + f, err)
+    record_deviation(kind, "float64", worst, f"transformer {tag or 'unmasked'} vs brute force")
+
+
+@pytest.mark.backends("torch")
+def test_reference_file_is_current():
+    """The stored reference is what brute force gives today (so it cannot go stale)."""
+    require_framework("torch")
+    now = R.brute_force()
+    for k, want in REFERENCE.items():
+        np.testing.assert_allclose(now[k], want, rtol=1e-12, atol=1e-15 * np.abs(want).max(), err_msg=k)
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("masked", [False, True])
+def test_torch_transformer_matches_brute_force(masked):
+    torch = require_framework("torch")
+    import fishercore as fc
+    from fishercore.backends import torch as fc_torch
+    from fishercore.report import transformer as tr
+
+    net = tr.torch_model(R.CONFIG, R.params(), dtype=torch.float64)
+    model = fc_torch.from_module(net, input_shape=(R.CONFIG.context,), input_dtype=torch.long)
+    assert model.output_shape == (R.CONFIG.context, R.CONFIG.vocab) and not model.linears  # every Linear: per token
+    mask = torch.as_tensor(R.mask()) if masked else None
+    res = fc.analyze(model, torch.as_tensor(R.tokens()), mask=mask, batch_size=4)
+    assert [g.name for g in res.groups] == [n for n, _ in R.CONFIG.names_and_shapes()]
+    _compare(res, "masked_" if masked else "", "transformer-torch", lambda x: x.numpy())
+
+
+@pytest.mark.backends("jax")
+@pytest.mark.parametrize("masked", [False, True])
+def test_jax_transformer_matches_brute_force(masked, jax_x64):
+    require_framework("jax")
+    import jax.numpy as jnp
+
+    import fishercore as fc
+    from fishercore.backends import jax as fc_jax
+    from fishercore.report import transformer as tr
+
+    params = {k: jnp.asarray(v) for k, v in R.params().items()}
+    model = fc_jax.from_function(tr.JaxCharTransformer(heads=R.CONFIG.heads, depth=R.CONFIG.depth), params,
+                                 input_shape=(R.CONFIG.context,), input_dtype=jnp.int64)
+    mask = jnp.asarray(R.mask()) if masked else None
+    res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, batch_size=4)
+    order = [n for n, _ in R.CONFIG.names_and_shapes()]  # JAX orders a dict's leaves by key; the reference, torch's
+    flat = {f: np.concatenate([np.asarray(res.unflatten(getattr(res, f))[n]).reshape(-1) for n in order])
+            for f in R.FIELDS}
+    _compare(types.SimpleNamespace(**flat), "masked_" if masked else "", "transformer-jax", np.asarray)
