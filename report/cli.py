@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "write results.json/.csv, figures, report.md and a standalone report.html.")
     rep.add_argument("--study", choices=("fisher", "natural-gradient"), default="fisher",
                      help="the per-epoch Fisher study (default) or the natural-gradient toy of Figure 1")
+    rep.add_argument("--model", choices=("mlp", "transformer"), default="mlp",
+                     help="mlp: the paper's MLP study (default); transformer: a character-level transformer trained "
+                          "on Python's own source (needs torch; --task, --data, --hidden, --activation and "
+                          "--backend do not apply)")
     rep.add_argument("--task", choices=("classification", "regression"), default="classification",
                      help="classification: digits, categorical likelihood (default); regression: diabetes, Gaussian")
     rep.add_argument("--data", metavar="PATH", help="your own data: .npz with arrays X, y, or .csv with a label column")
@@ -61,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--activation", choices=ACTIVATIONS, default="sigmoid")
     rep.add_argument("--hidden", type=_widths, default=(128, 128, 128), metavar="W,W,...",
                      help="hidden layer widths (default 128,128,128)")
-    rep.add_argument("--epochs", type=_positive_int, default=20)
+    rep.add_argument("--epochs", type=_positive_int, default=None,
+                     help="training epochs (default 20; 4 with --model transformer)")
     rep.add_argument("--backend", choices=("auto", "torch", "jax", "numpy"), default="auto",
                      help="auto: torch when installed, else numpy")
     rep.add_argument("--seed", type=_seed, default=0)
@@ -74,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _render(results: dict, folder: pathlib.Path) -> list[str]:
+    if results["study"] == "transformer":
+        from .lm import render_transformer
+
+        return render_transformer(results, folder)
     if results["study"] == "natural-gradient":
         from .ngd import render_ngd
 
@@ -140,6 +149,19 @@ def _has_records(folder: pathlib.Path) -> bool:
 
 
 def _study(args, out: pathlib.Path, progress: bool) -> dict:
+    if args.model == "transformer":
+        from .lm import TransformerStudy, run_transformer_study
+
+        if args.study != "fisher":
+            raise ReportError("--model transformer: runs the Fisher study; --study natural-gradient is for the MLP")
+        defaults = build_parser().parse_args(["report"])
+        ignored = [f"--{k.replace('_', '-')}" for k in ("task", "data", "hidden", "activation", "backend")
+                   if getattr(args, k) != getattr(defaults, k)]
+        if ignored:
+            verb = "does" if len(ignored) == 1 else "do"
+            raise ReportError(f"--model transformer: {', '.join(ignored)} {verb} not apply to the transformer study")
+        epochs = TransformerStudy().epochs if args.epochs is None else args.epochs
+        return run_transformer_study(TransformerStudy(epochs=epochs, seed=args.seed), out, progress=progress)
     if args.study == "natural-gradient":
         from .ngd import NGDStudy, run_ngd_study
 
@@ -151,7 +173,8 @@ def _study(args, out: pathlib.Path, progress: bool) -> dict:
     backend = resolve_backend(args.backend)
     D.load(args.task, args.data, label_column=args.label_column, seed=args.seed)  # fail before training
     cfg = FisherStudy(task=args.task, data=args.data, label_column=args.label_column, activation=args.activation,
-                      hidden=tuple(args.hidden), epochs=args.epochs, backend=backend, seed=args.seed)
+                      hidden=tuple(args.hidden), epochs=20 if args.epochs is None else args.epochs, backend=backend,
+                      seed=args.seed)
     return run_fisher_study(cfg, out, progress=progress)
 
 

@@ -238,3 +238,36 @@ def test_library_errors_become_one_line_and_a_non_zero_exit(tmp_path, monkeypatc
     with pytest.raises(FloatingPointError):
         cli.main(["report", "--out", str(tmp_path / "out2"), "--epochs", "1", "--hidden", "4", "--quiet",
                   "--backend", "numpy"])
+
+
+@pytest.mark.backends("torch")
+def test_transformer_study_tiny(tmp_path):
+    """--model transformer: first order every epoch, exact second order at the last, findings per kind of group."""
+    if "torch" not in BACKENDS:
+        pytest.skip("torch is not among this run's backends")
+    from fishercore.report.cli import _render
+    from fishercore.report.lm import TransformerStudy, run_transformer_study
+
+    out = tmp_path / "lm"
+    out.mkdir()
+    res = run_transformer_study(TransformerStudy(epochs=1, n_train=128, n_analyze=3), out, progress=False)
+    first, last = res["epochs"]
+    assert not first["second_order"] and last["second_order"]
+    kinds = {r["kind"] for r in last["groups"].values()}
+    assert kinds == {"embeddings", "attention", "MLP", "norms", "head"}
+    head = last["groups"]["head.weight"]
+    assert head["v2"] == 0 and head["i2_better"] > 0.5 and first["groups"]["head.weight"]["v2"] is None
+    findings = _render(json.loads((out / "results.json").read_text()), out)
+    assert any("Sequences needed" in f for f in findings) and any("smaller variance" in f for f in findings)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hidden", "4"], "--model transformer: --hidden does not apply"),
+    (["--study", "natural-gradient"], "--model transformer: runs the Fisher study"),
+])
+def test_transformer_refuses_options_of_the_mlp_study(tmp_path, capsys, args, message):
+    code = cli.main(["report", "--out", str(tmp_path / "out"), "--model", "transformer", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
