@@ -506,3 +506,26 @@ def test_sequence_estimates_equal_torch_autodiff_with_a_mask():
     for est, want in (("i1", (G**2).mean(0)), ("i2", -H.mean(0))):
         got = fc.estimate(model, X, estimator=est, n_draws=2, seed=4, mask=mask)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # BackPACK's own hooks
+def test_generic_path_fisher_matches_backpack_above_100k_parameters():
+    """from_function on a 101,770-parameter network (above max_params: first order only, the last layer's w = 0):
+    the Fisher equals BackPACK's DiagGGNExact; second order is marked not computed where it is not zero."""
+    if not REQUIRED:
+        pytest.importorskip("backpack")
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    net = _net(784, 128, 10, seed=6)
+    X = torch.randn(6, 784, dtype=F64, generator=torch.Generator().manual_seed(7))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    model = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)), params, input_shape=(784,))
+    res = fc.analyze(model, X)
+    assert sum(g.size for g in res.groups) == 101_770 and res.first_order_only == ("0.weight", "0.bias")
+    bp_net = extend(copy.deepcopy(net))
+    with backpack(DiagGGNExact()):
+        extend(torch.nn.CrossEntropyLoss())(bp_net(X), torch.zeros(6, dtype=torch.long)).backward()
+    want = torch.cat([p.diag_ggn_exact.reshape(-1) for p in bp_net.parameters()])
+    torch.testing.assert_close(res.fisher, want, rtol=1e-10, atol=1e-14)
+    assert bool(torch.isnan(res.v2[:100_480]).all()) and bool((res.v2[100_480:] == 0).all())
