@@ -25,9 +25,10 @@ OPS = namespace_ops(torch_xp)
 MODULE_LOCK = threading.RLock()
 
 
-def check_tensor(X, *, dtype, device, input_shape=None, input_dtype=None):
+def check_tensor(X, *, dtype, device, input_shape=None, input_dtype=None, n_tokens=None):
     """A batch of inputs for a torch model (:func:`fishercore._validation.check_inputs` on torch's namespace)."""
-    return check_inputs(X, xp=torch_xp, dtype=dtype, device=device, input_shape=input_shape, input_dtype=input_dtype)
+    return check_inputs(X, xp=torch_xp, dtype=dtype, device=device, input_shape=input_shape, input_dtype=input_dtype,
+                        n_tokens=n_tokens)
 
 
 def model_dtype_device(params: Mapping[str, torch.Tensor], what: str):

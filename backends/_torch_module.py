@@ -22,7 +22,13 @@ from torch import nn
 from torch.func import functional_call
 
 from fishercore._protocol import ColumnBlock, Derivatives
-from fishercore._validation import check_input_dtype, check_input_shape, check_positive_int, second_order_within
+from fishercore._validation import (
+    check_input_dtype,
+    check_input_shape,
+    check_n_tokens,
+    check_positive_int,
+    second_order_within,
+)
 
 from ._torch_base import (
     MODULE_LOCK,
@@ -47,11 +53,15 @@ DEFAULT_MAX_PARAMS = 20_000
 class TorchModule(TorchModel):
     """Any ``torch.nn.Module`` mapping a batch to outputs (n, C) or (n, T, C) (use :func:`from_module`)."""
 
-    def __init__(self, module: nn.Module, input_shape=None, *, input_dtype=None,
+    def __init__(self, module: nn.Module, input_shape=None, *, input_dtype=None, n_tokens=None,
                  max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256):
         super().__init__(module)
         self.input_shape = check_input_shape(input_shape)
         self.input_dtype = check_input_dtype(input_dtype, OPS.xp)
+        embeddings = {m.num_embeddings for m in module.modules() if isinstance(m, nn.Embedding)}
+        if n_tokens is None and self.input_dtype is not None and len(embeddings) == 1:
+            n_tokens = embeddings.pop()  # ids index the module's one embedding table
+        self.n_tokens = check_n_tokens(n_tokens, self.input_dtype, required=True)
         self.chunk = check_positive_int(chunk, "chunk")
         all_linears = self.linears
         if self.input_shape is None and not all_linears:
@@ -126,7 +136,7 @@ class TorchModule(TorchModel):
     # -- the protocol -----------------------------------------------------------
     def check_inputs(self, X):
         check_tensor(X, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
-                     input_dtype=self.input_dtype)
+                     input_dtype=self.input_dtype, n_tokens=self.n_tokens)
         try:
             with MODULE_LOCK, torch.no_grad():
                 h = self._call(X[:1])

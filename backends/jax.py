@@ -38,6 +38,7 @@ from fishercore._validation import (
     check_input_dtype,
     check_input_shape,
     check_inputs,
+    check_n_tokens,
     check_positive_int,
     check_positive_real,
     check_supported_dtype,
@@ -287,7 +288,7 @@ class JaxFunction:
     """Any pure ``apply_fn(params, x) -> h`` of a parameter pytree, with exact full columns."""
 
     def __init__(self, apply_fn: Callable, params, *, input_shape, max_params: int = DEFAULT_MAX_PARAMS,
-                 chunk: int = 256, input_dtype=None):
+                 chunk: int = 256, input_dtype=None, n_tokens=None):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn: expected a callable apply_fn(params, x) -> h, got {type(apply_fn).__name__}")
         names, leaves, treedef = _named_leaves(params)
@@ -300,6 +301,7 @@ class JaxFunction:
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
         input_dtype = check_input_dtype(input_dtype, jnp)
         self.input_dtype = None if input_dtype is None else np.dtype(input_dtype)  # comparable with X.dtype
+        self.n_tokens = check_n_tokens(n_tokens, self.input_dtype, required=True)
         in_dtype = self.dtype if self.input_dtype is None else self.input_dtype
         try:
             h = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *self.input_shape), in_dtype))
@@ -323,7 +325,7 @@ class JaxFunction:
 
     def check_inputs(self, X):
         return check_inputs(X, xp=jnp, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
-                            input_dtype=self.input_dtype)
+                            input_dtype=self.input_dtype, n_tokens=self.n_tokens)
 
     def outputs(self, X):
         return OPS.jit(_function_outputs, ("apply_fn", "treedef"))(self.leaves, X, **self._static)
@@ -356,7 +358,7 @@ class JaxFunction:
 
 
 def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: int = DEFAULT_MAX_PARAMS,
-                  chunk: int = 256, input_dtype=None) -> JaxFunction:
+                  chunk: int = 256, input_dtype=None, n_tokens: int | None = None) -> JaxFunction:
     """Adapt any pure ``apply_fn(params, x) -> h`` (x a batch of shape ``(n, *input_shape)``, h of shape (n, C)).
 
     Exact full Jacobian columns (first order: any size), and Hessian diagonals per
@@ -365,7 +367,9 @@ def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: i
     (:attr:`fishercore.FisherAnalysis.first_order_only`).  ``input_shape`` (the shape of one
     input, without the batch axis) is required: ``jax.eval_shape`` on it gives the output width
     when the model is built.  ``input_dtype``: an integer dtype (e.g. ``jnp.int32``) for models
-    that take token ids (embeddings); inputs must then have it.
+    that take token ids (embeddings); inputs must then have it, with values in ``[0, n_tokens)``
+    (``n_tokens`` is then required: JAX clamps an index out of range instead of failing).  Outputs
+    may be (n, T, C): one label per position (:class:`fishercore.Positions`).
 
     Examples
     --------
@@ -377,7 +381,7 @@ def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: i
     (8,)
     """
     return JaxFunction(apply_fn, params, input_shape=input_shape, max_params=max_params, chunk=chunk,
-                       input_dtype=input_dtype)
+                       input_dtype=input_dtype, n_tokens=n_tokens)
 
 
 def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, devices=None):

@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from fishercore._protocol import ColumnBlock, Derivatives, make_groups
-from fishercore._validation import check_input_dtype, check_input_shape, check_positive_int, second_order_within
+from fishercore._validation import (
+    check_input_dtype,
+    check_input_shape,
+    check_n_tokens,
+    check_positive_int,
+    second_order_within,
+)
 
 from ._torch_base import (
     OPS,
@@ -170,8 +176,8 @@ class TorchSequential(TorchModel):
         return dense.workspace(widths, curved, self.dtype.itemsize, hessian)
 
 
-def from_module(module: nn.Module, *, input_shape=None, input_dtype=None, max_params: int = DEFAULT_MAX_PARAMS,
-                chunk: int = 256) -> TorchModule:
+def from_module(module: nn.Module, *, input_shape=None, input_dtype=None, n_tokens: int | None = None,
+                max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256) -> TorchModule:
     """Adapt any ``nn.Module`` whose forward maps a batch to outputs (n, C), or (n, T, C) for sequences.
 
     Put it in ``eval()`` mode first: Dropout is then the identity and BatchNorm uses its running
@@ -187,7 +193,8 @@ def from_module(module: nn.Module, *, input_shape=None, input_dtype=None, max_pa
 
     ``input_shape`` is the shape of one input (without the batch axis); by default the module
     is probed with inputs of its first Linear's width.  ``input_dtype``: an integer dtype (e.g.
-    ``torch.long``) for modules that take token ids.
+    ``torch.long``) for modules that take token ids, which must lie in ``[0, n_tokens)``; by default
+    ``n_tokens`` is the size of the module's ``nn.Embedding`` when it has one.
 
     Examples
     --------
@@ -206,7 +213,8 @@ def from_module(module: nn.Module, *, input_shape=None, input_dtype=None, max_pa
     >>> fc.analyze(model, torch.randn(8, 3, dtype=torch.float64)).fisher.shape
     torch.Size([62])
     """
-    return TorchModule(module, input_shape, input_dtype=input_dtype, max_params=max_params, chunk=chunk)
+    return TorchModule(module, input_shape, input_dtype=input_dtype, n_tokens=n_tokens, max_params=max_params,
+                       chunk=chunk)
 
 
 def from_sequential(module: nn.Sequential) -> TorchSequential:
@@ -254,7 +262,7 @@ class TorchFunction:
     """
 
     def __init__(self, fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape,
-                 max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256, input_dtype=None):
+                 max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256, input_dtype=None, n_tokens=None):
         if not callable(fn):
             raise TypeError(f"fn: expected a callable fn(params, x) -> h, got {type(fn).__name__}")
         if not isinstance(params, Mapping) or not all(isinstance(v, torch.Tensor) for v in params.values()):
@@ -267,6 +275,7 @@ class TorchFunction:
         self.chunk = check_positive_int(chunk, "chunk")
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
         self.input_dtype = check_input_dtype(input_dtype, OPS.xp)
+        self.n_tokens = check_n_tokens(n_tokens, self.input_dtype, required=True)
         probe = torch.zeros((1, *self.input_shape), dtype=input_dtype or self.dtype, device=self.device)
         try:
             with torch.no_grad():
@@ -293,7 +302,7 @@ class TorchFunction:
 
     def check_inputs(self, X):
         return check_tensor(X, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
-                            input_dtype=self.input_dtype)
+                            input_dtype=self.input_dtype, n_tokens=self.n_tokens)
 
     def outputs(self, X):
         with torch.no_grad():
@@ -343,7 +352,8 @@ class TorchFunction:
 
 
 def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape=None,
-                  max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256, input_dtype=None) -> TorchFunction:
+                  max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256, input_dtype=None,
+                  n_tokens: int | None = None) -> TorchFunction:
     """Adapt any ``fn(params, x) -> h`` (x a batch of shape ``(n, *input_shape)``, h of shape (n, C)).
 
     Exact full Jacobian columns (first order: any size) and, for models of at most
@@ -351,7 +361,9 @@ def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_sha
     ``P × n``); beyond, the second-order fields are NaN, "not computed"
     (:attr:`fishercore.FisherAnalysis.first_order_only`).
     ``input_dtype``: an integer dtype (e.g. ``torch.long``) for models that take token ids
-    (embeddings); inputs must then have it.  Group names are the keys of ``params``;
+    (embeddings); inputs must then have it, with values in ``[0, n_tokens)`` (``n_tokens``, the
+    number of ids, is then required).  Outputs may be (n, T, C): one label per position
+    (:class:`fishercore.Positions`).  Group names are the keys of ``params``;
     ``input_shape`` (the shape of one input,
     without the batch axis) is required: one call on it gives the output width.
 
@@ -365,7 +377,7 @@ def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_sha
     torch.Size([8])
     """
     return TorchFunction(fn, params, input_shape=input_shape, max_params=max_params, chunk=chunk,
-                         input_dtype=input_dtype)
+                         input_dtype=input_dtype, n_tokens=n_tokens)
 
 
 def all_reduce(analysis, group=None):

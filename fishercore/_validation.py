@@ -6,13 +6,14 @@ argument is wrong and why.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from array_api_compat import array_namespace, is_array_api_obj
 
 __all__ = ["check_choice", "check_finite", "check_floating_array", "check_input_dtype", "check_input_shape",
-           "check_inputs", "check_mask", "check_model_and_data", "check_positive_int", "check_positive_real",
-           "check_probability", "check_results_finite", "check_supported_dtype", "model_family"]
+           "check_inputs", "check_mask", "check_model_and_data", "check_n_tokens", "check_positive_int",
+           "check_positive_real", "check_probability", "check_results_finite", "check_supported_dtype", "model_family"]
 
 
 def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
@@ -31,11 +32,12 @@ def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
     return x
 
 
-def check_inputs(X, *, xp, dtype, device, input_shape=None, name: str = "X", input_dtype=None):
+def check_inputs(X, *, xp, dtype, device, input_shape=None, name: str = "X", input_dtype=None, n_tokens=None):
     """A batch of inputs for a model: an array of the model's library ``xp``, real floating, of its ``dtype``
     and ``device``, of shape ``(n, *input_shape)`` (at least ``(n, ...)`` when ``input_shape`` is None).
 
-    ``input_dtype``: an integer dtype the model takes instead (token ids), which X must have."""
+    ``input_dtype``: an integer dtype the model takes instead (token ids), which X must have, with values in
+    ``[0, n_tokens)`` (``n_tokens`` None: only ``≥ 0`` is checked)."""
     from array_api_compat import device as device_of
 
     if input_dtype is not None:
@@ -43,6 +45,11 @@ def check_inputs(X, *, xp, dtype, device, input_shape=None, name: str = "X", inp
             check_floating_array(X, name, xp=xp)  # the library's own message
         if X.dtype != input_dtype:
             raise TypeError(f"{name}: dtype {X.dtype} differs from the model's input_dtype {input_dtype} (ids)")
+        if math.prod(X.shape):
+            lo, hi = int(xp.min(X)), int(xp.max(X))
+            if lo < 0 or (n_tokens is not None and hi >= n_tokens):
+                raise ValueError(f"{name}: token ids must lie in [0, {'n_tokens' if n_tokens is None else n_tokens}), "
+                                 f"got {lo}..{hi}")
     else:
         check_floating_array(X, name, xp=xp)
         if X.dtype != dtype:
@@ -130,6 +137,23 @@ def check_input_dtype(input_dtype, xp):
         raise TypeError(f"input_dtype: expected None (inputs of the parameters' dtype) or an integer dtype for "
                         f"token ids (e.g. torch.long, jnp.int32), got {input_dtype!r}")
     return input_dtype
+
+
+def check_n_tokens(n_tokens, input_dtype, *, required: bool):
+    """The number of distinct token ids (ids lie in [0, n_tokens)), for integer inputs; None otherwise.
+
+    ``required``: the model cannot find it itself (a function of parameters: JAX clamps an id out of range
+    instead of failing, so an unchecked id would silently give another token's numbers)."""
+    if input_dtype is None:
+        if n_tokens is not None:
+            raise ValueError("n_tokens: only for integer inputs (token ids); pass input_dtype as well")
+        return None
+    if n_tokens is None:
+        if required:
+            raise TypeError("n_tokens: an integer input_dtype needs n_tokens, the number of token ids (ids lie in "
+                            "[0, n_tokens)), so that ids out of range are refused rather than clamped")
+        return None
+    return check_positive_int(n_tokens, "n_tokens")
 
 
 def second_order_within(groups, max_params) -> bool:

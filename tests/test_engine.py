@@ -258,7 +258,7 @@ def test_token_ids_in_through_an_embedding(request):
         def onehot_fn(p, x, lib=lib):  # the same model on one-hot rows: a float model of the same parameters
             return lib.tanh((x @ p["E"]).mean(1) @ p["W"] + p["b"]) @ p["V"]
 
-        model = adapter.from_function(fn, params, input_shape=(2,), input_dtype=int_dtype)
+        model = adapter.from_function(fn, params, input_shape=(2,), input_dtype=int_dtype, n_tokens=7)
         X = lib.asarray(ids.astype(np.int64 if name == "torch" else np.int32))
         res = fc.analyze(model, X)
         ref = fc.analyze(adapter.from_function(onehot_fn, params, input_shape=(2, 7)),
@@ -271,6 +271,14 @@ def test_token_ids_in_through_an_embedding(request):
             fc.analyze(model, lib.asarray(ids.astype(np.float64)))
         with pytest.raises(TypeError, match="input_dtype: expected None"):
             adapter.from_function(fn, params, input_shape=(2,), input_dtype=lib.float64)
+        # ids out of range: refused, naming X (JAX would clamp them silently); n_tokens is required with ids
+        bad = ids.astype(np.int64 if name == "torch" else np.int32)
+        for value, shown in ((7, "0..7"), (-1, "-1..")):
+            bad[0, 0] = value
+            with pytest.raises(ValueError, match=rf"X: token ids must lie in \[0, 7\), got {shown}"):
+                fc.analyze(model, lib.asarray(bad))
+        with pytest.raises(TypeError, match="n_tokens: an integer input_dtype needs n_tokens"):
+            adapter.from_function(fn, params, input_shape=(2,), input_dtype=int_dtype)
         results[name] = res
     if len(results) == 2:  # group by group: JAX orders a dict's keys, torch keeps their order
         t, j = results["torch"], results["jax"]

@@ -184,6 +184,22 @@ REFUSALS = {
                                                chunk=0), ValueError, "chunk: must be at least 1"),
     "no input_shape": (lambda: fc_torch.from_function(lambda p, x: x @ p["w"], {"w": torch.ones(3, 2)}), TypeError,
                        "input_shape: from_function needs"),
+    "module without Linear, no input_shape": (lambda: fc_torch.from_module(torch.nn.Conv1d(1, 2, 3)), ValueError,
+                                              "input_shape: required for a module without nn.Linear"),
+    "outputs of rank 4": (lambda: fc_torch.from_function(lambda p, x: (x @ p["w"])[:, :, None, None],
+                                                         {"w": torch.ones(3, 2)}, input_shape=(3,)),
+                          ValueError, "fn: must return outputs of shape (n, C), or (n, T, C)"),
+    "outputs of rank 1": (lambda: fc_torch.from_module(torch.nn.Sequential(torch.nn.Linear(3, 1),
+                                                                           torch.nn.Flatten(0))),
+                          ValueError, "module: must return outputs of shape (n, C), or (n, T, C)"),
+    "float16": (lambda: fc_torch.from_module(torch.nn.Linear(3, 2).half()), TypeError,
+                "module: dtype torch.float16 is not supported"),
+    "ids without n_tokens": (lambda: fc_torch.from_function(lambda p, x: p["E"][x].sum(1), {"E": torch.ones(4, 2)},
+                                                            input_shape=(3,), input_dtype=torch.long),
+                             TypeError, "n_tokens: an integer input_dtype needs n_tokens"),
+    "n_tokens without ids": (lambda: fc_torch.from_function(lambda p, x: x @ p["w"], {"w": torch.ones(3, 2)},
+                                                            input_shape=(3,), n_tokens=4),
+                             ValueError, "n_tokens: only for integer inputs"),
 }
 
 
@@ -529,3 +545,14 @@ def test_generic_path_fisher_matches_backpack_above_100k_parameters():
     want = torch.cat([p.diag_ggn_exact.reshape(-1) for p in bp_net.parameters()])
     torch.testing.assert_close(res.fisher, want, rtol=1e-10, atol=1e-14)
     assert bool(torch.isnan(res.v2[:100_480]).all()) and bool((res.v2[100_480:] == 0).all())
+
+
+def test_token_ids_out_of_range_name_x():
+    """from_module reads n_tokens off its one nn.Embedding; ids outside [0, n_tokens) are refused before any work."""
+    net = TinySequence().to(F64)
+    model = fc_torch.from_module(net, input_shape=(3,), input_dtype=torch.long)
+    assert model.n_tokens == 4
+    assert_raises_named(lambda: fc.analyze(model, torch.tensor([[0, 1, 4]])), ValueError,
+                        "X: token ids must lie in [0, 4), got 0..4")
+    assert_raises_named(lambda: fc.estimate(model, torch.tensor([[0, -1, 2]])), ValueError,
+                        "X: token ids must lie in [0, 4), got -1..2")

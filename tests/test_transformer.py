@@ -61,7 +61,8 @@ def test_jax_transformer_matches_brute_force(masked, jax_x64):
 
     params = {k: jnp.asarray(v) for k, v in R.params().items()}
     model = fc_jax.from_function(tr.JaxCharTransformer(heads=R.CONFIG.heads, depth=R.CONFIG.depth), params,
-                                 input_shape=(R.CONFIG.context,), input_dtype=jnp.int64)
+                                 input_shape=(R.CONFIG.context,), input_dtype=jnp.int64,
+                                 n_tokens=R.CONFIG.vocab)
     mask = jnp.asarray(R.mask()) if masked else None
     res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, batch_size=4)
     order = [n for n, _ in R.CONFIG.names_and_shapes()]  # JAX orders a dict's leaves by key; the reference, torch's
