@@ -165,18 +165,35 @@ class TorchModule(TorchModel):
         return (2 * self.n_outputs * (per_pass + columns_) + second) * self.dtype.itemsize
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
+        return self.derivatives_of(X, None, hessian=hessian)
+
+    def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
+        """The blocks of the named ``groups`` (all for None): the dense layers that own one of them, and their
+        column groups; one vjp per output differentiates only those."""
         n = X.shape[0]
         eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
-        others = self._others()
+        layout = self._layout()
+        wanted = None if groups is None else set(groups)
+        layers = [l for l, (w, b, _) in enumerate(layout) if wanted is None or w in wanted or b in wanted]
+        cols = [g for g in self.column_groups if wanted is None or g.name in wanted]
+        chosen = {g.name: self.params[g.name] for g in cols}
+
+        def f(x, ds, prim):
+            full = list(ds)
+            for i, l in enumerate(layers):
+                full[l] = prim[0][i]
+            return self._single(x, tuple(full), prim[1])
+
         with MODULE_LOCK, torch.no_grad(), randomness_refused("module"), composites():
             h, inputs = self._forward(X)
             deltas = self._zero_deltas(n)
             jac_d, jac_c = OPS.vmap(lambda x, ds: columns.pullback(
-                OPS, lambda prim: self._single(x, prim[0], prim[1]), (ds, others), eye))(X, deltas)
-            hess = [self._layer_hessian(X, deltas, l, hessian) for l in range(len(self.linears))]
-            blocks = dense.dense_blocks(self._layout(), inputs, list(jac_d), hess) + tuple(
+                OPS, lambda prim: f(x, ds, prim), (tuple(ds[l] for l in layers), chosen), eye))(X, deltas)
+            hess = [self._layer_hessian(X, deltas, l, hessian) for l in layers]
+            blocks = dense.dense_blocks([layout[l] for l in layers], [inputs[l] for l in layers], list(jac_d),
+                                        hess) + tuple(
                 ColumnBlock(g.name, jac_c[g.name].reshape(n, self.n_outputs, g.size),
-                            self._column_hessian(X, g, hessian)) for g in self.column_groups)
+                            self._column_hessian(X, g, hessian)) for g in cols)
         return Derivatives(h, blocks)
 
     def _layer_hessian(self, X, deltas, l, hessian):

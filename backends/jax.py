@@ -243,10 +243,17 @@ def _function_outputs(leaves, X, *, apply_fn, treedef):
     return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), X)
 
 
-def _function_jacobian(leaves, X, eye, *, apply_fn, treedef):
-    params = jax.tree_util.tree_unflatten(treedef, leaves)
-    jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: _single(apply_fn, p, x), params, eye))(X)
-    return jax.tree_util.tree_leaves(jac)  # per leaf (n, C, *shape)
+def _function_jacobian(leaves, X, eye, *, apply_fn, treedef, indices=None):
+    """Per leaf (n, C, *shape): the Jacobian columns of the leaves ``indices`` (all for None), the others held."""
+    chosen = range(len(leaves)) if indices is None else indices
+
+    def f(sel, x):
+        full = list(leaves)
+        for i, leaf in zip(chosen, sel):
+            full[i] = leaf
+        return _single(apply_fn, jax.tree_util.tree_unflatten(treedef, full), x)
+
+    return OPS.vmap(lambda x: columns.pullback(OPS, lambda sel: f(sel, x), [leaves[i] for i in chosen], eye))(X)
 
 
 def _function_hessian(leaves, X, directions, *, apply_fn, treedef, index):
@@ -331,12 +338,20 @@ class JaxFunction:
         return OPS.jit(_function_outputs, ("apply_fn", "treedef"))(self.leaves, X, **self._static)
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
+        return self.derivatives_of(X, None, hessian=hessian)
+
+    def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
+        """The blocks of the named ``groups`` (all for None), compiled once per choice of groups."""
         n = X.shape[0]
         eye = jnp.eye(self.n_outputs, dtype=self.dtype)
-        jac = OPS.jit(_function_jacobian, ("apply_fn", "treedef"))(self.leaves, X, eye, **self._static)
+        indices = None if groups is None else tuple(i for i, g in enumerate(self.groups) if g.name in set(groups))
+        jacobian = OPS.jit(_function_jacobian, ("apply_fn", "treedef", "indices"))
+        jac = jacobian(self.leaves, X, eye, indices=indices, **self._static)
         hess = OPS.jit(_function_hessian, ("apply_fn", "treedef", "index"))
         blocks = []
-        for i, g in enumerate(self.groups):
+        for j, i in enumerate(range(len(self.groups)) if indices is None else indices):
+            g = self.groups[i]
+
             def chunk(start, k, i=i, g=g):
                 E = columns.unit_directions(jnp, g.shape, start, k, dtype=self.dtype, device=self.device)
                 return hess(self.leaves, X, E, index=i, **self._static)
@@ -345,7 +360,7 @@ class JaxFunction:
                                       linear=g.name in self.linear_groups, second_order=self.second_order,
                                       compute=lambda g=g, chunk=chunk: columns.chunked(g.size, self.chunk, chunk),
                                       dtype=self.dtype, device=self.device)
-            blocks.append(ColumnBlock(g.name, jac[i].reshape(n, -1, g.size), w))
+            blocks.append(ColumnBlock(g.name, jac[j].reshape(n, -1, g.size), w))
         return Derivatives(self.outputs(X), tuple(blocks))
 
     def pullback(self, X, cotangent_fn) -> Derivatives:

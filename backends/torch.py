@@ -309,13 +309,20 @@ class TorchFunction:
             return self.fn(self.params, X)
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
+        return self.derivatives_of(X, None, hessian=hessian)
+
+    def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
+        """The blocks of the named ``groups`` (all for None): one vjp per output differentiates only those."""
         n = X.shape[0]
         eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
+        chosen = [g for g in self.groups if groups is None or g.name in set(groups)]
+        sel = {g.name: self.params[g.name] for g in chosen}
         with torch.no_grad(), randomness_refused("fn"), composites():
             h = self.fn(self.params, X)
-            jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: self._single(p, x), self.params, eye))(X)
+            jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: self._single({**self.params, **p}, x), sel,
+                                                      eye))(X)
             blocks = tuple(ColumnBlock(g.name, jac[g.name].reshape(n, -1, g.size), self._hessian(X, g, hessian))
-                           for g in self.groups)
+                           for g in chosen)
         return Derivatives(h, blocks)
 
     def _hessian(self, X, group, hessian: bool):

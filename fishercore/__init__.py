@@ -22,6 +22,7 @@ from ._protocol import (
     Derivatives,
     Model,
     ParamGroup,
+    SupportsGroupSelection,
     SupportsPullback,
     make_groups,
 )
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Bernoulli", "Bounds", "Categorical", "ColumnBlock", "DeclaresWorkspace", "DenseBlock", "Derivatives", "Family",
     "FisherAnalysis", "FisherSums", "Gaussian", "GroupSummary", "Model", "Moments", "ParamGroup", "PerInputStats",
-    "Positions",
-    "Spectrum", "Summary", "SupportsPullback", "all_reduce_sums", "analyze", "analyze_batches", "estimate",
-    "fisher_stats", "get_family", "load_analysis", "make_groups", "sample_labels", "variance_bounds",
+    "Positions", "Spectrum", "Summary", "SupportsGroupSelection", "SupportsPullback", "all_reduce_sums", "analyze",
+    "analyze_batches", "estimate", "fisher_stats", "get_family", "load_analysis", "make_groups", "sample_labels",
+    "variance_bounds",
 ]

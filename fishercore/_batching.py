@@ -137,6 +137,11 @@ class Batches:
             Xb = xp.concat([Xb, xp.broadcast_to(Xb[-1:, ...], (full - k, *Xb.shape[1:]))])
         return Xb, mask
 
+    def one_at_a_time(self) -> None:
+        """Batches of one input each (when even one input's blocks are taken a few groups at a time)."""
+        self.size = self.first_size = 1
+        self.fitted = True
+
     def __iter__(self):
         start = 0
         while start < self.n:
@@ -178,6 +183,39 @@ class Batches:
             self.draws = max(1, int((free - per_input) // per_draw))
         self.size = max(1, size if self.cap is None else min(size, self.cap))
         self.fitted = True
+
+
+def group_plan(model, itemsize: int, budget: float):
+    """The groups to take at once when one input's full columns do not fit the budget, or None (all at once).
+
+    Only for a model that can compute some groups' blocks
+    (:class:`~fishercore.SupportsGroupSelection`).  A group costs, per input, its columns and
+    the core's temporaries, :data:`_CORE_TEMPORARIES` + 2 arrays of (C, size); consecutive groups
+    are taken together while their cost fits the budget less a chunk's share.  A group that
+    alone does not fit raises ValueError naming ``memory_budget``.
+    """
+    from ._protocol import SupportsGroupSelection
+
+    if not isinstance(model, SupportsGroupSelection):
+        return None
+    free = budget * (1 - CHUNK_SHARE)
+    workspace = model.workspace_per_input(True) if isinstance(model, DeclaresWorkspace) else 0
+    cost = {g.name: (_CORE_TEMPORARIES + 2) * model.n_outputs * g.size * itemsize for g in model.groups}
+    if sum(cost.values()) + workspace <= free:
+        return None
+    plan, chunk, used = [], [], 0
+    for g in model.groups:
+        if cost[g.name] > free:
+            raise ValueError(f"memory_budget: {_mib(budget)} cannot hold the columns of group {g.name!r} for one "
+                             f"input ({_mib(cost[g.name])} with the core's temporaries); give at least "
+                             f"{math.ceil(cost[g.name] / (1 - CHUNK_SHARE)):,} bytes")
+        if chunk and used + cost[g.name] > free:
+            plan.append(tuple(chunk))
+            chunk, used = [], 0
+        chunk.append(g.name)
+        used += cost[g.name]
+    plan.append(tuple(chunk))
+    return plan
 
 
 def _mib(nbytes) -> str:

@@ -23,7 +23,10 @@ declared protocol that the core checks with ``isinstance``:
   products ``sᵀ ∂h/∂z`` for a batch of score vectors, one backward pass per label
   draw — all that Î1 needs;
 * :class:`DeclaresWorkspace` — ``workspace_per_input(hessian)``: bytes per input the
-  model holds beyond its derivative blocks, used to size batches to a memory budget.
+  model holds beyond its derivative blocks, used to size batches to a memory budget;
+* :class:`SupportsGroupSelection` — ``derivatives_of(X, groups, hessian)``: the blocks of some
+  groups only, so that a model whose full columns for one input exceed the budget is analysed
+  a few groups at a time.
 
 Index conventions: n input, C output, p parameter of the group, m label draw.
 """
@@ -43,6 +46,7 @@ __all__ = [
     "Derivatives",
     "Model",
     "ParamGroup",
+    "SupportsGroupSelection",
     "SupportsPullback",
     "make_groups",
     "weight_flat",
@@ -172,3 +176,12 @@ class DeclaresWorkspace(Protocol):
 
     def workspace_per_input(self, hessian: bool, /) -> int:
         """Bytes per input held beyond the derivative blocks themselves."""
+
+
+@runtime_checkable
+class SupportsGroupSelection(Protocol):
+    """A model that computes the derivative blocks of chosen groups only (used by ``analyze`` under a memory budget)."""
+
+    def derivatives_of(self, X: Array, groups, /, *, hessian: bool = True) -> Derivatives:
+        """:meth:`Model.derivatives` restricted to the blocks that cover the named ``groups`` (a dense block whole
+        when any of its groups is named); the same numbers as the full call for those groups."""

@@ -14,7 +14,7 @@ from array_api_compat import array_namespace
 from fishercore.backends.ops import ops_for
 
 from . import _validation as V
-from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, itemsize
+from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, group_plan, itemsize
 from ._progress import Progress
 from ._protocol import Array
 from .io import load_analysis, read, write
@@ -78,21 +78,28 @@ def analyze(model, X: Array, family="categorical", *, mask: Array | None = None,
     batches = batches_for(X, batch_size, memory_budget)
     ops = ops_for(X)
     acc = Accumulator()
-    batches.first(model, itemsize(X))
+    # a model whose columns for one input exceed the budget: one input at a time, a few groups at a time
+    plan = group_plan(model, itemsize(X), batches.budget) if batches.auto else None
+    if plan is None:
+        batches.first(model, itemsize(X))
+    else:
+        batches.one_at_a_time()
     resident = 2 * sum(g.size for g in model.groups) * itemsize(X)  # the final concatenation, one field
+    first_order: set = set()
     with ops.no_grad(), Progress(len(batches), progress, "analyze") as bar:
         X = ops.detach(X)
         for start, stop in batches:
             Xb, rows = batches.take(X, start, stop)
             positions = None if mask is None else batches.take(mask, start, stop)[0]
-            d = model.derivatives(Xb)
-            batches.fit(d.blocks, Xb.shape[0], model, hessian=True, resident=resident)
-            bar.total = len(batches)
-            V.check_results_finite(d.outputs, start, stop)
-            for group, first, transposed, sums in chunked_sums(d, family, rows, batches.chunk_budget, positions):
-                acc.add_piece(group, first, transposed, sums, stop - start)
-            first_order = {g for b in d.blocks if b.diag_hess is None for g in block_groups(b)}
-            del d
+            for groups in plan or (None,):
+                d = model.derivatives(Xb) if groups is None else model.derivatives_of(Xb, groups, hessian=True)
+                batches.fit(d.blocks, Xb.shape[0], model, hessian=True, resident=resident)
+                bar.total = len(batches)
+                V.check_results_finite(d.outputs, start, stop)
+                for group, first, transposed, sums in chunked_sums(d, family, rows, batches.chunk_budget, positions):
+                    acc.add_piece(group, first, transposed, sums, stop - start)
+                first_order |= {g for b in d.blocks if b.diag_hess is None for g in block_groups(b)}
+                del d
             V.check_results_finite(acc.by_group(first_order), start, stop, "statistics")
             acc.count(stop - start)
             bar.update()

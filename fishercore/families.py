@@ -89,6 +89,23 @@ class Family:
         """Remove the component of ``v`` (…, C, k) along ``Λ``'s fixed null space."""
         return v
 
+    def centred_sq_norm(self, v: Array) -> Array:
+        """``‖P v‖²`` over the outputs (axis −2) of v (…, C, k), P = :meth:`center` (the bounds' norms)."""
+        xp = array_namespace(v)
+        pv = self.center(v)
+        return xp.sum(pv * pv, axis=-2)
+
+    #: The family's :meth:`moments` take ``diag_hess=None`` (first order only) and then give v2 = c12 = None.
+    first_order_moments_supported = False
+
+    def first_order_moments(self, outputs, jac) -> Moments:
+        """:meth:`moments` without Hessian diagonals: v2 and c12 are None (the built-in families skip their work;
+        a user's family gets zeros for w and its v2, c12 are dropped)."""
+        if self.first_order_moments_supported:
+            return self.moments(outputs, jac, None)
+        xp = array_namespace(outputs, jac)
+        return self.moments(outputs, jac, xp.zeros_like(jac))._replace(v2=None, c12=None)
+
     # -- to override --------------------------------------------------------
     def moments(self, outputs, jac, diag_hess) -> Moments:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -189,6 +206,11 @@ class Categorical(Family):
         xp = array_namespace(v)
         return v - xp.mean(v, axis=-2, keepdims=True)
 
+    def centred_sq_norm(self, v):
+        """``C · var(v)`` over the classes: the library's variance reduction (centred, no centred copy of v)."""
+        xp = array_namespace(v)
+        return v.shape[-2] * xp.var(v, axis=-2, correction=0)
+
     def _onehot(self, labels, C, dtype):
         xp = array_namespace(labels)
         classes = xp.arange(C, device=device(labels))
@@ -200,8 +222,10 @@ class Categorical(Family):
         d = jac - xp.matmul(p, jac)
         return xp.matmul(p, d * d)[:, 0, :]
 
+    first_order_moments_supported = True
+
     def moments(self, outputs, jac, diag_hess):
-        xp = array_namespace(outputs, jac, diag_hess)
+        xp = array_namespace(outputs, jac)
         p = softmax(outputs, xp)[:, None, :]  # (n, 1, C): E_Y[x] = p @ x, a matmul per input
 
         def mean(x):
@@ -210,15 +234,14 @@ class Categorical(Family):
         d = jac - mean(jac)
         d2 = d * d
         fisher = mean(d2)
-        e = d2 - fisher
+        third = mean(d2 * d)[:, 0, :]
+        d2 -= fisher  # e = d² − I, in place of d² (no longer needed)
+        e = d2
+        first = Moments(fisher=fisher[:, 0, :], third=third, v1=mean(e * e)[:, 0, :], v2=None, c12=None)
+        if diag_hess is None:
+            return first
         wc = diag_hess - mean(diag_hess)
-        return Moments(
-            fisher=fisher[:, 0, :],
-            third=mean(d2 * d)[:, 0, :],
-            v1=mean(e * e)[:, 0, :],
-            v2=mean(wc * wc)[:, 0, :],
-            c12=-mean(e * wc)[:, 0, :],
-        )
+        return first._replace(v2=mean(wc * wc)[:, 0, :], c12=-mean(e * wc)[:, 0, :])
 
     def spectrum(self, outputs):
         xp = array_namespace(outputs)
@@ -302,10 +325,14 @@ class Gaussian(Family):
         xp = array_namespace(outputs, jac)
         return xp.sum(jac * jac, axis=-2) / self.variance
 
+    first_order_moments_supported = True
+
     def moments(self, outputs, jac, diag_hess):
-        xp = array_namespace(outputs, jac, diag_hess)
+        xp = array_namespace(outputs, jac)
         fisher = self.fisher(outputs, jac)
         zero = xp.zeros_like(fisher)
+        if diag_hess is None:
+            return Moments(fisher, zero, 2.0 * fisher * fisher, None, None)
         v2 = xp.sum(diag_hess * diag_hess, axis=-2) / self.variance
         return Moments(fisher, zero, 2.0 * fisher * fisher, v2, zero)
 
@@ -352,8 +379,10 @@ class Bernoulli(Family):
         p, r = sigmoid_pair(outputs, xp)
         return xp.sum((p * r)[:, :, None] * jac * jac, axis=-2)
 
+    first_order_moments_supported = True
+
     def moments(self, outputs, jac, diag_hess):
-        xp = array_namespace(outputs, jac, diag_hess)
+        xp = array_namespace(outputs, jac)
         p, r = sigmoid_pair(outputs, xp)  # p and 1 − p, both exact for saturated outputs
         q = (p * r)[:, :, None]
         tilt = (r - p)[:, :, None]  # 1 − 2p
@@ -361,13 +390,16 @@ class Bernoulli(Family):
         u2 = jac * jac
         a = q * u2
         before = xp.cumulative_sum(a, axis=-2, include_initial=True)[:, :-1, :]  # Σ_{c'<c} a_c'
-        return Moments(
+        first = Moments(
             fisher=xp.sum(a, axis=-2),
             third=xp.sum(skew * u2 * jac, axis=-2),
             v1=xp.sum(u2 * u2 * q * tilt * tilt + 4.0 * a * before, axis=-2),
-            v2=xp.sum(q * diag_hess * diag_hess, axis=-2),
-            c12=-xp.sum(skew * u2 * diag_hess, axis=-2),
+            v2=None, c12=None,
         )
+        if diag_hess is None:
+            return first
+        return first._replace(v2=xp.sum(q * diag_hess * diag_hess, axis=-2),
+                              c12=-xp.sum(skew * u2 * diag_hess, axis=-2))
 
     def spectrum(self, outputs):
         xp = array_namespace(outputs)
@@ -469,22 +501,38 @@ class Positions(Family):
         split = xp.reshape(v, (*lead, self.length, TC // self.length, k))
         return xp.reshape(self.base.center(split), v.shape)
 
+    def centred_sq_norm(self, v):
+        """Σ_t ‖P_t v_t‖² (each position's block centred on its own)."""
+        xp = array_namespace(v)
+        *lead, TC, k = v.shape
+        split = xp.reshape(v, (*lead, self.length, TC // self.length, k))
+        return xp.sum(self.base.centred_sq_norm(split), axis=-2)
+
     def fisher(self, outputs, jac):
         xp = array_namespace(outputs, jac)
         n = outputs.shape[0]
         return xp.sum(self._per_input(self.base.fisher(self._split(outputs), self._split(jac)), n), axis=1)
 
+    @property
+    def first_order_moments_supported(self):
+        return self.base.first_order_moments_supported
+
     def moments(self, outputs, jac, diag_hess):
-        xp = array_namespace(outputs, jac, diag_hess)
+        xp = array_namespace(outputs, jac)
         n = outputs.shape[0]
-        m = Moments(*(self._per_input(x, n) for x in self.base.moments(
-            self._split(outputs), self._split(jac), self._split(diag_hess))))  # each (n, T, k)
+        if diag_hess is None:
+            base = self.base.first_order_moments(self._split(outputs), self._split(jac))
+        else:
+            base = self.base.moments(self._split(outputs), self._split(jac), self._split(diag_hess))
+        m = Moments(*(None if x is None else self._per_input(x, n) for x in base))  # each (n, T, k)
         fisher = xp.sum(m.fisher, axis=1)
         # Σ_{t≠r} I_t I_r = Σ_t I_t (I − I_t), each term ≥ 0 (I − I_t clipped at 0 against rounding)
         rest = xp.maximum(fisher[:, None, :] - m.fisher, xp.zeros_like(m.fisher))
         cross = 2.0 * xp.sum(m.fisher * rest, axis=1)
-        return Moments(fisher, xp.sum(m.third, axis=1), xp.sum(m.v1, axis=1) + cross,
-                       xp.sum(m.v2, axis=1), xp.sum(m.c12, axis=1))
+        first = Moments(fisher, xp.sum(m.third, axis=1), xp.sum(m.v1, axis=1) + cross, None, None)
+        if diag_hess is None:
+            return first
+        return first._replace(v2=xp.sum(m.v2, axis=1), c12=xp.sum(m.c12, axis=1))
 
     def spectrum(self, outputs, positions=None):
         r"""Extreme eigenvalues of the block-diagonal Λ and of 𝓜 over the positions where ``positions``

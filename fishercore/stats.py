@@ -98,15 +98,14 @@ def per_input_stats(outputs, jac, diag_hess, family, spectrum=None) -> PerInputS
     statistics are exact and the second-order ones (:data:`SECOND_ORDER`) NaN, "not computed".
     """
     xp = array_namespace(outputs, jac)
-    absent = diag_hess is None
-    if absent:
-        diag_hess = xp.zeros_like(jac)
-    m = family.moments(outputs, jac, diag_hess)
-    pu, pw = family.center(jac), family.center(diag_hess)
     spectrum = family.spectrum(outputs) if spectrum is None else spectrum
-    b = variance_bounds(m, spectrum, xp.sum(pu * pu, axis=-2), xp.sum(pw * pw, axis=-2))
-    stats = PerInputStats(m.fisher, m.v1, m.v2, m.c12, *b)
-    if absent:
+    pu2 = family.centred_sq_norm(jac)
+    if diag_hess is None:  # first order only: no w, no second-order work
+        m = family.first_order_moments(outputs, jac)
         nan = xp.full_like(m.fisher, float("nan"))
-        stats = stats._replace(**{k: nan for k in SECOND_ORDER})
-    return stats
+        m = m._replace(v2=nan, c12=nan)
+        b = variance_bounds(m, spectrum, pu2, nan)
+        return PerInputStats(m.fisher, m.v1, nan, nan, b.v1_lower, b.v1_upper, nan, nan)
+    m = family.moments(outputs, jac, diag_hess)
+    b = variance_bounds(m, spectrum, pu2, family.centred_sq_norm(diag_hess))
+    return PerInputStats(m.fisher, m.v1, m.v2, m.c12, *b)

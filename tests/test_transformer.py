@@ -13,6 +13,7 @@ REFERENCE = dict(np.load(R.PATH))
 
 
 def _compare(res, tag, kind, to_numpy):
+    """Every field against the brute-force reference, to 1e-10 of its largest value."""
     worst = 0.0
     for f in R.FIELDS:
         want = REFERENCE[tag + f]
@@ -34,7 +35,10 @@ def test_reference_file_is_current():
 
 @pytest.mark.backends("torch")
 @pytest.mark.parametrize("masked", [False, True])
-def test_torch_transformer_matches_brute_force(masked):
+@pytest.mark.parametrize("budget", [None, 300_000])
+def test_torch_transformer_matches_brute_force(masked, budget):
+    """``budget``: one input's columns (576 kB with the core's temporaries) exceed it, so the analysis takes one
+    input and a few groups at a time — the same numbers."""
     torch = require_framework("torch")
     import fishercore as fc
     from fishercore.backends import torch as fc_torch
@@ -44,14 +48,20 @@ def test_torch_transformer_matches_brute_force(masked):
     model = fc_torch.from_module(net, input_shape=(R.CONFIG.context,), input_dtype=torch.long)
     assert model.output_shape == (R.CONFIG.context, R.CONFIG.vocab) and not model.linears  # every Linear: per token
     mask = torch.as_tensor(R.mask()) if masked else None
-    res = fc.analyze(model, torch.as_tensor(R.tokens()), mask=mask, batch_size=4)
+    if budget is None:
+        res = fc.analyze(model, torch.as_tensor(R.tokens()), mask=mask, batch_size=4)
+    else:
+        from fishercore._batching import group_plan
+
+        assert len(group_plan(model, 8, budget)) > 3
+        res = fc.analyze(model, torch.as_tensor(R.tokens()), mask=mask, memory_budget=budget)
     assert [g.name for g in res.groups] == [n for n, _ in R.CONFIG.names_and_shapes()]
     _compare(res, "masked_" if masked else "", "transformer-torch", lambda x: x.numpy())
 
 
 @pytest.mark.backends("jax")
-@pytest.mark.parametrize("masked", [False, True])
-def test_jax_transformer_matches_brute_force(masked, jax_x64):
+@pytest.mark.parametrize("masked,budget", [(False, None), (True, None), (True, 300_000)])
+def test_jax_transformer_matches_brute_force(masked, budget, jax_x64):
     require_framework("jax")
     import jax.numpy as jnp
 
@@ -64,7 +74,10 @@ def test_jax_transformer_matches_brute_force(masked, jax_x64):
                                  input_shape=(R.CONFIG.context,), input_dtype=jnp.int64,
                                  n_tokens=R.CONFIG.vocab)
     mask = jnp.asarray(R.mask()) if masked else None
-    res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, batch_size=4)
+    if budget is None:
+        res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, batch_size=4)
+    else:
+        res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, memory_budget=budget)
     order = [n for n, _ in R.CONFIG.names_and_shapes()]  # JAX orders a dict's leaves by key; the reference, torch's
     flat = {f: np.concatenate([np.asarray(res.unflatten(getattr(res, f))[n]).reshape(-1) for n in order])
             for f in R.FIELDS}
