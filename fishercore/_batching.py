@@ -36,9 +36,9 @@ MAX_AUTO_BATCH = 512
 #: Share of the budget that one chunk of a dense layer's sums may take.
 CHUNK_SHARE = 0.25
 
-# Arrays of a block's (C, k) size that the core holds at once while reducing it
-# (moments, centred columns, per-input statistics and their products).
-_CORE_TEMPORARIES = 16
+#: Arrays of a block's (C, k) size that the core holds at once while reducing it
+#: (moments, centred columns, per-input statistics and their products).
+CORE_TEMPORARIES = 16
 
 
 def check_batching(batch_size, memory_budget):
@@ -61,6 +61,15 @@ def itemsize(x) -> int:
     return int(getattr(x.dtype, "itemsize", 8))
 
 
+def value_itemsize(model, X) -> int:
+    """Bytes per number of the model's results: X's dtype, or the model's when X holds integer token ids."""
+    from array_api_compat import array_namespace
+
+    if array_namespace(X).isdtype(X.dtype, "real floating"):
+        return itemsize(X)
+    return int(getattr(getattr(model, "dtype", None), "itemsize", 8))
+
+
 def _nbytes(x) -> int:
     if x is None:
         return 0
@@ -70,17 +79,17 @@ def _nbytes(x) -> int:
     return n * itemsize(x)
 
 
-def bytes_per_input(blocks, n_inputs: int, workspace: int = 0) -> int:
+def bytes_per_input(blocks, n_inputs: int, workspace: int = 0, chunk_budget: float = float("inf")) -> int:
     """Estimated peak bytes per input of one batch whose derivative blocks are ``blocks``."""
     held, largest = 0, 0
     for b in blocks:
         if isinstance(b, DenseBlock):
             arrays = _nbytes(b.jac) + _nbytes(b.diag_hess)
             held += arrays + _nbytes(b.inputs)
-            largest = max(largest, _CORE_TEMPORARIES * _nbytes(b.jac) + 6 * _nbytes(b.inputs))
-        elif isinstance(b, ColumnBlock):
+            largest = max(largest, CORE_TEMPORARIES * _nbytes(b.jac) + 6 * _nbytes(b.inputs))
+        elif isinstance(b, ColumnBlock):  # the temporaries: a few columns at a time (sums.column_chunk)
             held += _nbytes(b.jac) + _nbytes(b.diag_hess)
-            largest = max(largest, _CORE_TEMPORARIES * _nbytes(b.jac))
+            largest = max(largest, chunk_bytes(b, chunk_budget))
     return max(1, math.ceil((held + largest) / max(n_inputs, 1)) + int(workspace))
 
 
@@ -167,7 +176,7 @@ class Batches:
         if self.fitted:
             return
         workspace = model.workspace_per_input(hessian) if isinstance(model, DeclaresWorkspace) else 0
-        per_input = bytes_per_input(blocks, n_inputs, workspace)
+        per_input = bytes_per_input(blocks, n_inputs, workspace, self.chunk_budget)
         chunk = max([chunk_bytes(b, self.chunk_budget) for b in blocks if isinstance(b, DenseBlock)], default=0)
         free = self.budget - chunk - resident
         if free < per_input + per_draw:
@@ -190,9 +199,10 @@ def group_plan(model, itemsize: int, budget: float):
 
     Only for a model that can compute some groups' blocks
     (:class:`~fishercore.SupportsGroupSelection`).  A group costs, per input, its columns and
-    the core's temporaries, :data:`_CORE_TEMPORARIES` + 2 arrays of (C, size); consecutive groups
-    are taken together while their cost fits the budget less a chunk's share.  A group that
-    alone does not fit raises ValueError naming ``memory_budget``.
+    their Hessian diagonals, two arrays of (C, size) (the core's temporaries are a few columns at
+    a time, within a chunk's share of the budget); consecutive groups are taken together while
+    their cost fits the rest of the budget.  A group that alone does not fit raises ValueError
+    naming ``memory_budget``.
     """
     from ._protocol import SupportsGroupSelection
 
@@ -200,14 +210,14 @@ def group_plan(model, itemsize: int, budget: float):
         return None
     free = budget * (1 - CHUNK_SHARE)
     workspace = model.workspace_per_input(True) if isinstance(model, DeclaresWorkspace) else 0
-    cost = {g.name: (_CORE_TEMPORARIES + 2) * model.n_outputs * g.size * itemsize for g in model.groups}
+    cost = {g.name: 2 * model.n_outputs * g.size * itemsize for g in model.groups}
     if sum(cost.values()) + workspace <= free:
         return None
     plan, chunk, used = [], [], 0
     for g in model.groups:
         if cost[g.name] > free:
             raise ValueError(f"memory_budget: {_mib(budget)} cannot hold the columns of group {g.name!r} for one "
-                             f"input ({_mib(cost[g.name])} with the core's temporaries); give at least "
+                             f"input ({_mib(cost[g.name])} with its Hessian diagonals); give at least "
                              f"{math.ceil(cost[g.name] / (1 - CHUNK_SHARE)):,} bytes")
         if chunk and used + cost[g.name] > free:
             plan.append(tuple(chunk))
@@ -223,11 +233,15 @@ def _mib(nbytes) -> str:
 
 
 def chunk_bytes(block, budget: float) -> int:
-    """Bytes of one chunk of a dense block's sums: :data:`~fishercore.sums.CHUNK_TEMPORARIES` arrays of
-    (rows, in), rows from :func:`~fishercore.sums.chunk_rows`."""
-    from .sums import CHUNK_TEMPORARIES, chunk_rows
+    """Bytes of one chunk of a block's sums: for a dense block :data:`~fishercore.sums.CHUNK_TEMPORARIES` arrays
+    of (rows, in), rows from :func:`~fishercore.sums.chunk_rows`; for a column block :data:`CORE_TEMPORARIES`
+    arrays of (n, C, k), k from :func:`~fishercore.sums.column_chunk`."""
+    from .sums import CHUNK_TEMPORARIES, chunk_rows, column_chunk
 
-    return CHUNK_TEMPORARIES * chunk_rows(block, budget) * block.inputs.shape[1] * itemsize(block.inputs)
+    if isinstance(block, DenseBlock):
+        return CHUNK_TEMPORARIES * chunk_rows(block, budget) * block.inputs.shape[1] * itemsize(block.inputs)
+    n, C = block.jac.shape[:2]
+    return CORE_TEMPORARIES * n * C * column_chunk(block, budget) * itemsize(block.jac)
 
 
 def batches_for(X, batch_size, memory_budget, *, statistics: bool = True) -> Batches:

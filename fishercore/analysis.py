@@ -14,7 +14,7 @@ from array_api_compat import array_namespace
 from fishercore.backends.ops import ops_for
 
 from . import _validation as V
-from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, group_plan, itemsize
+from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, group_plan, value_itemsize
 from ._progress import Progress
 from ._protocol import Array
 from .io import load_analysis, read, write
@@ -79,13 +79,15 @@ def analyze(model, X: Array, family="categorical", *, mask: Array | None = None,
     ops = ops_for(X)
     acc = Accumulator()
     # a model whose columns for one input exceed the budget: one input at a time, a few groups at a time
-    plan = group_plan(model, itemsize(X), batches.budget) if batches.auto else None
+    size = value_itemsize(model, X)
+    plan = group_plan(model, size, batches.budget) if batches.auto else None
     if plan is None:
-        batches.first(model, itemsize(X))
+        batches.first(model, size)
     else:
         batches.one_at_a_time()
-    resident = 2 * sum(g.size for g in model.groups) * itemsize(X)  # the final concatenation, one field
+    resident = 2 * sum(g.size for g in model.groups) * size  # the final concatenation, one field
     first_order: set = set()
+    column_chunks: dict = {}  # where each column group is cut, the same in every batch
     with ops.no_grad(), Progress(len(batches), progress, "analyze") as bar:
         X = ops.detach(X)
         for start, stop in batches:
@@ -96,7 +98,8 @@ def analyze(model, X: Array, family="categorical", *, mask: Array | None = None,
                 batches.fit(d.blocks, Xb.shape[0], model, hessian=True, resident=resident)
                 bar.total = len(batches)
                 V.check_results_finite(d.outputs, start, stop)
-                for group, first, transposed, sums in chunked_sums(d, family, rows, batches.chunk_budget, positions):
+                for group, first, transposed, sums in chunked_sums(d, family, rows, batches.chunk_budget, positions,
+                                                                   column_chunks):
                     acc.add_piece(group, first, transposed, sums, stop - start)
                 first_order |= {g for b in d.blocks if b.diag_hess is None for g in block_groups(b)}
                 del d

@@ -25,7 +25,7 @@ from array_api_compat import array_namespace, device
 from fishercore.backends.ops import ops_for
 
 from . import _validation as V
-from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, itemsize
+from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, value_itemsize
 from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, SupportsPullback, weight_flat
 from .sums import block_groups, masked_block, position_weights
@@ -138,7 +138,7 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
         rng = _rng(seed)
     # one backward pass per draw (pullback) beats C of them (derivatives) for fewer draws than outputs
     use_pullback = est == "i1" and isinstance(model, SupportsPullback) and M < model.n_outputs
-    size = itemsize(X)
+    size = value_itemsize(model, X)
     batches.first(model, size, per_draw=M * _draw_bytes(model.n_outputs, model.n_outputs, size))
     sums: dict = {}
     with ops.no_grad(), Progress(len(batches), progress, f"estimate {est}") as bar:

@@ -176,6 +176,18 @@ def chunk_rows(block, budget: float) -> int:
     return max(1, min(out, int(budget // per_row)))
 
 
+def column_chunk(block, budget: float) -> int:
+    """Columns of a column block whose statistics are computed at once, so that their temporaries (the core's
+    :data:`~fishercore._batching.CORE_TEMPORARIES` arrays of (n, C, columns)) take at most ``budget`` bytes."""
+    from ._batching import CORE_TEMPORARIES
+
+    k = block.jac.shape[-1]
+    if budget == float("inf"):
+        return k
+    per_column = CORE_TEMPORARIES * block.jac.shape[0] * block.jac.shape[1] * itemsize(block.jac)
+    return max(1, min(k, int(budget // per_column)))
+
+
 def block_sums(outputs: Array, block, family, spectrum=None, mask=None) -> dict:
     """Sums over the batch's inputs (rows where ``mask`` is 1, or all) for every group of one derivative block:
     name → FisherSums."""
@@ -209,14 +221,17 @@ def block_groups(block) -> tuple:
     return (block.group,)
 
 
-def chunked_sums(d, family, mask=None, chunk_budget: float = float("inf"), positions=None):
+def chunked_sums(d, family, mask=None, chunk_budget: float = float("inf"), positions=None, column_chunks=None):
     """The sums of :func:`derivative_sums`, one piece at a time: ``(group, start, transposed, FisherSums)``.
 
     A dense weight comes in chunks of :func:`chunk_rows` rows ``start:start + rows`` of its
-    (out, in) matrix, each (rows, in); every other group whole (``start`` 0, flat).  Only one
-    chunk's temporaries are alive at once, so a batch's working memory does not grow with the
-    size of the largest layer.  ``positions`` (b, T): the positions of sequence outputs that count
-    (:class:`~fishercore.Positions`), or None for all.
+    (out, in) matrix, each (rows, in); a column group in chunks of :func:`column_chunk`
+    parameters ``start:start + k`` of its flat order; every other group whole (``start`` 0,
+    flat).  Only one chunk's temporaries are alive at once, so a batch's working memory does not
+    grow with the size of the largest layer.  ``positions`` (b, T): the positions of sequence
+    outputs that count (:class:`~fishercore.Positions`), or None for all.  ``column_chunks``: a
+    dict kept across the batches of one call, so that a column group is cut at the same places in
+    every batch (its pieces merge), as the first batch's sizes say.
     """
     ops = ops_for(d.outputs)
     spectrum = ops.jit(_spectrum, ("family",))(d.outputs, positions=positions, family=family)
@@ -233,9 +248,14 @@ def chunked_sums(d, family, mask=None, chunk_budget: float = float("inf"), posit
             for a in range(0, out, rows):
                 part = stats if rows >= out else PerInputStats(*(s[:, a:a + rows] for s in stats))
                 yield block.weight, a, block.transposed, weight_sums(part, block.inputs, mask)
-        else:
-            for name, sums in block_sums(d.outputs, block, family, spectrum, mask).items():
-                yield name, 0, False, sums
+        else:  # full columns, a few at a time when their temporaries would exceed the chunk budget
+            memo = {} if column_chunks is None else column_chunks
+            k, size = memo.setdefault(block.group, column_chunk(block, chunk_budget)), block.jac.shape[-1]
+            for a in range(0, size, k):
+                hess = None if block.diag_hess is None else block.diag_hess[..., a:a + k]
+                part = block if k >= size else block._replace(jac=block.jac[..., a:a + k], diag_hess=hess)
+                for name, sums in block_sums(d.outputs, part, family, spectrum, mask).items():
+                    yield name, a, False, sums
 
 
 # -- the reduction -------------------------------------------------------------------------
