@@ -95,8 +95,11 @@ class Family:
         pv = self.center(v)
         return xp.sum(pv * pv, axis=-2)
 
-    #: The family's :meth:`moments` take ``diag_hess=None`` (first order only) and then give v2 = c12 = None.
-    first_order_moments_supported = False
+    @property
+    def first_order_moments_supported(self) -> bool:
+        """Whether :meth:`moments` takes ``diag_hess=None`` (first order only) and then gives v2 = c12 = None:
+        for the built-in families, unless a subclass overrides their :meth:`moments`."""
+        return any(type(self).moments is own for own in _FIRST_ORDER_READY)
 
     def first_order_moments(self, outputs, jac) -> Moments:
         """:meth:`moments` without Hessian diagonals: v2 and c12 are None (the built-in families skip their work;
@@ -105,6 +108,14 @@ class Family:
             return self.moments(outputs, jac, None)
         xp = array_namespace(outputs, jac)
         return self.moments(outputs, jac, xp.zeros_like(jac))._replace(v2=None, c12=None)
+
+    def moments_with_norms(self, outputs, jac, diag_hess):
+        """``(moments, ‖Pu‖², ‖Pw‖²)``: :meth:`moments` (:meth:`first_order_moments` for ``diag_hess=None``, with
+        ``‖Pw‖²`` None) and the bounds' squared norms (:meth:`centred_sq_norm`).  A family may compute the norms
+        from its moments' centred columns."""
+        if diag_hess is None:
+            return self.first_order_moments(outputs, jac), self.centred_sq_norm(jac), None
+        return self.moments(outputs, jac, diag_hess), self.centred_sq_norm(jac), self.centred_sq_norm(diag_hess)
 
     # -- to override --------------------------------------------------------
     def moments(self, outputs, jac, diag_hess) -> Moments:  # pragma: no cover - abstract
@@ -222,26 +233,46 @@ class Categorical(Family):
         d = jac - xp.matmul(p, jac)
         return xp.matmul(p, d * d)[:, 0, :]
 
-    first_order_moments_supported = True
-
     def moments(self, outputs, jac, diag_hess):
+        return self._moments_and_norms(outputs, jac, diag_hess)[0]
+
+    def moments_with_norms(self, outputs, jac, diag_hess):
+        """The moments, and ``‖Pu‖² = Σ_c (u_c − mean u)²`` from the p-centred columns ``d = u − ū``:
+        ``Σ d² − (Σ d)²/C``.  Both terms are sums over the classes (products with 1, fast), and nothing
+        large cancels: ``(Σ d)²/C ≤ C ‖Pu‖²`` (docs/math.md §4), so the rounding is at most ``(C + 1) ε`` of
+        ``‖Pu‖²`` — within the spectrum's own slack.  The same for w.  (A subclass that overrides
+        :meth:`moments` gets the default: its own moments, and the norms by :meth:`centred_sq_norm`.)"""
+        if type(self).moments is not Categorical.moments:
+            return Family.moments_with_norms(self, outputs, jac, diag_hess)
+        return self._moments_and_norms(outputs, jac, diag_hess)
+
+    def _moments_and_norms(self, outputs, jac, diag_hess):
         xp = array_namespace(outputs, jac)
         p = softmax(outputs, xp)[:, None, :]  # (n, 1, C): E_Y[x] = p @ x, a matmul per input
+        ones = xp.ones_like(p)
+        C = jac.shape[-2]
 
         def mean(x):
             return xp.matmul(p, x)
+
+        def sq_norm(centred, squares):  # Σ_c x² − (Σ_c x)²/C of the p-centred x, clipped at 0
+            s = xp.matmul(ones, centred)[:, 0, :]
+            out = xp.matmul(ones, squares)[:, 0, :] - s * s / C
+            return xp.maximum(out, xp.zeros_like(out))
 
         d = jac - mean(jac)
         d2 = d * d
         fisher = mean(d2)
         third = mean(d2 * d)[:, 0, :]
+        pu2 = sq_norm(d, d2)
         d2 -= fisher  # e = d² − I, in place of d² (no longer needed)
         e = d2
         first = Moments(fisher=fisher[:, 0, :], third=third, v1=mean(e * e)[:, 0, :], v2=None, c12=None)
         if diag_hess is None:
-            return first
+            return first, pu2, None
         wc = diag_hess - mean(diag_hess)
-        return first._replace(v2=mean(wc * wc)[:, 0, :], c12=-mean(e * wc)[:, 0, :])
+        wc2 = wc * wc
+        return first._replace(v2=mean(wc2)[:, 0, :], c12=-mean(e * wc)[:, 0, :]), pu2, sq_norm(wc, wc2)
 
     def spectrum(self, outputs):
         xp = array_namespace(outputs)
@@ -325,8 +356,6 @@ class Gaussian(Family):
         xp = array_namespace(outputs, jac)
         return xp.sum(jac * jac, axis=-2) / self.variance
 
-    first_order_moments_supported = True
-
     def moments(self, outputs, jac, diag_hess):
         xp = array_namespace(outputs, jac)
         fisher = self.fisher(outputs, jac)
@@ -378,8 +407,6 @@ class Bernoulli(Family):
         xp = array_namespace(outputs, jac)
         p, r = sigmoid_pair(outputs, xp)
         return xp.sum((p * r)[:, :, None] * jac * jac, axis=-2)
-
-    first_order_moments_supported = True
 
     def moments(self, outputs, jac, diag_hess):
         xp = array_namespace(outputs, jac)
@@ -501,6 +528,10 @@ class Positions(Family):
         split = xp.reshape(v, (*lead, self.length, TC // self.length, k))
         return xp.reshape(self.base.center(split), v.shape)
 
+    def moments_with_norms(self, outputs, jac, diag_hess):
+        m, pu2, pw2 = self._combine(outputs, jac, diag_hess, with_norms=True)
+        return m, pu2, pw2
+
     def centred_sq_norm(self, v):
         """Σ_t ‖P_t v_t‖² (each position's block centred on its own)."""
         xp = array_namespace(v)
@@ -518,21 +549,31 @@ class Positions(Family):
         return self.base.first_order_moments_supported
 
     def moments(self, outputs, jac, diag_hess):
+        return self._combine(outputs, jac, diag_hess, with_norms=False)[0]
+
+    def _combine(self, outputs, jac, diag_hess, with_norms):
+        """Each position's moments (and norms), combined into the sequence's (docs/math.md §12)."""
         xp = array_namespace(outputs, jac)
         n = outputs.shape[0]
-        if diag_hess is None:
-            base = self.base.first_order_moments(self._split(outputs), self._split(jac))
+        split = (self._split(outputs), self._split(jac), None if diag_hess is None else self._split(diag_hess))
+        pu2 = pw2 = None
+        if with_norms:
+            base, pu2, pw2 = self.base.moments_with_norms(*split)
+            pu2 = xp.sum(self._per_input(pu2, n), axis=1)
+            pw2 = None if pw2 is None else xp.sum(self._per_input(pw2, n), axis=1)
+        elif diag_hess is None:
+            base = self.base.first_order_moments(*split[:2])
         else:
-            base = self.base.moments(self._split(outputs), self._split(jac), self._split(diag_hess))
+            base = self.base.moments(*split)
         m = Moments(*(None if x is None else self._per_input(x, n) for x in base))  # each (n, T, k)
         fisher = xp.sum(m.fisher, axis=1)
         # Σ_{t≠r} I_t I_r = Σ_t I_t (I − I_t), each term ≥ 0 (I − I_t clipped at 0 against rounding)
         rest = xp.maximum(fisher[:, None, :] - m.fisher, xp.zeros_like(m.fisher))
         cross = 2.0 * xp.sum(m.fisher * rest, axis=1)
         first = Moments(fisher, xp.sum(m.third, axis=1), xp.sum(m.v1, axis=1) + cross, None, None)
-        if diag_hess is None:
-            return first
-        return first._replace(v2=xp.sum(m.v2, axis=1), c12=xp.sum(m.c12, axis=1))
+        if diag_hess is not None:
+            first = first._replace(v2=xp.sum(m.v2, axis=1), c12=xp.sum(m.c12, axis=1))
+        return first, pu2, pw2
 
     def spectrum(self, outputs, positions=None):
         r"""Extreme eigenvalues of the block-diagonal Λ and of 𝓜 over the positions where ``positions``
@@ -586,6 +627,9 @@ class Positions(Family):
         flat = xp.reshape(labels, (n * T, *labels.shape[2:]))
         return xp.sum(xp.reshape(self.base.log_likelihood(self._split(outputs), flat), (n, T)), axis=1)
 
+
+# The built-in families whose own moments() takes diag_hess=None (Family.first_order_moments_supported).
+_FIRST_ORDER_READY = (Categorical.moments, Gaussian.moments, Bernoulli.moments)
 
 _BY_NAME = {"categorical": Categorical, "gaussian": Gaussian, "bernoulli": Bernoulli}
 

@@ -99,13 +99,10 @@ def per_input_stats(outputs, jac, diag_hess, family, spectrum=None) -> PerInputS
     """
     xp = array_namespace(outputs, jac)
     spectrum = family.spectrum(outputs) if spectrum is None else spectrum
-    pu2 = family.centred_sq_norm(jac)
+    m, pu2, pw2 = family.moments_with_norms(outputs, jac, diag_hess)
     if diag_hess is None:  # first order only: no w, no second-order work
-        m = family.first_order_moments(outputs, jac)
         nan = xp.full_like(m.fisher, float("nan"))
-        m = m._replace(v2=nan, c12=nan)
-        b = variance_bounds(m, spectrum, pu2, nan)
+        b = variance_bounds(m._replace(v2=nan, c12=nan), spectrum, pu2, nan)
         return PerInputStats(m.fisher, m.v1, nan, nan, b.v1_lower, b.v1_upper, nan, nan)
-    m = family.moments(outputs, jac, diag_hess)
-    b = variance_bounds(m, spectrum, pu2, family.centred_sq_norm(diag_hess))
+    b = variance_bounds(m, spectrum, pu2, pw2)
     return PerInputStats(m.fisher, m.v1, m.v2, m.c12, *b)

@@ -16,8 +16,8 @@ class Table:
     """A model given by its derivatives: input i (X[i, 0] = i) has outputs H[i] (T·C), ∂h/∂θ = U[i] (T·C, K) and
     ∂²h/∂θ² = W[i] — so the statistics can be checked against enumeration with nothing else in between."""
 
-    def __init__(self, H, U, W, output_shape):
-        self.H, self.U, self.W = H, U, W
+    def __init__(self, H, U, W, output_shape, second_order=True):
+        self.H, self.U, self.W, self.second_order = H, U, W, second_order
         self.output_shape = output_shape
         self.n_outputs = H.shape[1]
         self.groups = fc.make_groups([("theta", (U.shape[2],))])
@@ -33,7 +33,8 @@ class Table:
 
     def derivatives(self, X, *, hessian=True):
         i = self._rows(X)
-        return fc.Derivatives(self.H[i], (fc.ColumnBlock("theta", self.U[i], self.W[i] if hessian else None),))
+        w = self.W[i] if hessian and self.second_order else None
+        return fc.Derivatives(self.H[i], (fc.ColumnBlock("theta", self.U[i], w),))
 
 
 def table(family, n=5, seed=0):
@@ -203,3 +204,22 @@ def test_saved_analysis_keeps_its_positions(tmp_path):
     back = fc.load_analysis(tmp_path / "seq.npz")
     assert back.family == res.family == fc.Positions("categorical", T)
     np.testing.assert_array_equal(back.v1, res.v1)
+
+
+class Doubled(fc.Categorical):
+    """A user's family that overrides moments (and knows nothing of diag_hess=None)."""
+
+    def moments(self, outputs, jac, diag_hess):
+        return fc.Moments(*(2.0 * m for m in super().moments(outputs, jac, diag_hess)))
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_first_order_only_keeps_a_user_familys_moments(second_order):
+    """Without Hessian diagonals the built-in families skip the second-order work; a subclass that overrides
+    moments still gets its own numbers (w = 0 handed to it), and v2, c12 stay NaN: not computed."""
+    seq, X = table("categorical", seed=6)  # its first position, as a model with outputs (n, C)
+    model = Table(seq.H[:, :C], seq.U[:, :C], seq.W[:, :C], (C,), second_order)
+    plain, doubled = fc.analyze(model, X), fc.analyze(model, X, Doubled())
+    np.testing.assert_allclose(doubled.fisher, 2 * plain.fisher, rtol=1e-13)
+    np.testing.assert_allclose(doubled.v1, 2 * plain.v1, rtol=1e-13)
+    assert np.isnan(plain.v2).all() != second_order and np.isnan(doubled.c12).all() != second_order
