@@ -12,10 +12,13 @@ from helpers import record_deviation, require_framework
 REFERENCE = dict(np.load(R.PATH))
 
 
-def _compare(res, tag, kind, to_numpy):
-    """Every field against the brute-force reference, to 1e-10 of its largest value."""
+FIRST_ORDER = ("fisher", "v1", "var_x", "v1_lower", "v1_upper")
+
+
+def _compare(res, tag, kind, to_numpy, fields=R.FIELDS):
+    """The fields against the brute-force reference, to 1e-10 of their largest values."""
     worst = 0.0
-    for f in R.FIELDS:
+    for f in fields:
         want = REFERENCE[tag + f]
         got = to_numpy(getattr(res, f))
         err = float(np.max(np.abs(got - want))) / float(np.max(np.abs(want)))
@@ -62,6 +65,8 @@ def test_torch_transformer_matches_brute_force(masked, budget):
 @pytest.mark.backends("jax")
 @pytest.mark.parametrize("masked,budget", [(False, None), (True, 40_000)])
 def test_jax_transformer_matches_brute_force(masked, budget, jax_x64):
+    """Under the budget, first order only (max_params=1: no per-group Hessian programs to compile); the cuts
+    into groups and columns are what is checked there."""
     require_framework("jax")
     import jax.numpy as jnp
 
@@ -72,13 +77,14 @@ def test_jax_transformer_matches_brute_force(masked, budget, jax_x64):
     params = {k: jnp.asarray(v) for k, v in R.params().items()}
     model = fc_jax.from_function(tr.JaxCharTransformer(heads=R.CONFIG.heads, depth=R.CONFIG.depth), params,
                                  input_shape=(R.CONFIG.context,), input_dtype=jnp.int64,
-                                 n_tokens=R.CONFIG.vocab)
+                                 n_tokens=R.CONFIG.vocab, max_params=20_000 if budget is None else 1)
     mask = jnp.asarray(R.mask()) if masked else None
     if budget is None:
         res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, batch_size=4)
     else:
         res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, memory_budget=budget)
     order = [n for n, _ in R.CONFIG.names_and_shapes()]  # JAX orders a dict's leaves by key; the reference, torch's
+    fields = R.FIELDS if budget is None else FIRST_ORDER
     flat = {f: np.concatenate([np.asarray(res.unflatten(getattr(res, f))[n]).reshape(-1) for n in order])
-            for f in R.FIELDS}
-    _compare(types.SimpleNamespace(**flat), "masked_" if masked else "", "transformer-jax", np.asarray)
+            for f in fields}
+    _compare(types.SimpleNamespace(**flat), "masked_" if masked else "", "transformer-jax", np.asarray, fields)
