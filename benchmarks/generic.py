@@ -6,7 +6,8 @@ Run from the repository root:
     python benchmarks/generic.py --widths 64 128 10 --n 500
 
 Same network, same inputs, float64, torch on the CPU, side by side in one process.
-``from_sequential`` computes every field; ``from_function`` above its ``max_params`` every
+``from_sequential`` computes every field by the dense-chain rule; ``from_module`` every field
+by per-neuron perturbations of each Linear; ``from_function`` above its ``max_params`` every
 first-order field (the second-order ones are not computed), and its output layer's second order
 (w = 0, read off the traced graph).  Medians of ``--repeat`` runs after a warm-up.
 Benchmarks are not tests: nothing here asserts a time.
@@ -43,15 +44,17 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    print("| network | P | from_sequential, every field (s) | from_function, first order (s) | ratio |")
-    print("|---|---|---|---|---|")
+    print("| network | P | from_sequential, every field (s) | from_module, every field (s) | "
+          "from_function, first order (s) | ratios |")
+    print("|---|---|---|---|---|---|")
     for widths in args.widths or [[64, 128, 128, 10], [64, 300, 200, 10]]:
-        a, b, P = compare(widths, rng.normal(size=(args.n, widths[0])), args.repeat)
-        print(f"| {'-'.join(map(str, widths))} tanh | {P:,} | {a:.2f} | {b:.2f} | {b / a:.1f}× |", flush=True)
+        a, m, b, P = compare(widths, rng.normal(size=(args.n, widths[0])), args.repeat)
+        print(f"| {'-'.join(map(str, widths))} tanh | {P:,} | {a:.2f} | {m:.2f} | {b:.2f} | "
+              f"{m / a:.1f}×, {b / a:.1f}× |", flush=True)
 
 
 def compare(widths, X, repeat):
-    """Seconds of ``analyze`` through from_sequential and from_function, and the parameter count."""
+    """Seconds of ``analyze`` through from_sequential, from_module and from_function, and the parameter count."""
     torch.manual_seed(0)
     mods = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -62,8 +65,9 @@ def compare(widths, X, repeat):
     seq = fc_torch.from_sequential(net)
     gen = fc_torch.from_function(lambda prm, x: torch.func.functional_call(net, prm, (x,)), params,
                                  input_shape=(widths[0],))
-    return (median_time(lambda: fc.analyze(seq, X), repeat), median_time(lambda: fc.analyze(gen, X), repeat),
-            sum(v.numel() for v in params.values()))
+    mod = fc_torch.from_module(net)
+    return (median_time(lambda: fc.analyze(seq, X), repeat), median_time(lambda: fc.analyze(mod, X), repeat),
+            median_time(lambda: fc.analyze(gen, X), repeat), sum(v.numel() for v in params.values()))
 
 if __name__ == "__main__":
     main()
