@@ -223,3 +223,26 @@ def test_first_order_only_keeps_a_user_familys_moments(second_order):
     np.testing.assert_allclose(doubled.fisher, 2 * plain.fisher, rtol=1e-13)
     np.testing.assert_allclose(doubled.v1, 2 * plain.v1, rtol=1e-13)
     assert np.isnan(plain.v2).all() != second_order and np.isnan(doubled.c12).all() != second_order
+
+
+def test_gaussian_sequences_keep_v1_equal_to_twice_fisher_squared():
+    """Fact 4 holds per input sequence: v1 = 2 I², and the v1 bounds are equalities (every eigenvalue of 𝓜 is 2/σ⁴,
+    the cross blocks' 2 λ_t λ_r included)."""
+    rng = np.random.default_rng(9)
+    h, u, w = rng.normal(size=(4, T * C)), rng.normal(size=(4, T * C, K)), rng.normal(size=(4, T * C, K))
+    s = fc.fisher_stats(h, u, w, fc.Positions(fc.Gaussian(variance=0.7), T))
+    np.testing.assert_allclose(s.v1, 2 * s.fisher**2, rtol=1e-13)
+    np.testing.assert_allclose(s.v1_upper, s.v1, rtol=1e-13)
+    np.testing.assert_allclose(s.v1_lower, s.v1, rtol=1e-13)
+
+
+def test_batches_summary_and_sample_sizes_of_a_sequence_analysis():
+    """analyze_batches merges sequence analyses as analyze computes them; summary and sample sizes work as for
+    any family."""
+    model, X = table("categorical", n=6)
+    whole = fc.analyze(model, X)
+    merged = fc.analyze_batches(model, [X[:2], X[2:]])
+    np.testing.assert_allclose(merged.v1, whole.v1, rtol=1e-13)
+    assert merged.family == whole.family
+    assert "theta" in str(whole.summary())
+    assert whole.sample_size("i1").shape == (K,) and np.all(whole.sample_size("i2") >= 1)
