@@ -23,13 +23,16 @@ Python loops over samples.  Group names are the module's own parameter names
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from fishercore._protocol import ColumnBlock, Derivatives, make_groups
+from fishercore._protocol import Derivatives, make_groups
 from fishercore._validation import (
     check_input_dtype,
     check_input_shape,
@@ -45,12 +48,10 @@ from ._torch_base import (
     flat_outputs,
     model_dtype_device,
     outputs_shape,
-    randomness_refused,
 )
-from ._torch_composites import composites
 from ._torch_linearity import curved_params
-from ._torch_module import DEFAULT_MAX_PARAMS, TorchModule
-from .rules import columns, dense
+from ._torch_module import DEFAULT_MAX_PARAMS, DenseLayer, Perturbed, TorchModule
+from .rules import dense
 from .rules.activations import Autodiff
 
 __all__ = ["ACTIVATION_MODULES", "ELEMENTWISE", "TorchFunction", "TorchModule", "TorchSequential", "all_reduce",
@@ -253,13 +254,55 @@ def from_sequential(module: nn.Sequential) -> TorchSequential:
     return TorchSequential(module)
 
 
-class TorchFunction:
-    """Any function ``fn(params, x) -> h`` of a dict of tensors, with exact full columns.
+class _LinearCalls(TorchFunctionMode):
+    """Watches the torch functions a model calls: counts where each parameter appears (``seen``, by identity),
+    records the linear maps of ``weights`` (``F.linear(x, W, b)``, ``x @ W``) and adds ``deltas`` to their
+    outputs."""
 
-    ``jac`` per group by one vjp per output; the Hessian diagonal by forward over forward
-    along every parameter's unit vector, ``chunk`` directions at a time
+    def __init__(self, params: dict, weights=(), deltas=None, record=None):
+        super().__init__()
+        self.ids = {id(v): k for k, v in params.items()}
+        self.weights = {id(w): i for i, w in enumerate(weights)}
+        self.deltas, self.record = deltas, record
+        self.seen: dict = {}
+        self.calls: list = []  # (weight name, input, bias name or None, transposed, output) of every linear map
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and id(a) in self.ids:
+                self.seen[self.ids[id(a)]] = self.seen.get(self.ids[id(a)], 0) + 1
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+            b, transposed = args[2] if len(args) > 2 else kwargs.get("bias"), False
+        elif func in (torch.matmul, torch.Tensor.__matmul__, torch.mm) and len(args) == 2:
+            (x, w), b, transposed = args, None, True
+        else:
+            return out
+        if id(w) in self.ids:
+            self.calls.append((self.ids[id(w)], x, self.ids.get(id(b)) if b is not None else None, transposed, out))
+        i = self.weights.get(id(w))
+        if i is not None:
+            if self.record is not None:
+                self.record.append((i, x))
+            if self.deltas is not None:
+                out = out + self.deltas[i]
+        return out
+
+
+class TorchFunction(Perturbed):
+    """Any function ``fn(params, x) -> h`` of a dict of tensors.
+
+    Linear maps applied once per input to a vector (``F.linear``, as ``nn.Linear`` calls it, or
+    ``x @ W``) whose weight (and bias) appear nowhere else get per-neuron factors, found by
+    watching the calls (a ``TorchFunctionMode``); every other parameter gets full columns — one
+    vjp per output for all of them — and the Hessian diagonal by forward over forward along
+    every parameter's unit vector, ``chunk`` directions at a time
     (:mod:`fishercore.backends.rules.columns`).
     """
+
+    _what = "fn"
 
     def __init__(self, fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape,
                  max_params: int = DEFAULT_MAX_PARAMS, chunk: int = 256, input_dtype=None, n_tokens=None):
@@ -276,86 +319,50 @@ class TorchFunction:
         self.input_shape = check_input_shape(input_shape, required_by="from_function")
         self.input_dtype = check_input_dtype(input_dtype, OPS.xp)
         self.n_tokens = check_n_tokens(n_tokens, self.input_dtype, required=True)
-        probe = torch.zeros((1, *self.input_shape), dtype=input_dtype or self.dtype, device=self.device)
+        probe = torch.zeros((2, *self.input_shape), dtype=input_dtype or self.dtype, device=self.device)
+        watch = _LinearCalls(self.params)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), watch:
                 h = fn(self.params, probe)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"input_shape: fn cannot run on one input of shape {self.input_shape} ({e})") from e
         #: (C,), or (T, C) for sequence outputs, which the core sees flattened (n, T·C)
         self.output_shape = outputs_shape(h, "fn")
         self.n_outputs = math.prod(self.output_shape)
-        curved = curved_params(self.fn, self.params, probe)
+        self.dense = [DenseLayer(w, w, b if b is not None and watch.seen.get(b) == 1 else None, t, out.shape[1],
+                                 x.shape[1])
+                      for w, x, b, t, out in watch.calls
+                      if watch.seen.get(w) == 1 and self.params[w].ndim == 2 and x.ndim == 2 and out.ndim == 2
+                      and x.shape[0] == probe.shape[0]]
+        owned = {g for d in self.dense for g in (d.weight, d.bias) if g is not None}
+        self.column_groups = tuple(g for g in self.groups if g.name not in owned)
+        curved = curved_params(self.fn, self.params, probe[:1])
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
-        self.second_order = second_order_within([g for g in self.groups if g.name in curved], max_params)
+        self.second_order = second_order_within([g for g in self.column_groups if g.name in curved], max_params)
 
     def __repr__(self) -> str:
-        return f"TorchFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
+        return f"TorchFunction(P={sum(g.size for g in self.groups)}, {len(self.dense)} dense, {self.dtype})"
+
+    def _lock(self):
+        return contextlib.nullcontext()  # nothing is installed on shared objects: calls may run in parallel
 
     def fn(self, params, X):
         """The function's outputs, flattened to (n, C') (sequence outputs position-major)."""
         return flat_outputs(self.user_fn(params, X))
 
-    def _single(self, params, x):
-        return self.fn(params, x[None])[0]
+    def _call(self, X, deltas=None, params=None, record=None):
+        """fn on a batch X with ``params`` (default its own); δ_l added to each dense layer's output; their inputs
+        recorded."""
+        params = self.params if params is None else params
+        if deltas is None and record is None:
+            return self.user_fn(params, X)
+        with _LinearCalls(params, [params[d.weight] for d in self.dense], deltas, record):
+            return self.user_fn(params, X)
 
     def check_inputs(self, X):
         return check_tensor(X, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
                             input_dtype=self.input_dtype, n_tokens=self.n_tokens)
-
-    def outputs(self, X):
-        with torch.no_grad():
-            return self.fn(self.params, X)
-
-    def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
-        return self.derivatives_of(X, None, hessian=hessian)
-
-    def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
-        """The blocks of the named ``groups`` (all for None): one vjp per output differentiates only those."""
-        n = X.shape[0]
-        eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
-        chosen = [g for g in self.groups if groups is None or g.name in set(groups)]
-        sel = {g.name: self.params[g.name] for g in chosen}
-        with torch.no_grad(), randomness_refused("fn"), composites():
-            h = self.fn(self.params, X)
-            jac = OPS.vmap(lambda x: columns.pullback(OPS, lambda p: self._single({**self.params, **p}, x), sel,
-                                                      eye))(X)
-            blocks = tuple(ColumnBlock(g.name, jac[g.name].reshape(n, -1, g.size), self._hessian(X, g, hessian))
-                           for g in chosen)
-        return Derivatives(h, blocks)
-
-    def _hessian(self, X, group, hessian: bool):
-        """The group's Hessian diagonals by the column rule (:func:`.rules.columns.group_hessian`)."""
-        return columns.group_hessian(OPS.xp, (X.shape[0], self.n_outputs, group.size), hessian=hessian,
-                                     linear=group.name in self.linear_groups, second_order=self.second_order,
-                                     compute=lambda: self._diag_hessian(X, group), dtype=self.dtype,
-                                     device=self.device)
-
-    def _diag_hessian(self, X, group):
-        """∂²h/∂θ_i² for every parameter i of a group, (n, C, size), ``chunk`` directions at a time."""
-        name = group.name
-
-        def chunk(start, k):
-            E = columns.unit_directions(OPS.xp, group.shape, start, k, dtype=self.dtype, device=self.device)
-
-            def one(x):
-                return columns.diag_hessian(OPS, lambda p: self._single({**self.params, name: p}, x),
-                                            self.params[name], E)
-
-            return OPS.vmap(one)(X)  # (n, k, C)
-
-        return columns.chunked(group.size, self.chunk, chunk)
-
-    def pullback(self, X, cotangent_fn) -> Derivatives:
-        """Per-sample gradients of ``Σ_c s_c h_c`` for every draw, (n, M, p): one vjp per draw."""
-        h = self.outputs(X)
-        s = cotangent_fn(h).transpose(0, 1)  # (n, M, C)
-        with torch.no_grad(), randomness_refused("fn"), composites():
-            grads = OPS.vmap(lambda x, si: columns.pullback(OPS, lambda p: self._single(p, x), self.params, si))(X, s)
-        n, M = s.shape[:2]
-        return Derivatives(h, tuple(ColumnBlock(g.name, grads[g.name].reshape(n, M, g.size), None)
-                                    for g in self.groups))
 
 
 def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_shape=None,

@@ -525,9 +525,15 @@ def test_sequence_estimates_equal_torch_autodiff_with_a_mask():
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # BackPACK's own hooks
-def test_generic_path_fisher_matches_backpack_above_100k_parameters():
-    """from_function on a 101,770-parameter network (above max_params: first order only, the last layer's w = 0):
-    the Fisher equals BackPACK's DiagGGNExact; second order is marked not computed where it is not zero."""
+@pytest.mark.parametrize("form", ["functional_call", "transposed weights"])
+def test_generic_path_fisher_matches_backpack_above_100k_parameters(form):
+    """from_function on a 101,770-parameter network: the Fisher equals BackPACK's DiagGGNExact.
+
+    * ``functional_call``: nn.Linear calls F.linear with the parameters themselves, so both layers are
+      recognised as dense (per-neuron factors) and every field is computed;
+    * ``transposed weights``: ``x @ W.t()`` uses a new tensor, so both layers are full columns — above
+      max_params, first order only, the last layer's w = 0 read off the graph.
+    """
     if not REQUIRED:
         pytest.importorskip("backpack")
     from backpack import backpack, extend
@@ -536,15 +542,26 @@ def test_generic_path_fisher_matches_backpack_above_100k_parameters():
     net = _net(784, 128, 10, seed=6)
     X = torch.randn(6, 784, dtype=F64, generator=torch.Generator().manual_seed(7))
     params = {k: v.detach() for k, v in net.named_parameters()}
-    model = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)), params, input_shape=(784,))
+    if form == "functional_call":
+        fn = lambda p, x: torch.func.functional_call(net, p, (x,))  # noqa: E731
+    else:
+        fn = lambda p, x: torch.tanh(x @ p["0.weight"].t() + p["0.bias"]) @ p["2.weight"].t() + p["2.bias"]  # noqa
+    model = fc_torch.from_function(fn, params, input_shape=(784,))
     res = fc.analyze(model, X)
-    assert sum(g.size for g in res.groups) == 101_770 and res.first_order_only == ("0.weight", "0.bias")
+    assert sum(g.size for g in res.groups) == 101_770
     bp_net = extend(copy.deepcopy(net))
     with backpack(DiagGGNExact()):
         extend(torch.nn.CrossEntropyLoss())(bp_net(X), torch.zeros(6, dtype=torch.long)).backward()
     want = torch.cat([p.diag_ggn_exact.reshape(-1) for p in bp_net.parameters()])
     torch.testing.assert_close(res.fisher, want, rtol=1e-10, atol=1e-14)
-    assert bool(torch.isnan(res.v2[:100_480]).all()) and bool((res.v2[100_480:] == 0).all())
+    if form == "functional_call":
+        assert [d.weight for d in model.dense] == ["0.weight", "2.weight"] and res.first_order_only == ()
+        full = fc.analyze(fc_torch.from_sequential(net), X)
+        for f in ("v1", "v2", "c12", "v2_upper"):
+            torch.testing.assert_close(getattr(res, f), getattr(full, f), rtol=1e-10, atol=1e-14)
+    else:
+        assert not model.dense and res.first_order_only == ("0.weight", "0.bias")
+        assert bool(torch.isnan(res.v2[:100_480]).all()) and bool((res.v2[100_480:] == 0).all())
 
 
 def test_token_ids_out_of_range_name_x():
