@@ -125,6 +125,15 @@ REFUSALS = {
                            "negative_slope"),
     "devices not devices": (lambda: fc_jax.analyze_sharded(fc_jax.from_mlp(_pairs()), jnp.ones((4, 4)),
                                                            devices=["x"]), TypeError, "devices: expected jax devices"),
+    "outputs of rank 4": (lambda: fc_jax.from_function(lambda p, x: (x @ p["w"])[:, :, None, None],
+                                                       {"w": jnp.ones((3, 2))}, input_shape=(3,)),
+                          ValueError, "apply_fn: must return outputs of shape (n, C), or (n, T, C)"),
+    "outputs of rank 1": (lambda: fc_jax.from_function(lambda p, x: (x @ p["w"])[:, 0], {"w": jnp.ones((3, 2))},
+                                                       input_shape=(3,)),
+                          ValueError, "apply_fn: must return outputs of shape (n, C), or (n, T, C)"),
+    "ids without n_tokens": (lambda: fc_jax.from_function(lambda p, x: p["E"][x].sum(1), {"E": jnp.ones((4, 2))},
+                                                          input_shape=(3,), input_dtype=jnp.int32),
+                             TypeError, "n_tokens: an integer input_dtype needs n_tokens"),
 }
 
 
