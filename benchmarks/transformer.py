@@ -109,6 +109,9 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="sequences per batch of the torch.func side")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--memory-budget", type=float, default=512 * 2**20)
+    p.add_argument("--skip-reference", action="store_true",
+                   help="time fishercore only (the reference's full Jacobians need T·C·P numbers per sequence: "
+                        "5.9 GB in float32 at the issue's size, before its moments' temporaries)")
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     cfg = tr.Config(context=args.context, width=args.width, heads=args.heads, depth=args.depth, hidden=args.hidden)
@@ -117,6 +120,12 @@ def main():
     P = sum(v.numel() for v in net.parameters())
     model = fc_torch.from_module(net, input_shape=(cfg.context,), input_dtype=torch.long, max_params=1)
     ours, ours_rss, res = timed(lambda: fc.analyze(model, X, memory_budget=args.memory_budget), args.repeat)
+    if args.skip_reference:
+        print(f"transformer: width {cfg.width}, {cfg.depth} block(s), hidden {cfg.hidden}, T = {cfg.context}, "
+              f"C = {cfg.vocab}, P = {P:,}; {args.sequences} sequences, float32, fishercore within "
+              f"{args.memory_budget / 2**20:.0f} MiB: {ours:.2f} s ({ours / args.sequences:.2f} s per sequence), "
+              f"peak RSS growth {ours_rss / 2**20:.0f} MiB")
+        return
     base, base_rss, (f, v1, vx) = timed(lambda: baseline(net, X, args.batch), args.repeat)
     dev = max(float((res.fisher - f).abs().max() / f.abs().max()), float((res.v1 - v1).abs().max() / v1.abs().max()),
               float((res.var_x - vx).abs().max() / vx.abs().max()))

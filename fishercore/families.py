@@ -308,8 +308,11 @@ class Categorical(Family):
         xp = array_namespace(outputs, noise)
         C = outputs.shape[-1]
         cdf = xp.cumulative_sum(softmax(outputs, xp), axis=-1)  # (n, C)
-        below = xp.astype(cdf[None, :, :] <= xp.permute_dims(noise, (1, 0))[:, :, None], xp.int64)
-        return xp.minimum(xp.sum(below, axis=-1), xp.asarray(C - 1, dtype=xp.int64, device=device(noise)))
+        # class indices in the library's default integer dtype (int64; int32 in JAX without x64, which would
+        # warn about an int64 it cannot hold)
+        index = xp.asarray(C - 1, device=device(noise))
+        below = xp.astype(cdf[None, :, :] <= xp.permute_dims(noise, (1, 0))[:, :, None], index.dtype)
+        return xp.minimum(xp.sum(below, axis=-1, dtype=index.dtype), index)
 
     def score(self, outputs, labels):
         xp = array_namespace(outputs)

@@ -47,7 +47,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fishercore", description="How good are your diagonal Fisher estimates?")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from fishercore import __version__
+
+    parser.add_argument("--version", action="version", version=f"fishercore {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     rep = sub.add_parser("report", help="reproduce the numerical study of Soen & Sun (NeurIPS 2024) on built-in data",
                          description="Train an MLP and, after every epoch, compute on held-out inputs the exact "
                                      "diagonal Fisher, the variances of Î1 and Î2, their bounds and sample sizes; "
@@ -179,7 +182,11 @@ def _study(args, out: pathlib.Path, progress: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `fishercore`: what it can do
+        parser.print_help()
+        return 0
     try:
         try:
             return run_report(args)

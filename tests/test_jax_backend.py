@@ -97,6 +97,21 @@ def test_import_flips_no_global_switch(tmp_path):
     assert out.stdout.strip() == "False"
 
 
+def test_default_float32_mode_estimates_without_warnings(tmp_path):
+    """In JAX's default mode (no x64) labels are int32, the default integer: sampling and both estimators run
+    with warnings as errors (an explicit int64 used to warn twice per call)."""
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "import jax.numpy as jnp, fishercore as fc\n"
+            "from fishercore.backends import jax as fc_jax\n"
+            "layers = [(jnp.ones((4, 3)) / 3, jnp.zeros(4)), (jnp.ones((3, 4)) / 4, jnp.zeros(3))]\n"
+            "m = fc_jax.from_mlp(layers, 'tanh')\n"
+            "X = jnp.linspace(-1, 1, 15).reshape(5, 3)\n"
+            "for est in ('i1', 'i2'): fc.estimate(m, X, estimator=est, n_draws=3, seed=0)\n"
+            "print(fc.sample_labels(m, X, n_draws=2, seed=0).dtype)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "int32", out.stderr[-2000:]
+
+
 def test_float32_params():
     params = [(jnp.asarray(W, dtype=jnp.float32), jnp.asarray(b, dtype=jnp.float32)) for W, b in make_layers("1h")]
     res = fc.analyze(fc_jax.from_mlp(params, "tanh"), jnp.ones((4, 3), dtype=jnp.float32))

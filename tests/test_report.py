@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import fishercore as fc
 from helpers import BACKENDS
 
 pytest.importorskip("matplotlib")  # the report extra; installed by every tox environment
@@ -206,8 +207,14 @@ def test_console_script_and_usage_errors(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "fishercore.report.cli", "report", "--help"],
                                capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     for option in ("--activation", "--task", "--data", "--hidden", "--epochs", "--backend", "--seed", "--out",
-                   "--quiet", "--study"):
+                   "--quiet", "--study", "--model"):
         assert option in help_text
+    bare = subprocess.run([sys.executable, "-m", "fishercore.report.cli"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert bare.returncode == 0 and "report" in bare.stdout and bare.stdout.startswith("usage: fishercore")
+    version = subprocess.run([sys.executable, "-m", "fishercore.report.cli", "--version"], capture_output=True,
+                             text=True, cwd=tmp_path, check=True)
+    assert version.stdout.strip() == f"fishercore {fc.__version__}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
