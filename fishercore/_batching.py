@@ -210,14 +210,16 @@ def group_plan(model, itemsize: int, budget: float):
         return None
     free = budget * (1 - CHUNK_SHARE)
     workspace = model.workspace_per_input(True) if isinstance(model, DeclaresWorkspace) else 0
-    cost = {g.name: 2 * model.n_outputs * g.size * itemsize for g in model.groups}
+    linear, second = set(getattr(model, "linear_groups", ())), getattr(model, "second_order", True)
+    # the columns, and the Hessian diagonals where the model computes them (zeros where w = 0; none beyond max_params)
+    cost = {g.name: (1 + (second or g.name in linear)) * model.n_outputs * g.size * itemsize for g in model.groups}
     if sum(cost.values()) + workspace <= free:
         return None
     plan, chunk, used = [], [], 0
     for g in model.groups:
         if cost[g.name] > free:
             raise ValueError(f"memory_budget: {_mib(budget)} cannot hold the columns of group {g.name!r} for one "
-                             f"input ({_mib(cost[g.name])} with its Hessian diagonals); give at least "
+                             f"input ({_mib(cost[g.name])}); give at least "
                              f"{math.ceil(cost[g.name] / (1 - CHUNK_SHARE)):,} bytes")
         if chunk and used + cost[g.name] > free:
             plan.append(tuple(chunk))
