@@ -13,7 +13,8 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 __all__ = ["check_choice", "check_finite", "check_floating_array", "check_input_dtype", "check_input_shape",
            "check_inputs", "check_mask", "check_model_and_data", "check_n_tokens", "check_positive_int",
-           "check_positive_real", "check_probability", "check_results_finite", "check_supported_dtype", "model_family"]
+           "check_positive_real", "check_probability", "check_results_finite", "check_same_namespace",
+           "check_supported_dtype", "model_family"]
 
 
 def check_floating_array(x, name: str, *, xp=None, ndim: int | None = None):
@@ -226,6 +227,16 @@ def model_family(model, family):
     return Positions(family, int(shape[0]))
 
 
+def check_same_namespace(arr, xp, name: str, whose: str = "the model's") -> None:
+    """``arr`` must be an array of the library ``xp``."""
+    try:
+        other = array_namespace(arr)
+    except TypeError as e:
+        raise TypeError(f"{name}: expected an array of {whose} array library, got {type(arr).__name__}") from e
+    if other is not xp:
+        raise TypeError(f"{name}: array library {other.__name__} differs from {whose} ({xp.__name__})")
+
+
 def check_mask(mask, model, X):
     """A boolean (n, T) mask of the positions that count, for a model with sequence outputs; or None."""
     if mask is None:
@@ -238,12 +249,7 @@ def check_mask(mask, model, X):
     if not hasattr(mask, "shape"):
         raise TypeError(f"mask: expected a boolean array of shape ({X.shape[0]}, {shape[0]}), got "
                         f"{type(mask).__name__}")
-    try:
-        other = array_namespace(mask)
-    except TypeError as e:
-        raise TypeError(f"mask: expected an array of X's library, got {type(mask).__name__}") from e
-    if other is not xp:
-        raise TypeError(f"mask: array library {other.__name__} differs from X's ({xp.__name__})")
+    check_same_namespace(mask, xp, "mask", "X's")
     if tuple(mask.shape) != (X.shape[0], shape[0]):
         raise ValueError(f"mask: expected shape ({X.shape[0]}, {shape[0]}) (inputs, positions), "
                          f"got {tuple(mask.shape)}")

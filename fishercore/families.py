@@ -168,12 +168,9 @@ class Family:
 
 
 def _same_namespace(arr, xp, name):
-    try:
-        other = array_namespace(arr)
-    except TypeError as e:
-        raise TypeError(f"{name}: expected an array of the model's array library, got {type(arr).__name__}") from e
-    if other is not xp:
-        raise TypeError(f"{name}: array library {other.__name__} differs from the model's ({xp.__name__})")
+    from ._validation import check_same_namespace
+
+    check_same_namespace(arr, xp, name)
 
 
 class Categorical(Family):

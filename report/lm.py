@@ -162,6 +162,17 @@ def transformer_findings(results: dict) -> list[str]:
     return out
 
 
+def _save_log_plot(plt, fig, ax, ylabel: str, path: pathlib.Path) -> pathlib.Path:
+    """A log10 y-axis with its label and a legend; the figure written to ``path`` and closed."""
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def transformer_figures(results: dict, folder: pathlib.Path) -> dict:
     plt = _plt()
     epochs = results["epochs"]
@@ -170,14 +181,8 @@ def transformer_figures(results: dict, folder: pathlib.Path) -> dict:
         ys = [_by_kind(e["groups"], "n_i1").get(k) for e in epochs]
         if any(y is not None for y in ys):
             ax.plot([e["epoch"] for e in epochs], [math.nan if y is None else y for y in ys], marker="o", label=k)
-    ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("sequences for 10 % error (log10 axis)")
-    ax.legend()
-    fig.tight_layout()
-    samples = folder / "transformer_samples.png"
-    fig.savefig(samples, dpi=110)
-    plt.close(fig)
+    samples = _save_log_plot(plt, fig, ax, "sequences for 10 % error (log10 axis)", folder / "transformer_samples.png")
     figures = {"Sequences needed with one Î1 draw each, per kind of group (the group of each kind that needs the "
                "most; median over its parameters with F > 0), after every epoch": samples}
     last = epochs[-1]
@@ -189,14 +194,8 @@ def transformer_figures(results: dict, folder: pathlib.Path) -> dict:
         v2 = [last["groups"][g]["v2"] for g in names]
         ax.bar(x - 0.2, v1, 0.4, label="Var Î1 (mean per draw)")
         ax.bar(x + 0.2, [v if v > 0 else math.nan for v in v2], 0.4, label="Var Î2 (mean per draw)")
-        ax.set_yscale("log")
         ax.set_xticks(x, names, rotation=70, fontsize=7)
-        ax.set_ylabel("variance (log10 axis)")
-        ax.legend()
-        fig.tight_layout()
-        var = folder / "transformer_variances.png"
-        fig.savefig(var, dpi=110)
-        plt.close(fig)
+        var = _save_log_plot(plt, fig, ax, "variance (log10 axis)", folder / "transformer_variances.png")
         figures[f"Single-draw variances of Î1 and Î2 per group at epoch {last['epoch']} (no bar: Var Î2 = 0, Î2 "
                 "exact)"] = var
     return figures

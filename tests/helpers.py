@@ -374,15 +374,21 @@ def brute_M_spectrum(family, h):
     probs = np.array([p for p, _ in space])
     mean = probs @ vecs
     M = (vecs - mean).T @ ((vecs - mean) * probs[:, None])
-    # orthonormal basis of symmetric C×C matrices (restricted to 1⊥ ⊗ 1⊥ for the softmax)
+    # restricted to 1⊥ ⊗ 1⊥ for the softmax
     P = np.eye(C) - np.ones((C, C)) / C if family.name == "categorical" else np.eye(C)
+    ev = symmetric_spectrum(M, P)
+    return ev.min(), ev.max()
+
+
+def symmetric_spectrum(M, P):
+    """Eigenvalues of M (D², D²) on the symmetric D×D matrices of the form P A P (an orthonormal basis of them)."""
+    D = P.shape[0]
     basis = []
-    for a in range(C):
-        for b in range(a, C):
-            E = np.zeros((C, C))
+    for a in range(D):
+        for b in range(a, D):
+            E = np.zeros((D, D))
             E[a, b] = E[b, a] = 1.0
             basis.append((P @ E @ P).ravel())
     U, sv, _ = np.linalg.svd(np.array(basis).T, full_matrices=False)
     Q = U[:, sv > 1e-10 * sv.max()]
-    ev = np.linalg.eigvalsh(Q.T @ M @ Q)
-    return ev.min(), ev.max()
+    return np.linalg.eigvalsh(Q.T @ M @ Q)

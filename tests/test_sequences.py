@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fishercore as fc
-from helpers import assert_raises_named, label_space
+from helpers import assert_raises_named, label_space, symmetric_spectrum
 
 T, C, K = 3, 3, 4  # positions, classes, parameters
 
@@ -122,20 +122,11 @@ def test_spectrum_is_that_of_the_sequence_by_enumeration(family):
     vecs = np.einsum("ki,kj->kij", S, S).reshape(len(S), -1)
     mean = probs @ vecs
     M = (vecs - mean).T @ ((vecs - mean) * probs[:, None])
-    D = T * width
     block = np.eye(width) - np.ones((width, width)) / width if family == "categorical" else np.eye(width)
     P = np.kron(np.eye(T), block)
     lam = np.linalg.eigvalsh(P @ Lam @ P)
     lam = lam[lam > 1e-12] if family == "categorical" else lam
-    basis = []
-    for a in range(D):
-        for b in range(a, D):
-            E = np.zeros((D, D))
-            E[a, b] = E[b, a] = 1.0
-            basis.append((P @ E @ P).ravel())
-    Uq, sv, _ = np.linalg.svd(np.array(basis).T, full_matrices=False)
-    Q = Uq[:, sv > 1e-10 * sv.max()]
-    ev = np.linalg.eigvalsh(Q.T @ M @ Q)
+    ev = symmetric_spectrum(M, P)
     got = fam.spectrum(h)
     np.testing.assert_allclose([got.lam_min[0], got.lam_max[0], got.m_max[0]], [lam.min(), lam.max(), ev.max()],
                                rtol=1e-9)
