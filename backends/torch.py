@@ -255,24 +255,29 @@ def from_sequential(module: nn.Sequential) -> TorchSequential:
 
 
 class _LinearCalls(TorchFunctionMode):
-    """Watches the torch functions a model calls: counts where each parameter appears (``seen``, by identity),
-    records the linear maps of ``weights`` (``F.linear(x, W, b)``, ``x @ W``) and adds ``deltas`` to their
-    outputs."""
+    """The linear maps a model calls (``F.linear(x, W, b)``, ``x @ W``).
 
-    def __init__(self, params: dict, weights=(), deltas=None, record=None):
+    With ``params`` (once, when the model is built): counts where each parameter appears
+    (``seen``, by identity) and lists every linear map whose weight is a parameter (``calls``).
+    With ``weights`` (on every differentiated call): records the inputs of those maps and adds
+    ``deltas`` to their outputs — nothing else, since this runs for every operation of the forward.
+    """
+
+    def __init__(self, weights=(), deltas=None, record=None, params: dict | None = None):
         super().__init__()
-        self.ids = {id(v): k for k, v in params.items()}
         self.weights = {id(w): i for i, w in enumerate(weights)}
         self.deltas, self.record = deltas, record
+        self.ids = None if params is None else {id(v): k for k, v in params.items()}
         self.seen: dict = {}
         self.calls: list = []  # (weight name, input, bias name or None, transposed, output) of every linear map
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor) and id(a) in self.ids:
-                self.seen[self.ids[id(a)]] = self.seen.get(self.ids[id(a)], 0) + 1
+        if self.ids is not None:
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor) and id(a) in self.ids:
+                    self.seen[self.ids[id(a)]] = self.seen.get(self.ids[id(a)], 0) + 1
         if func is F.linear:
             x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
             b, transposed = args[2] if len(args) > 2 else kwargs.get("bias"), False
@@ -280,7 +285,7 @@ class _LinearCalls(TorchFunctionMode):
             (x, w), b, transposed = args, None, True
         else:
             return out
-        if id(w) in self.ids:
+        if self.ids is not None and id(w) in self.ids:
             self.calls.append((self.ids[id(w)], x, self.ids.get(id(b)) if b is not None else None, transposed, out))
         i = self.weights.get(id(w))
         if i is not None:
@@ -320,7 +325,7 @@ class TorchFunction(Perturbed):
         self.input_dtype = check_input_dtype(input_dtype, OPS.xp)
         self.n_tokens = check_n_tokens(n_tokens, self.input_dtype, required=True)
         probe = torch.zeros((2, *self.input_shape), dtype=input_dtype or self.dtype, device=self.device)
-        watch = _LinearCalls(self.params)
+        watch = _LinearCalls(params=self.params)
         try:
             with torch.no_grad(), watch:
                 h = fn(self.params, probe)
@@ -357,7 +362,7 @@ class TorchFunction(Perturbed):
         params = self.params if params is None else params
         if deltas is None and record is None:
             return self.user_fn(params, X)
-        with _LinearCalls(params, [params[d.weight] for d in self.dense], deltas, record):
+        with _LinearCalls([params[d.weight] for d in self.dense], deltas, record):
             return self.user_fn(params, X)
 
     def check_inputs(self, X):

@@ -206,13 +206,18 @@ def check_model_and_data(model, X, family):
     return family, X
 
 
+def _output_shape(model) -> tuple:
+    """One input's outputs: the model's ``output_shape`` ((T, C) for sequences), else ``(n_outputs,)``."""
+    return tuple(getattr(model, "output_shape", None) or (getattr(model, "n_outputs", None),))
+
+
 def model_family(model, family):
     """The family as the model's outputs need it: ``family`` at each position (:class:`~fishercore.Positions`)
     for a model whose ``output_shape`` is (T, C), itself otherwise."""
     from .families import Positions, get_family
 
     family = get_family(family)
-    shape = tuple(getattr(model, "output_shape", None) or (getattr(model, "n_outputs", None),))
+    shape = _output_shape(model)
     if len(shape) not in (1, 2):
         raise ValueError(f"model: outputs of shape (n, {', '.join(map(str, shape))}) are not supported; "
                          "expected (n, C), or (n, T, C) for sequences")
@@ -241,7 +246,7 @@ def check_mask(mask, model, X):
     """A boolean (n, T) mask of the positions that count, for a model with sequence outputs; or None."""
     if mask is None:
         return None
-    shape = tuple(getattr(model, "output_shape", None) or (model.n_outputs,))
+    shape = _output_shape(model)
     if len(shape) != 2:
         raise ValueError(f"mask: the model's outputs (n, {shape[0]}) have no positions to mask; a mask is for "
                          "sequence outputs (n, T, C)")

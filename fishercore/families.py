@@ -528,10 +528,6 @@ class Positions(Family):
         split = xp.reshape(v, (*lead, self.length, TC // self.length, k))
         return xp.reshape(self.base.center(split), v.shape)
 
-    def moments_with_norms(self, outputs, jac, diag_hess):
-        m, pu2, pw2 = self._combine(outputs, jac, diag_hess, with_norms=True)
-        return m, pu2, pw2
-
     def centred_sq_norm(self, v):
         """Σ_t ‖P_t v_t‖² (each position's block centred on its own)."""
         xp = array_namespace(v)
@@ -549,22 +545,16 @@ class Positions(Family):
         return self.base.first_order_moments_supported
 
     def moments(self, outputs, jac, diag_hess):
-        return self._combine(outputs, jac, diag_hess, with_norms=False)[0]
+        return self.moments_with_norms(outputs, jac, diag_hess)[0]
 
-    def _combine(self, outputs, jac, diag_hess, with_norms):
-        """Each position's moments (and norms), combined into the sequence's (docs/math.md §12)."""
+    def moments_with_norms(self, outputs, jac, diag_hess):
+        """Each position's moments and norms (the base family's), combined into the sequence's (docs/math.md §12)."""
         xp = array_namespace(outputs, jac)
         n = outputs.shape[0]
-        split = (self._split(outputs), self._split(jac), None if diag_hess is None else self._split(diag_hess))
-        pu2 = pw2 = None
-        if with_norms:
-            base, pu2, pw2 = self.base.moments_with_norms(*split)
-            pu2 = xp.sum(self._per_input(pu2, n), axis=1)
-            pw2 = None if pw2 is None else xp.sum(self._per_input(pw2, n), axis=1)
-        elif diag_hess is None:
-            base = self.base.first_order_moments(*split[:2])
-        else:
-            base = self.base.moments(*split)
+        base, pu2, pw2 = self.base.moments_with_norms(
+            self._split(outputs), self._split(jac), None if diag_hess is None else self._split(diag_hess))
+        pu2 = xp.sum(self._per_input(pu2, n), axis=1)
+        pw2 = None if pw2 is None else xp.sum(self._per_input(pw2, n), axis=1)
         m = Moments(*(None if x is None else self._per_input(x, n) for x in base))  # each (n, T, k)
         fisher = xp.sum(m.fisher, axis=1)
         # Σ_{t≠r} I_t I_r = Σ_t I_t (I − I_t), each term ≥ 0 (I − I_t clipped at 0 against rounding)

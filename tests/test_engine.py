@@ -164,18 +164,21 @@ def test_sequential_with_activations_before_the_first_and_after_the_last_linear(
     assert array_namespace(fc.analyze(seq, X, "gaussian").v2) is array_namespace(X)
 
 
-def _generic_models(max_params):
-    """The same tanh net through torch's and JAX's from_function, with the given max_params."""
+def _frameworks():
+    """``(name, array library, fishercore adapter)`` for torch and JAX, where this run names them."""
     import importlib
 
+    for name, lib_name in (("torch", "torch"), ("jax", "jax.numpy")):
+        if name in BACKENDS:
+            yield name, importlib.import_module(lib_name), importlib.import_module(f"fishercore.backends.{name}")
+
+
+def _generic_models(max_params):
+    """The same tanh net through torch's and JAX's from_function, with the given max_params."""
     layers = make_layers("2h", 0)
     X = np.random.default_rng(1).normal(size=(7, ARCHS["2h"][0]))
     out = {}
-    for name, lib_name in (("torch", "torch"), ("jax", "jax.numpy")):
-        if name not in BACKENDS:
-            continue
-        lib = importlib.import_module(lib_name)
-        adapter = importlib.import_module(f"fishercore.backends.{name}")
+    for name, lib, adapter in _frameworks():
         params = {f"{k}{i}": lib.asarray(a) for i, (W, b) in enumerate(layers) for k, a in (("W", W), ("b", b))}
 
         def fn(p, x, lib=lib):
@@ -242,13 +245,7 @@ def test_token_ids_in_through_an_embedding(request):
     E, W, b, V = rng.normal(size=(7, 3)), rng.normal(size=(3, 4)), rng.normal(size=4), rng.normal(size=(4, 5))
     ids = rng.integers(0, 7, size=(9, 2))  # two tokens per input, mean of their embeddings
     results = {}
-    for name, lib_name in (("torch", "torch"), ("jax", "jax.numpy")):
-        if name not in BACKENDS:
-            continue
-        import importlib
-
-        lib = importlib.import_module(lib_name)
-        adapter = importlib.import_module(f"fishercore.backends.{name}")
+    for name, lib, adapter in _frameworks():
         params = {"E": lib.asarray(E), "W": lib.asarray(W), "b": lib.asarray(b), "V": lib.asarray(V)}
         int_dtype = lib.int64 if name == "torch" else lib.int32
 
