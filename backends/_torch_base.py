@@ -71,7 +71,7 @@ def flat_outputs(h):
     return h if h.ndim == 2 else h.reshape(h.shape[0], -1)
 
 
-_RANDOM_IN_TRAINING = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+_RANDOM_IN_TRAINING = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
 
 
 def check_eval_mode(module: nn.Module) -> None:
@@ -79,7 +79,8 @@ def check_eval_mode(module: nn.Module) -> None:
     for one input depend on the others or on chance, so there is no per-input Fisher to compute."""
     for name, m in module.named_modules():
         if isinstance(m, _RANDOM_IN_TRAINING) and m.training:
-            what = "draws random masks" if isinstance(m, nn.modules.dropout._DropoutNd) else \
+            what = "draws random masks" if isinstance(m, nn.modules.dropout._DropoutNd) else "draws random slopes" \
+                if isinstance(m, nn.RReLU) else \
                 "normalises by the batch's statistics"
             raise ValueError(f"module: {name or '<root>'!r} ({type(m).__name__}) is in training mode, where it {what}; "
                              "call module.eval() before building the model (Dropout is then the identity, "

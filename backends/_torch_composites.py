@@ -5,8 +5,13 @@ uses for Hessian diagonals, docs/math.md §9) of ``native_layer_norm`` is wrong:
 derivative of ``layer_norm`` along one input coordinate differs from ``torch.func.hessian`` and
 from finite differences by up to 0.5 (``tests/test_torch_backend.py`` checks the composite
 against both).  ``scaled_dot_product_attention`` has no forward-mode rule at all on the CPU.
-Inside :func:`composites`, a ``TorchFunctionMode`` computes both from elementary operations
-(means, ``rsqrt``, ``softmax``, matrix products), whose derivatives of every order are exact.
+Under ``torch.no_grad()`` (where fishercore differentiates), ``silu``, ``mish`` and
+``hardsigmoid`` have no second forward-mode rule ("forward AD with aten::silu_backward"),
+``logsigmoid`` warns that it resizes an output under ``vmap``, and ``rrelu`` has no batching
+rule.  Inside :func:`composites`, a ``TorchFunctionMode`` computes all of them from elementary
+operations (means, ``rsqrt``, ``softmax``, matrix products, ``sigmoid``, ``softplus``, ``clamp``),
+whose derivatives of every order are exact; ``tests/test_torch_backend.py`` checks each against
+the fused form and ``torch.func.hessian``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["composites", "layer_norm", "scaled_dot_product_attention"]
+__all__ = ["composites", "hardsigmoid", "layer_norm", "logsigmoid", "mish", "rrelu", "scaled_dot_product_attention",
+           "silu"]
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -50,7 +56,31 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return torch.softmax(scores, dim=-1) @ value
 
 
-_REPLACED = {F.layer_norm: layer_norm, F.scaled_dot_product_attention: scaled_dot_product_attention}
+def silu(input, inplace=False):
+    return input * torch.sigmoid(input)
+
+
+def mish(input, inplace=False):
+    return input * torch.tanh(F.softplus(input))
+
+
+def hardsigmoid(input, inplace=False):
+    return torch.clamp(input / 6 + 0.5, 0.0, 1.0)
+
+
+def logsigmoid(input):
+    return -F.softplus(-input)
+
+
+def rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    """``F.rrelu`` in evaluation, a leaky ReLU of slope (lower + upper) / 2; in training it draws slopes."""
+    if training:
+        raise ValueError("module: rrelu in training mode draws random slopes; call .eval() on the module")
+    return F.leaky_relu(input, (lower + upper) / 2)
+
+
+_REPLACED = {F.layer_norm: layer_norm, F.scaled_dot_product_attention: scaled_dot_product_attention,
+             F.silu: silu, F.mish: mish, F.hardsigmoid: hardsigmoid, F.logsigmoid: logsigmoid, F.rrelu: rrelu}
 
 
 class _Composites(TorchFunctionMode):
@@ -60,6 +90,6 @@ class _Composites(TorchFunctionMode):
 
 
 def composites():
-    """A context in which ``F.layer_norm`` and ``F.scaled_dot_product_attention`` (hence ``nn.LayerNorm``) run in
-    composite form."""
+    """A context in which ``F.layer_norm``, ``F.scaled_dot_product_attention``, ``F.silu``, ``F.mish``,
+    ``F.hardsigmoid``, ``F.logsigmoid`` and ``F.rrelu`` (hence their modules) run in composite form."""
     return _Composites()

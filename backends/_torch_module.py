@@ -15,12 +15,15 @@ that :func:`~fishercore.backends.torch.from_sequential` uses.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from fishercore._protocol import ColumnBlock, Derivatives
 from fishercore._validation import (
@@ -31,6 +34,7 @@ from fishercore._validation import (
     second_order_within,
 )
 
+from ._torch_activations import Activations
 from ._torch_base import (
     MODULE_LOCK,
     OPS,
@@ -42,7 +46,7 @@ from ._torch_base import (
 )
 from ._torch_composites import composites
 from ._torch_linearity import curved_params
-from .rules import columns, dense
+from .rules import columns, conv, curvature, dense
 
 __all__ = ["DenseLayer", "Perturbed", "TorchModule"]
 
@@ -63,30 +67,86 @@ class DenseLayer(NamedTuple):
     in_: int
 
 
+class ConvLayer(NamedTuple):
+    """A ``nn.Conv1d``/``nn.Conv2d`` applied once per forward pass, whose weight (and bias) appear nowhere else:
+    its module, groups, geometry (:class:`.rules.conv.ConvSpec`) and patch index."""
+
+    module: nn.Module
+    weight: str
+    bias: str | None
+    spec: conv.ConvSpec
+    index: torch.Tensor
+
+
+def conv_spec(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> conv.ConvSpec | None:
+    """The geometry of a zero-padded ``nn.Conv1d``/``nn.Conv2d`` seen mapping x to out, or None (another padding
+    mode, or shapes that are not one batch of channels × positions)."""
+    d = x.ndim - 2
+    if m.padding_mode != "zeros" or d not in (1, 2) or out.ndim != x.ndim:
+        return None
+    if m.padding == "valid":
+        pad = ((0, 0),) * d
+    elif m.padding == "same":
+        total = [dil * (k - 1) for dil, k in zip(m.dilation, m.kernel_size)]
+        pad = tuple((t // 2, t - t // 2) for t in total)
+    else:
+        pad = tuple((p, p) for p in m.padding)
+    return conv.ConvSpec(m.in_channels, m.out_channels, m.groups, tuple(m.kernel_size), tuple(m.stride), pad,
+                         tuple(m.dilation), tuple(x.shape[2:]), tuple(out.shape[2:]))
+
+
 class Perturbed:
     """What from_module and from_function share: ``f(x, δ, θ') = h`` with ``δ_l`` added to each dense layer's
     output (``self.dense``) and ``θ'`` the column groups, differentiated by the column rule.
 
     A subclass sets ``params``, ``dtype``, ``device``, ``groups``, ``n_outputs``, ``dense``,
-    ``column_groups``, ``linear_groups``, ``second_order``, ``chunk`` and implements
-    ``_call(X, deltas, params, record)`` and ``_lock()``; ``_what`` names it in messages.
+    ``column_groups``, ``linear_groups``, ``second_order``, ``chunk``, calls :meth:`_find_curvature`,
+    and implements ``_call(X, deltas, params, record, **extra)`` and ``_lock()``; ``_what`` names it in
+    messages.  Second order, per group (docs/math.md §9, §13):
+
+    * zeros where the model is piecewise linear in the group (``linear_groups``);
+    * the curvature rule (:mod:`.rules.curvature`) where the model's only curved operations in the group
+      are elementwise activations (``activation_groups``): no second-order pass at all;
+    * else forward over forward: along each neuron of a dense layer, each parameter's tangent of a conv
+      layer's output (``_rule_hessian``), or each parameter of a column group (within ``max_params``).
     """
 
     _what = "module"
+    convs: tuple = ()
+    #: groups whose curvature comes from elementwise activations alone (set by _find_curvature)
+    activation_groups: frozenset = frozenset()
+    activation_sizes: tuple = ()
 
     def _layout(self):
         return tuple((d.weight, d.bias, d.transposed) for d in self.dense)
 
-    def _outputs(self, X, deltas=None, params=None, record=None):
-        return flat_outputs(self._call(X, deltas, params, record))
+    def _outputs(self, X, deltas=None, params=None, record=None, acts=None, **extra):
+        with acts if acts is not None else contextlib.nullcontext():
+            return flat_outputs(self._call(X, deltas, params, record, **extra))
 
-    def _single(self, x, deltas, others):
-        """h (C',) for one input x (unbatched), with one δ per dense layer and the column groups' values ``others``."""
-        return self._outputs(x[None], tuple(d[None] for d in deltas), {**self.params, **others})[0]
+    def _single(self, x, deltas, others, act_deltas=None):
+        """h (C',) for one input x (unbatched), with one δ per dense layer, the column groups' values ``others``
+        and, with ``act_deltas``, one δ per activation's output."""
+        acts = None if act_deltas is None else Activations(deltas=tuple(a[None] for a in act_deltas))
+        return self._outputs(x[None], tuple(d[None] for d in deltas), {**self.params, **others}, acts=acts)[0]
 
-    def _forward(self, X):
+    def _find_curvature(self, fn, probe):
+        """Which curved groups owe their curvature to elementwise activations alone: curved in ``fn(params, x)``
+        but not once its activations are left out (both read off the traced graph, docs/math.md §11, §13)."""
+        curved = curved_params(fn, self.params, probe)
+        watch = Activations()
+        with torch.no_grad(), watch:
+            fn(self.params, probe)
+        self.activation_sizes = tuple(math.prod(z.shape[1:]) for _, z in watch.calls)
+        if not watch.calls:
+            return curved
+        beyond = curved_params(lambda p, x: _without_activations(fn, p, x), self.params, probe)
+        self.activation_groups = frozenset(curved - beyond)
+        return curved
+
+    def _forward(self, X, acts=None):
         record: list = []
-        h = self._outputs(X, record=record)
+        h = self._outputs(X, record=record, acts=acts)
         inputs = [None] * len(self.dense)
         for i, a in record:
             inputs[i] = a
@@ -95,6 +155,10 @@ class Perturbed:
                 raise ValueError(f"X: the linear map {layer.name!r} saw inputs of shape "
                                  f"{None if a is None else tuple(a.shape)} for a batch of {X.shape[0]}, unlike when "
                                  f"the model was built; the {self._what}'s structure must not depend on its inputs")
+        if acts is not None and len(acts.calls) != len(self.activation_sizes):
+            raise ValueError(f"X: the {self._what} called {len(acts.calls)} activations, not the "
+                             f"{len(self.activation_sizes)} it called when built; its structure must not depend on "
+                             "its inputs")
         return h, inputs
 
     def _zero_deltas(self, n):
@@ -112,12 +176,19 @@ class Perturbed:
 
         C cotangents through every dense layer and the column groups' gradients; the per-neuron
         Hessian pass: one forward-over-forward per neuron of the widest layer, each holding every
-        layer's values three times (primal and two tangents).
+        layer's values three times (primal and two tangents); the curvature rule's cotangents and
+        factors of every activation (2 C values each) and ``chunk`` tangents of them; the conv rule's
+        ``chunk`` tangents of a layer's output, three times.
         """
         outs = [d.out for d in self.dense] or [0]
         per_pass = sum(outs) + sum(d.in_ for d in self.dense)
         second = 3 * max(outs) * per_pass if hessian else 0
         columns_ = sum(g.size for g in self.column_groups)
+        if hessian and self.activation_groups:
+            acts = sum(self.activation_sizes)
+            second += (2 * self.n_outputs + 2 * self.chunk) * acts
+        if hessian and self.convs:
+            second += 3 * self.chunk * max(c.spec.out_channels * c.spec.positions for c in self.convs)
         return (2 * self.n_outputs * (per_pass + columns_) + second) * self.dtype.itemsize
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
@@ -125,7 +196,8 @@ class Perturbed:
 
     def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
         """The blocks of the named ``groups`` (all for None): the dense layers that own one of them, and their
-        column groups; one vjp per output differentiates only those."""
+        column groups; one vjp per output differentiates only those (and, for the curvature rule, the
+        activations' outputs)."""
         n = X.shape[0]
         eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
         layout = self._layout()
@@ -133,33 +205,109 @@ class Perturbed:
         layers = [l for l, (w, b, _) in enumerate(layout) if wanted is None or w in wanted or b in wanted]
         cols = [g for g in self.column_groups if wanted is None or g.name in wanted]
         chosen = {g.name: self.params[g.name] for g in cols}
+        names = {g for l in layers for g in layout[l][:2] if g} | set(chosen)
+        by_activations = hessian and bool(names & self.activation_groups)
 
-        def f(x, ds, prim):
+        def f(x, ds, das, prim):
             full = list(ds)
             for i, l in enumerate(layers):
                 full[l] = prim[0][i]
-            return self._single(x, tuple(full), prim[1])
+            return self._single(x, tuple(full), prim[2], prim[1] if by_activations else None)
 
         with self._lock(), torch.no_grad(), randomness_refused(self._what), composites():
-            h, inputs = self._forward(X)
+            rec = Activations() if by_activations else None
+            h, inputs = self._forward(X, acts=rec)
             deltas = self._zero_deltas(n)
-            jac_d, jac_c = OPS.vmap(lambda x, ds: columns.pullback(
-                OPS, lambda prim: f(x, ds, prim), (tuple(ds[l] for l in layers), chosen), eye))(X, deltas)
-            hess = [self._layer_hessian(X, deltas, l, hessian) for l in layers]
-            blocks = dense.dense_blocks([layout[l] for l in layers], [inputs[l] for l in layers], list(jac_d),
-                                        hess) + tuple(
-                ColumnBlock(g.name, jac_c[g.name].reshape(n, self.n_outputs, g.size),
-                            self._column_hessian(X, g, hessian)) for g in cols)
+            act_deltas = tuple(torch.zeros_like(z) for _, z in rec.calls) if by_activations else ()
+            jac_d, jac_a, jac_c = OPS.vmap(lambda x, ds, das: columns.pullback(
+                OPS, lambda prim: f(x, ds, das, prim), (tuple(ds[l] for l in layers), das, chosen), eye))(
+                X, deltas, act_deltas)
+            self._curvature = None
+            if by_activations:
+                self._curvature = [curvature.factors(OPS.elementwise_derivatives(phi, z, 2)[2], ja)
+                                   for (phi, z), ja in zip(rec.calls, jac_a)]
+            try:
+                hess = [self._layer_hessian(X, deltas, l, hessian) for l in layers]
+                blocks = dense.dense_blocks([layout[l] for l in layers], [inputs[l] for l in layers], list(jac_d),
+                                            hess) + tuple(
+                    ColumnBlock(g.name, jac_c[g.name].reshape(n, self.n_outputs, g.size),
+                                self._column_hessian(X, g, hessian)) for g in cols)
+            finally:
+                self._curvature = None
         return Derivatives(h, blocks)
+
+    # -- the curvature rule (docs/math.md §13) ------------------------------------
+    def _activation_inputs(self, x, **site):
+        """The inputs z_m of every activation for one input x (unbatched), the model perturbed at ``site``
+        (``deltas=`` for the dense layers, ``params=`` for a group, ``shift=`` for a conv layer)."""
+        watch = Activations()
+        if "deltas" in site:
+            site["deltas"] = tuple(d[None] for d in site["deltas"])
+        self._outputs(x[None], acts=watch, **site)
+        return tuple(z[0] for _, z in watch.calls)
+
+    def _by_activations(self, X, run, zero, size, directions, direct=None):
+        """w (n, C, size) by the curvature rule, at a site where ``run(x, d)`` gives the activations' inputs with
+        ``d`` (shaped like ``zero``) added; ``directions(start, k)`` → (n, k, *zero.shape) the tangents there of
+        ``size`` parameters; ``direct(D)`` → (n, C, size) the terms of the activations that read the site
+        unchanged (D their summed factors, (n, C, *zero.shape)), or None to push every activation forward.
+        """
+        n = X.shape[0]
+        K = self._curvature
+        if direct is None:
+            readers, others = [], list(range(len(K)))
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            V = torch.randn((n, *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
+            probe = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
+            readers = [m for m, t in enumerate(probe) if t.shape == V.shape and bool(torch.equal(t, V))]
+            others = [m for m, t in enumerate(probe) if m not in readers and bool((t != 0).any())]
+        total = None
+        if readers:
+            D = sum(K[m] for m in readers).reshape(n, self.n_outputs, *zero.shape)
+            total = direct(D)
+        if others:
+            Kcat = torch.cat([K[m] for m in others], dim=2)
+
+            def tangents(x, d):
+                zs = run(x, d)
+                return torch.cat([zs[m].reshape(-1) for m in others])
+
+            def chunk(start, k):
+                T = OPS.vmap(lambda x, V: OPS.vmap(lambda v: OPS.jvp(lambda d: tangents(x, d), (zero,), (v,))[1])(V))(
+                    X, directions(start, k))
+                return curvature.tangent_squares(Kcat, T).transpose(1, 2)
+
+            part = columns.chunked(size, self.chunk, chunk)
+            total = part if total is None else total + part
+        return total if total is not None else torch.zeros(n, self.n_outputs, size, dtype=self.dtype,
+                                                            device=self.device)
+
+    def _dense_by_activations(self, X, l, out):
+        zero = torch.zeros(out, dtype=self.dtype, device=self.device)
+
+        def run(x, d):
+            ds = [torch.zeros(layer.out, dtype=self.dtype, device=self.device) for layer in self.dense]
+            ds[l] = d
+            return self._activation_inputs(x, deltas=tuple(ds))
+
+        def directions(start, k):
+            E = columns.unit_directions(OPS.xp, (out,), start, k, dtype=self.dtype, device=self.device)
+            return E[None].expand(X.shape[0], *E.shape)
+
+        return self._by_activations(X, run, zero, out, directions, direct=lambda D: D)
 
     def _layer_hessian(self, X, deltas, l, hessian):
         """diag ∂²h/∂z_l², (n, C, out): zeros where the module is piecewise linear in the layer's parameters."""
         if not hessian:
             return None
         weight, bias, _ = self._layout()[l]
-        if all(g is None or g in self.linear_groups for g in (weight, bias)):
-            return torch.zeros(X.shape[0], self.n_outputs, deltas[l].shape[1], dtype=self.dtype, device=self.device)
         out = deltas[l].shape[1]
+        if all(g is None or g in self.linear_groups for g in (weight, bias)):
+            return torch.zeros(X.shape[0], self.n_outputs, out, dtype=self.dtype, device=self.device)
+        if self._curvature is not None and all(g is None or g in self.linear_groups or g in self.activation_groups
+                                               for g in (weight, bias)):
+            return self._dense_by_activations(X, l, out)
 
         def neurons(start, k):
             E = columns.unit_directions(OPS.xp, (out,), start, k, dtype=self.dtype, device=self.device)
@@ -172,9 +320,33 @@ class Perturbed:
 
         return columns.chunked(out, out, neurons)
 
+    def _rule_hessian(self, X, group):
+        """A layer rule's computation of a column group's Hessian diagonals (n, C, size), or None: the column
+        rule's then (subclasses that recognise layers override this)."""
+        return None
+
+    def _rule_groups(self) -> frozenset:
+        """Column groups whose second order a layer rule computes at any size (not limited by max_params)."""
+        return frozenset()
+
     def _column_hessian(self, X, group, hessian):
-        """A column group's Hessian diagonals by the column rule (:func:`.rules.columns.group_hessian`)."""
+        """A column group's Hessian diagonals by a layer rule where one applies, by the curvature rule where
+        its curvature comes from activations alone, else by the column rule
+        (:func:`.rules.columns.group_hessian`)."""
         def compute():
+            by_rule = self._rule_hessian(X, group)
+            if by_rule is not None:
+                return by_rule
+            if self._curvature is not None and group.name in self.activation_groups:
+                value = self.params[group.name]
+
+                def directions(start, k):
+                    E = columns.unit_directions(OPS.xp, group.shape, start, k, dtype=self.dtype, device=self.device)
+                    return E[None].expand(X.shape[0], *E.shape)
+
+                return self._by_activations(
+                    X, lambda x, p: self._activation_inputs(x, params={**self.params, group.name: p}), value,
+                    group.size, directions)
             deltas = self._zero_deltas(1)
 
             def chunk(start, k):
@@ -190,7 +362,8 @@ class Perturbed:
             return columns.chunked(group.size, self.chunk, chunk)
 
         return columns.group_hessian(OPS.xp, (X.shape[0], self.n_outputs, group.size), hessian=hessian,
-                                     linear=group.name in self.linear_groups, second_order=self.second_order,
+                                     linear=group.name in self.linear_groups,
+                                     second_order=self.second_order or group.name in self._rule_groups(),
                                      compute=compute, dtype=self.dtype, device=self.device)
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
@@ -205,6 +378,53 @@ class Perturbed:
         blocks = dense.dense_blocks(self._layout(), inputs, list(grads), [None] * len(grads)) + tuple(
             ColumnBlock(g.name, cols[g.name].reshape(n, M, g.size), None) for g in self.column_groups)
         return Derivatives(h, blocks)
+
+
+def _without_activations(fn, params, x):
+    with Activations(identity=True):
+        return fn(params, x)
+
+
+class _LinearCalls(TorchFunctionMode):
+    """The linear maps a model calls (``F.linear(x, W, b)``, ``x @ W``).
+
+    With ``params`` (once, when the model is built): counts where each parameter appears
+    (``seen``, by identity) and lists every linear map whose weight is a parameter (``calls``).
+    With ``weights`` (on every differentiated call): records the inputs of those maps and adds
+    ``deltas`` to their outputs — nothing else, since this runs for every operation of the forward.
+    """
+
+    def __init__(self, weights=(), deltas=None, record=None, params: dict | None = None):
+        super().__init__()
+        self.weights = {id(w): i for i, w in enumerate(weights)}
+        self.deltas, self.record = deltas, record
+        self.ids = None if params is None else {id(v): k for k, v in params.items()}
+        self.seen: dict = {}
+        self.calls: list = []  # (weight name, input, bias name or None, transposed, output) of every linear map
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.ids is not None:
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor) and id(a) in self.ids:
+                    self.seen[self.ids[id(a)]] = self.seen.get(self.ids[id(a)], 0) + 1
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+            b, transposed = args[2] if len(args) > 2 else kwargs.get("bias"), False
+        elif func in (torch.matmul, torch.Tensor.__matmul__, torch.mm) and len(args) == 2:
+            (x, w), b, transposed = args, None, True
+        else:
+            return out
+        if self.ids is not None and id(w) in self.ids:
+            self.calls.append((self.ids[id(w)], x, self.ids.get(id(b)) if b is not None else None, transposed, out))
+        i = self.weights.get(id(w))
+        if i is not None:
+            if self.record is not None:
+                self.record.append((i, x))
+            if self.deltas is not None:
+                out = out + self.deltas[i]
+        return out
 
 
 class TorchModule(Perturbed, TorchModel):
@@ -227,35 +447,105 @@ class TorchModule(Perturbed, TorchModel):
         probe_shape = self.input_shape or (all_linears[0][1].in_features,)
         probe = torch.zeros((2, *probe_shape), dtype=self.input_dtype or self.dtype, device=self.device)
         record: list = []
+        all_convs = [(name, m) for name, m in module.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+        conv_calls: dict = {}
+        watch = _LinearCalls(params=self.params)  # counts where each parameter is used
         try:
-            with MODULE_LOCK, torch.no_grad():
-                h = self._call(probe, record=record, linears=all_linears)
+            with MODULE_LOCK, torch.no_grad(), watch:
+                h = self._call(probe, record=record, linears=all_linears, convs=all_convs, conv_calls=conv_calls)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"input_shape: the module cannot run on inputs of shape {probe_shape} ({e}); "
                              "pass input_shape=, the shape of one input without the batch axis") from e
         self.output_shape = outputs_shape(h, "module")
         self.n_outputs = math.prod(self.output_shape)
+
+        def own(name, attr, layer):
+            """The layer's parameter's group name, if it is a group used by this layer alone (else False)."""
+            key = f"{name}.{attr}" if name else attr
+            if getattr(layer, attr, None) is None:
+                return None
+            return key if key in self.params and watch.seen.get(key) == 1 else False
+
         # dense layers: applied once per forward pass, to one vector per input
         seen = [[a for i, a in record if i == k] for k in range(len(all_linears))]
-        self.linears = [lin for lin, inputs in zip(all_linears, seen)
-                        if len(inputs) == 1 and inputs[0].ndim == 2 and inputs[0].shape[0] == probe.shape[0]]
-        self.dense = [DenseLayer(name, f"{name}.weight" if name else "weight",
-                                 None if lin.bias is None else (f"{name}.bias" if name else "bias"), False,
+        self.linears = [(name, lin) for (name, lin), inputs in zip(all_linears, seen)
+                        if len(inputs) == 1 and inputs[0].ndim == 2 and inputs[0].shape[0] == probe.shape[0]
+                        and own(name, "weight", lin) and own(name, "bias", lin) is not False]
+        self.dense = [DenseLayer(name, own(name, "weight", lin), own(name, "bias", lin), False,
                                  lin.out_features, lin.in_features) for name, lin in self.linears]
+        #: convolutions applied once per forward pass, with parameters of their own: the conv rule's layers
+        self.convs = []
+        for k, (name, m) in enumerate(all_convs):
+            calls = conv_calls.get(k, [])
+            spec = conv_spec(m, *calls[0]) if len(calls) == 1 else None
+            if spec is not None and own(name, "weight", m) and own(name, "bias", m) is not False:
+                index = torch.as_tensor(conv.patch_index(spec), device=self.device)
+                self.convs.append(ConvLayer(m, own(name, "weight", m), own(name, "bias", m), spec, index))
+        self._conv_of = {g: (k, g == c.bias) for k, c in enumerate(self.convs) for g in (c.weight, c.bias) if g}
         owned = {g for w, b, _ in self._layout() for g in (w, b) if g is not None}
         self.column_groups = tuple(g for g in self.groups if g.name not in owned)
-        curved = curved_params(lambda p, x: self._outputs(x, params=p), self.params, probe[:1])
+        curved = self._find_curvature(lambda p, x: self._outputs(x, params=p), probe[:1])
         #: Groups the module is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
-        self.second_order = second_order_within([g for g in self.column_groups if g.name in curved], max_params)
+        self.second_order = second_order_within(
+            [g for g in self.column_groups if g.name in curved and g.name not in self._rule_groups()], max_params)
 
     def _lock(self):
         return MODULE_LOCK  # the hooks live on the module: one call at a time
 
+    # -- the conv rule (docs/math.md §13) -----------------------------------------
+    def _rule_groups(self) -> frozenset:
+        """Conv layers' groups whose curvature comes from activations alone: exact second order at any size."""
+        return frozenset(g for g in self._conv_of if g in self.activation_groups)
+
+    def _rule_hessian(self, X, group):
+        """A conv layer's weight or bias, along each parameter's tangent of the layer's output (:mod:`.rules.conv`):
+        by the curvature rule where the module's curvature in it comes from activations alone, else forward over
+        forward from the layer's output — exact whatever follows the layer."""
+        if group.name not in self._conv_of:
+            return None
+        k, is_bias = self._conv_of[group.name]
+        layer = self.convs[k]
+        spec = layer.spec
+        n = X.shape[0]
+        zero = torch.zeros((spec.out_channels, *spec.out_spatial), dtype=self.dtype, device=self.device)
+        unf = None
+        if not is_bias:
+            calls: dict = {}
+            self._call(X, conv_calls=calls)
+            unf = conv.patches(calls[k][0][0], spec, layer.index)
+        if is_bias:
+            E = conv.bias_directions(OPS.xp, spec, dtype=self.dtype, dev=self.device)
+
+            def directions(start, size):
+                return columns.unit_directions(OPS.xp, (spec.out_channels,), start, size, dtype=self.dtype,
+                                               device=self.device) @ E.reshape(spec.out_channels, -1)
+        size = spec.out_channels if is_bias else spec.weight_size
+
+        def tangents(start, size_):
+            if is_bias:
+                return directions(start, size_).reshape(size_, *zero.shape)[None].expand(n, size_, *zero.shape)
+            return conv.weight_directions(unf, spec, start, size_)
+
+        if self._curvature is not None and group.name in self.activation_groups:
+            direct = (curvature.conv_bias_direct if is_bias else lambda D: curvature.conv_direct(D, unf, spec))
+            return self._by_activations(
+                X, lambda x, d: self._activation_inputs(x, shift=(k, d[None])), zero, size, tangents, direct)
+
+        def along(x, V):
+            """d²h/dt² along each direction (k, O, *spatial) added to the layer's output for one input x: (k, C)."""
+            return columns.diag_hessian(
+                OPS, lambda d: flat_outputs(self._call(x[None], shift=(k, d[None])))[0], zero, V)
+
+        return columns.chunked(size, self.chunk, lambda start, size_: OPS.vmap(along)(X, tangents(start, size_)))
+
     # -- the perturbed network f(x, δ, θ') ----------------------------------------
-    def _call(self, x, deltas=None, params=None, record=None, linears=None):
+    def _call(self, x, deltas=None, params=None, record=None, linears=None, convs=None, conv_calls=None,
+              shift=None):
         """The module on a batch x with parameters ``params`` (default its own); δ_l added to each dense layer's
-        output; the inputs of ``linears`` (default the dense layers) recorded."""
+        output; the inputs of ``linears`` (default the dense layers) recorded; ``(input, output)`` of ``convs``
+        (default the conv rule's layers) recorded in ``conv_calls``; ``shift = (k, δ)`` adds δ to the output of
+        the conv rule's layer k."""
         linears = self.linears if linears is None else linears
         handles = []
         try:
@@ -265,6 +555,13 @@ class TorchModule(Perturbed, TorchModel):
                 if record is not None:
                     handles.append(lin.register_forward_pre_hook(
                         lambda m, inp, i=i: record.append((i, inp[0]))))
+            if conv_calls is not None:
+                for k, c in enumerate([c.module for c in self.convs] if convs is None else [c for _, c in convs]):
+                    handles.append(c.register_forward_hook(
+                        lambda m, inp, out, k=k: conv_calls.setdefault(k, []).append((inp[0], out))))
+            if shift is not None:
+                handles.append(self.convs[shift[0]].module.register_forward_hook(
+                    lambda m, inp, out: out + shift[1]))
             return functional_call(self.module, (self.params if params is None else params, self.buffers), (x,))
         finally:
             for h in handles:

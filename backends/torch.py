@@ -28,9 +28,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from fishercore._protocol import Derivatives, make_groups
 from fishercore._validation import (
@@ -49,8 +47,7 @@ from ._torch_base import (
     model_dtype_device,
     outputs_shape,
 )
-from ._torch_linearity import curved_params
-from ._torch_module import DEFAULT_MAX_PARAMS, DenseLayer, Perturbed, TorchModule
+from ._torch_module import DEFAULT_MAX_PARAMS, DenseLayer, Perturbed, TorchModule, _LinearCalls
 from .rules import dense
 from .rules.activations import Autodiff
 
@@ -254,48 +251,6 @@ def from_sequential(module: nn.Sequential) -> TorchSequential:
     return TorchSequential(module)
 
 
-class _LinearCalls(TorchFunctionMode):
-    """The linear maps a model calls (``F.linear(x, W, b)``, ``x @ W``).
-
-    With ``params`` (once, when the model is built): counts where each parameter appears
-    (``seen``, by identity) and lists every linear map whose weight is a parameter (``calls``).
-    With ``weights`` (on every differentiated call): records the inputs of those maps and adds
-    ``deltas`` to their outputs — nothing else, since this runs for every operation of the forward.
-    """
-
-    def __init__(self, weights=(), deltas=None, record=None, params: dict | None = None):
-        super().__init__()
-        self.weights = {id(w): i for i, w in enumerate(weights)}
-        self.deltas, self.record = deltas, record
-        self.ids = None if params is None else {id(v): k for k, v in params.items()}
-        self.seen: dict = {}
-        self.calls: list = []  # (weight name, input, bias name or None, transposed, output) of every linear map
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.ids is not None:
-            for a in (*args, *kwargs.values()):
-                if isinstance(a, torch.Tensor) and id(a) in self.ids:
-                    self.seen[self.ids[id(a)]] = self.seen.get(self.ids[id(a)], 0) + 1
-        if func is F.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
-            b, transposed = args[2] if len(args) > 2 else kwargs.get("bias"), False
-        elif func in (torch.matmul, torch.Tensor.__matmul__, torch.mm) and len(args) == 2:
-            (x, w), b, transposed = args, None, True
-        else:
-            return out
-        if self.ids is not None and id(w) in self.ids:
-            self.calls.append((self.ids[id(w)], x, self.ids.get(id(b)) if b is not None else None, transposed, out))
-        i = self.weights.get(id(w))
-        if i is not None:
-            if self.record is not None:
-                self.record.append((i, x))
-            if self.deltas is not None:
-                out = out + self.deltas[i]
-        return out
-
-
 class TorchFunction(Perturbed):
     """Any function ``fn(params, x) -> h`` of a dict of tensors.
 
@@ -341,7 +296,7 @@ class TorchFunction(Perturbed):
                       and x.shape[0] == probe.shape[0]]
         owned = {g for d in self.dense for g in (d.weight, d.bias) if g is not None}
         self.column_groups = tuple(g for g in self.groups if g.name not in owned)
-        curved = curved_params(self.fn, self.params, probe[:1])
+        curved = self._find_curvature(self.fn, probe[:1])
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
         self.second_order = second_order_within([g for g in self.column_groups if g.name in curved], max_params)

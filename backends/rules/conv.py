@@ -1,0 +1,129 @@
+r"""Convolutions: the tangent each weight gives the layer's output, for the Hessian diagonal (docs/math.md §13).
+
+A convolution ``z[o, p] = Σ_{i,k} W[o, i, k] · x_pad[i, p·s + k·d] + b[o]`` is linear in its
+parameters, and they reach the outputs ``h`` only through ``z``.  So along one weight's unit
+vector the output moves by a fixed tangent ``v`` of ``z`` — the weight's input patch, in its
+output channel:
+
+.. math::
+
+    v(W[o, i, k])[o', p] = [o' = o]\, x_{\rm unf}[i, k, p], \qquad v(b[o])[o', p] = [o' = o],
+
+and ``w(θ) = ∂²h/∂θ² = vᵀ (∂²h/∂z²) v``, the second derivative of ``h`` along ``v``, starting
+at ``z`` rather than at the weights.  This holds whatever follows the layer (pooling, batch
+norm, residual additions, any activation), and it needs the curvature across positions of an
+output channel, which a diagonal of ``∂²h/∂z²`` (the dense rule's) does not give.
+
+The functions here build those tangents on any array-API namespace: :func:`patches` gathers
+``x_unf`` (n, I·K, P) with an index computed once per layer (:func:`patch_index`), and
+:func:`weight_directions` / :func:`bias_directions` place them in their channels.  Adapters
+differentiate along them with their framework's forward over forward
+(:func:`fishercore.backends.rules.columns.diag_hessian`).
+
+Index conventions: ``n`` inputs, ``I``/``O`` input/output channels, ``K`` kernel positions, ``P``
+output positions; a weight's flat index is ``(o, i', k)`` row-major with ``i'`` counted within
+its group of ``I / groups`` channels, as frameworks store ``(O, I/groups, *kernel)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from array_api_compat import array_namespace, device
+
+__all__ = ["ConvSpec", "bias_directions", "patch_index", "patches", "weight_directions"]
+
+
+class ConvSpec(NamedTuple):
+    """A convolution's geometry: channels, per-axis kernel, stride, padding (before, after), dilation, and the
+    input and output spatial shapes."""
+
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple  # ((before, after), ...) per spatial axis
+    dilation: tuple
+    in_spatial: tuple
+    out_spatial: tuple
+
+    @property
+    def weight_size(self) -> int:
+        return self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel)
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.out_spatial)
+
+
+def patch_index(spec: ConvSpec) -> np.ndarray:
+    """(I·K, P) indices into an input padded by ``spec.padding`` and flattened to (I·∏ padded spatial):
+    ``x_unf[i·K + k, p]`` is the input that kernel position k meets at output position p."""
+    padded = [s + lo + hi for s, (lo, hi) in zip(spec.in_spatial, spec.padding)]
+    K, P = math.prod(spec.kernel), spec.positions
+    offset = np.zeros((K, P), dtype=np.int64)
+    ks = np.indices(spec.kernel).reshape(len(spec.kernel), K)
+    ps = np.indices(spec.out_spatial).reshape(len(spec.out_spatial), P)
+    stride_len = 1
+    for axis in range(len(padded) - 1, -1, -1):
+        coord = ps[axis][None, :] * spec.stride[axis] + ks[axis][:, None] * spec.dilation[axis]
+        offset += coord * stride_len
+        stride_len *= padded[axis]
+    channel = np.arange(spec.in_channels)[:, None, None] * stride_len
+    return (channel + offset[None]).reshape(spec.in_channels * K, P)
+
+
+def patches(x, spec: ConvSpec, index):
+    """``x_unf`` (n, I·K, P) of a batch x (n, I, *in_spatial); ``index`` from :func:`patch_index` on x's
+    namespace and device."""
+    xp = array_namespace(x)
+    n = x.shape[0]
+    for axis, (lo, hi) in enumerate(spec.padding):
+        if lo or hi:
+            shape = list(x.shape)
+            parts = []
+            for width in (lo, hi):
+                shape[2 + axis] = width
+                parts.append(xp.zeros(tuple(shape), dtype=x.dtype, device=device(x)))
+            x = xp.concat([parts[0], x, parts[1]], axis=2 + axis)
+    flat = xp.reshape(x, (n, -1))
+    rows, P = index.shape
+    return xp.reshape(xp.take(flat, xp.reshape(index, (-1,)), axis=1), (n, rows, P))
+
+
+def weight_layout(spec: ConvSpec):
+    """Per flat weight index: its output channel and its row of ``x_unf``."""
+    per_group_in = spec.in_channels // spec.groups
+    per_group_out = spec.out_channels // spec.groups
+    K = math.prod(spec.kernel)
+    o, i, k = np.unravel_index(np.arange(spec.weight_size), (spec.out_channels, per_group_in, K))
+    return o, ((o // per_group_out) * per_group_in + i) * K + k
+
+
+def weight_directions(unf, spec: ConvSpec, start: int, k: int):
+    """The tangents of z along weights ``start .. start+k−1``, (n, k, O, *out_spatial); zero past the last
+    weight (so every chunk has the same k)."""
+    xp = array_namespace(unf)
+    n, _, P = unf.shape
+    o, rows = weight_layout(spec)
+    idx = np.arange(start, start + k)
+    valid = idx < spec.weight_size
+    idx = np.where(valid, idx, 0)
+    # one-hot of each direction's output channel, times its patch row: (n, k, O, P)
+    onehot = np.zeros((k, spec.out_channels), dtype=bool)
+    onehot[np.arange(k), o[idx]] = valid
+    mask = xp.asarray(onehot, dtype=unf.dtype, device=device(unf))
+    rows_x = xp.asarray(rows[idx], device=device(unf))
+    sel = xp.take(unf, rows_x, axis=1)  # (n, k, P)
+    out = sel[:, :, None, :] * mask[None, :, :, None]
+    return xp.reshape(out, (n, k, spec.out_channels, *spec.out_spatial))
+
+
+def bias_directions(xp, spec: ConvSpec, *, dtype, dev):
+    """The tangents of z along each bias, (O, O, *out_spatial): ones over the bias's channel."""
+    eye = xp.eye(spec.out_channels, dtype=dtype, device=dev)
+    ones = xp.ones((1, 1, spec.positions), dtype=dtype, device=dev)
+    return xp.reshape(eye[:, :, None] * ones, (spec.out_channels, spec.out_channels, *spec.out_spatial))
