@@ -392,3 +392,30 @@ def symmetric_spectrum(M, P):
     U, sv, _ = np.linalg.svd(np.array(basis).T, full_matrices=False)
     Q = U[:, sv > 1e-10 * sv.max()]
     return np.linalg.eigvalsh(Q.T @ M @ Q)
+
+
+def torch_brute_force(net, X, family):
+    """Every field of a torch module's analysis from per-output Hessians of its flat parameter vector
+    (torch.func.jacrev / hessian, float64): the brute force that the layer rules are checked against."""
+    import torch
+
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    buffers = dict(net.named_buffers())
+
+    def h(theta, x):
+        parts, k = {}, 0
+        for n, sh in zip(names, shapes):
+            parts[n] = theta[k:k + sh.numel()].reshape(sh)
+            k += sh.numel()
+        return torch.func.functional_call(net, ({**parts, **buffers},), (x[None],))[0].reshape(-1)
+
+    out = torch.stack([h(flat, x) for x in X])
+    U = torch.stack([torch.func.jacrev(h)(flat, x) for x in X])
+    W = torch.stack([torch.diagonal(torch.func.hessian(h)(flat, x), dim1=-2, dim2=-1) for x in X])
+    stats = fc.fisher_stats(out, U, W, family)
+    ref = {f: getattr(stats, f).mean(0) for f in ("fisher", "v1", "v2", "c12", "v1_lower", "v1_upper", "v2_lower",
+                                                   "v2_upper")}
+    ref["var_x"] = stats.fisher.var(0, correction=0)
+    return ref

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 import fishercore as fc
-from helpers import REQUIRED, assert_raises_named, family_obj, record_deviation, require_framework
+from helpers import (
+    REQUIRED,
+    assert_raises_named,
+    family_obj,
+    record_deviation,
+    require_framework,
+    torch_brute_force,
+)
 
 pytestmark = pytest.mark.backends("torch")
 torch = require_framework("torch")
@@ -270,30 +277,6 @@ def _tiny_modules():
     }
 
 
-def _brute_force(net, X, family):
-    """Every field from per-output Hessians of the flat parameter vector (torch.func.jacrev / hessian, float64)."""
-    names = [n for n, _ in net.named_parameters()]
-    shapes = [p.shape for p in net.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-    buffers = dict(net.named_buffers())
-
-    def h(theta, x):
-        parts, k = {}, 0
-        for n, sh in zip(names, shapes):
-            parts[n] = theta[k:k + sh.numel()].reshape(sh)
-            k += sh.numel()
-        return torch.func.functional_call(net, ({**parts, **buffers},), (x[None],))[0].reshape(-1)
-
-    out = torch.stack([h(flat, x) for x in X])
-    U = torch.stack([torch.func.jacrev(h)(flat, x) for x in X])
-    W = torch.stack([torch.diagonal(torch.func.hessian(h)(flat, x), dim1=-2, dim2=-1) for x in X])
-    stats = fc.fisher_stats(out, U, W, family)
-    ref = {f: getattr(stats, f).mean(0) for f in ("fisher", "v1", "v2", "c12", "v1_lower", "v1_upper", "v2_lower",
-                                                   "v2_upper")}
-    ref["var_x"] = stats.fisher.var(0, correction=0)
-    return ref
-
-
 @pytest.mark.parametrize("case", ["scaled", "twice", "layernorm-gelu", "cnn", "sequence"])
 def test_from_module_takes_any_module_exactly(case):
     """Parameters outside nn.Linear, a Linear applied twice, LayerNorm, convolutions, eval BatchNorm, embeddings
@@ -306,7 +289,7 @@ def test_from_module_takes_any_module_exactly(case):
     if case == "sequence":
         assert model.output_shape == (3, 4) and isinstance(family, fc.Positions)
     X_ = X
-    ref = _brute_force(net, X_, family)
+    ref = torch_brute_force(net, X_, family)
     worst = 0.0
     for f, want in ref.items():
         got = getattr(res, f)

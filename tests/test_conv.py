@@ -1,0 +1,232 @@
+"""Convolutional networks in torch: every field against brute force, rule by rule; BackPACK's DiagGGNExact and
+DiagHessian; the path each group takes (docs/convolutional.md)."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import fishercore as fc
+from helpers import REQUIRED, record_deviation, require_framework, torch_brute_force
+
+pytestmark = pytest.mark.backends("torch")
+torch = require_framework("torch")
+from fishercore.backends import torch as fc_torch  # noqa: E402
+
+nn = torch.nn
+F64 = torch.float64
+
+
+class Block(nn.Module):
+    """torchvision's BasicBlock with a chosen activation: conv-BN-act-conv-BN, plus the input (through a 1×1 conv
+    and BN when the shape changes), then the activation."""
+
+    def __init__(self, cin, cout, stride, act):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
+        self.bn1, self.conv2, self.bn2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, padding=1, bias=False), \
+            nn.BatchNorm2d(cout)
+        self.act = act
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return self.act(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ChannelAttention(nn.Module):
+    """A convolution whose output is weighted by its own softmax over channels: curved beyond any elementwise
+    activation, so the conv layer takes forward over forward from its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        z = self.conv(x)
+        return self.head((z * torch.softmax(z, dim=1)).flatten(1))
+
+
+def _resnet(act):
+    return nn.Sequential(Block(2, 2, 1, act), Block(2, 3, 2, act), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(3, 3))
+
+
+CASES = {
+    "stride-padding": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                                             nn.Linear(12, 3)), (2, 4, 4)),
+    "dilation-same-avgpool": (lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding="same", dilation=2), nn.Sigmoid(),
+                                                    nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)), (1, 4, 4)),
+    "groups-maxpool": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.GELU(), nn.MaxPool2d(2),
+                                             nn.Conv2d(4, 4, 2, groups=4), nn.Softplus(), nn.Flatten(),
+                                             nn.Linear(4, 3)), (2, 4, 4)),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=2, dilation=2), nn.SiLU(), nn.MaxPool1d(2),
+                                     nn.Conv1d(3, 2, 3, stride=2, bias=False), nn.GELU(), nn.Flatten(),
+                                     nn.Linear(2, 3)), (2, 9)),
+    "batchnorm-adaptive-dropout": (lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Tanh(),
+                                                         nn.Dropout(0.3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                                         nn.Linear(2, 3)), (1, 5, 5)),
+    "three-convs": (lambda: nn.Sequential(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Conv2d(2, 3, 2), nn.Sigmoid(),
+                                          nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3)), (1, 4, 4)),
+    "residual-tanh": (lambda: _resnet(nn.Tanh()), (2, 4, 4)),
+    "residual-relu": (lambda: _resnet(nn.ReLU()), (2, 4, 4)),
+    "beyond-activations": (ChannelAttention, (1, 4, 4)),
+}
+
+
+def _build(make, seed=0):
+    torch.manual_seed(seed)
+    net = make().to(F64)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # running statistics and affine parameters away from 0 and 1: BatchNorm is not trivial
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=F64))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=F64) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g, dtype=F64))
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=F64))
+    return net.eval()
+
+
+def _assert_exact(net, X, res, label):
+    ref = torch_brute_force(net, X, res.family)
+    worst = 0.0
+    for f, want in ref.items():
+        scale = float(want.abs().max()) or 1.0
+        err = float((getattr(res, f) - want).abs().max()) / scale
+        worst = max(worst, err)
+        assert err < 1e-10, (f, err)
+    record_deviation(f"conv {label}", "float64", worst, "every field vs brute force")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_field_equals_brute_force(case):
+    """Strides, padding (numeric and "same"), dilation, groups, Conv1d, max/average/adaptive pooling, eval
+    BatchNorm and Dropout, residual blocks with 1×1-conv shortcuts, and curvature beyond activations: every field
+    equals the statistics of torch.func's per-output Jacobians and Hessians, to 1e-10."""
+    make, shape = CASES[case]
+    net = _build(make)
+    X = torch.randn(5, *shape, dtype=F64, generator=torch.Generator().manual_seed(7))
+    model = fc_torch.from_module(net, input_shape=shape)
+    convs = {c.weight for c in model.convs} | {c.bias for c in model.convs if c.bias}
+    assert convs == {k for k, v in net.named_parameters() if k.endswith((".weight", ".bias")) and v.ndim in (1, 3, 4)
+                     and any(k.startswith(n + ".") for n, m in net.named_modules()
+                             if isinstance(m, (nn.Conv1d, nn.Conv2d)))}
+    if case == "residual-relu":  # piecewise linear in everything: w = 0 with no second-order work
+        assert set(model.linear_groups) == {g.name for g in model.groups}
+    elif case == "beyond-activations":
+        assert not model.activation_groups & convs
+    else:  # the curvature rule covers every curved conv group
+        curved = convs - set(model.linear_groups)
+        assert curved and curved <= model.activation_groups
+    res = fc.analyze(model, X, batch_size=3)
+    assert not res.first_order_only
+    _assert_exact(net, X, res, case)
+
+
+ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "gelu-tanh": lambda: nn.GELU("tanh"),
+               "silu": nn.SiLU, "softplus": nn.Softplus, "elu": nn.ELU, "mish": nn.Mish, "hardswish": nn.Hardswish,
+               "relu": nn.ReLU, "leaky-relu": nn.LeakyReLU}
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_every_activation(act):
+    """Two convolutions with average pooling between, each activation, Bernoulli outputs: every field exact."""
+    make = ACTIVATIONS[act]
+    net = _build(lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), make(), nn.AvgPool2d(2), nn.Conv2d(2, 2, 2),
+                                       make(), nn.Flatten(), nn.Linear(2, 3)), seed=2)
+    X = torch.randn(4, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    res = fc.analyze(fc_torch.from_module(net, input_shape=(1, 4, 4)), X, "bernoulli")
+    _assert_exact(net, X, res, f"activation {act}")
+
+
+def test_conv_groups_are_exact_above_max_params():
+    """The conv rules are layer rules: their groups keep every field when the module's other curved parameters
+    exceed max_params (here 0 allowed): no NaN in the conv groups."""
+    net = _build(CASES["three-convs"][0])
+    X = torch.randn(3, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    res = fc.analyze(fc_torch.from_module(net, input_shape=(1, 4, 4), max_params=1), X)
+    assert not res.first_order_only
+    _assert_exact(net, X, res, "three-convs, max_params=1")
+
+
+def _digits_cnn():
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, padding=1),
+                         nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 5))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # BackPACK's own hooks
+def test_backpack_diag_ggn_and_diag_hessian():
+    """BackPACK on a CNN it supports: DiagGGNExact of CrossEntropyLoss(mean) = the Fisher; DiagHessian of
+    CrossEntropyLoss(sum) at the labels sample_labels draws = n · estimate("i2") with the same seed; over 150
+    draws, DiagHessian's mean and variance are the Fisher and Var(Î2) that the analysis reports, within
+    tolerances from that variance."""
+    if not REQUIRED:
+        pytest.importorskip("backpack")
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact, DiagHessian
+
+    net = _build(_digits_cnn, seed=5)
+    n = 6
+    X = torch.randn(n, 1, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    model = fc_torch.from_module(net, input_shape=(1, 8, 8))
+    res = fc.analyze(model, X)
+    bp_net = extend(copy.deepcopy(net))
+
+    def run(extension, y, reduction):
+        bp_net.zero_grad()
+        with backpack(extension):
+            extend(nn.CrossEntropyLoss(reduction=reduction))(bp_net(X), y).backward()
+        attr = "diag_ggn_exact" if isinstance(extension, DiagGGNExact) else "diag_h"
+        return torch.cat([getattr(p, attr).reshape(-1) for p in bp_net.parameters()])
+
+    torch.testing.assert_close(res.fisher, run(DiagGGNExact(), torch.zeros(n, dtype=torch.long), "mean"),
+                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(run(DiagHessian(), fc.sample_labels(model, X, seed=3)[0], "sum") / n,
+                               fc.estimate(model, X, estimator="i2", seed=3), rtol=1e-10, atol=1e-13)
+    R = 150
+    Y = fc.sample_labels(model, X, n_draws=R, seed=4)
+    draws = torch.stack([run(DiagHessian(), Y[r], "sum") / n for r in range(R)])
+    var = res.variance("i2")  # Var of one pass's mean over the n inputs
+    sd = torch.sqrt(var / R)
+    assert bool(((draws.mean(0) - res.fisher).abs() <= 6 * sd + 1e-12).all())
+    live = var > 1e-12 * float(var.max())
+    assert bool((draws[:, ~live] - res.fisher[~live]).abs().max() < 1e-12)  # the head: Î2 exact, v2 = 0
+    ratio = draws.var(0)[live] / var[live]
+    # the sample variance of R draws: relative sd about sqrt(2 / (R - 1)) (heavier tails allowed for)
+    assert abs(float(ratio.mean()) - 1) < 0.15 and bool(((ratio > 0.4) & (ratio < 2.0)).all()), ratio
+
+
+def test_conv_rules_are_recognised_only_where_they_hold():
+    """A conv whose weight is also used elsewhere, or a reflect-padded conv, takes the column rule; still exact."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 1, 3, padding=1), nn.Linear(16, 2)
+
+        def forward(self, x):
+            z = torch.tanh(self.conv(x))
+            return self.head((z * self.conv.weight.sum()).flatten(1))
+
+    for make in (Tied, lambda: nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), nn.Tanh(),
+                                             nn.Flatten(), nn.Linear(16, 2))):
+        net = _build(make)
+        model = fc_torch.from_module(net, input_shape=(1, 4, 4))
+        assert model.convs == []
+        X = torch.randn(3, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+        _assert_exact(net, X, fc.analyze(model, X), "conv rule not applicable")
+
+
+def test_float32_cnn_matches_float64():
+    """float32 through the conv rules stays within float32 rounding of the float64 analysis."""
+    net = _build(_digits_cnn, seed=1)
+    X = torch.randn(8, 1, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(4))
+    ref = fc.analyze(fc_torch.from_module(net, input_shape=(1, 8, 8)), X)
+    got = fc.analyze(fc_torch.from_module(copy.deepcopy(net).float(), input_shape=(1, 8, 8)), X.float())
+    for f in ("fisher", "v1", "v2", "c12"):
+        want = getattr(ref, f)
+        err = float((getattr(got, f).double() - want).abs().max()) / float(want.abs().max())
+        assert err < 1e-4, (f, err)
+    assert np.isfinite(float(got.v2.sum()))
