@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "write results.json/.csv, figures, report.md and a standalone report.html.")
     rep.add_argument("--study", choices=("fisher", "natural-gradient"), default="fisher",
                      help="the per-epoch Fisher study (default) or the natural-gradient toy of Figure 1")
-    rep.add_argument("--model", choices=("mlp", "transformer"), default="mlp",
-                     help="mlp: the paper's MLP study (default); transformer: a character-level transformer trained "
+    rep.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp",
+                     help="mlp: the paper's MLP study (default); cnn: a small convolutional network on the 8×8 "
+                          "digits (needs torch; --activation picks its activation, default tanh; --task, --data, "
+                          "--hidden and --backend do not apply); transformer: a character-level transformer trained "
                           "on Python's own source (needs torch; --task, --data, --hidden, --activation and "
                           "--backend do not apply)")
     rep.add_argument("--task", choices=("classification", "regression"), default="classification",
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--hidden", type=_widths, default=(128, 128, 128), metavar="W,W,...",
                      help="hidden layer widths (default 128,128,128)")
     rep.add_argument("--epochs", type=_positive_int, default=None,
-                     help="training epochs (default 20; 4 with --model transformer)")
+                     help="training epochs (default 20; 10 with --model cnn, 4 with --model transformer)")
     rep.add_argument("--backend", choices=("auto", "torch", "jax", "numpy"), default="auto",
                      help="auto: torch when installed, else numpy")
     rep.add_argument("--seed", type=_seed, default=0)
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _render(results: dict, folder: pathlib.Path) -> list[str]:
+    if results["study"] == "cnn":
+        from .vision import render_cnn
+
+        return render_cnn(results, folder)
     if results["study"] == "transformer":
         from .lm import render_transformer
 
@@ -151,20 +157,37 @@ def _has_records(folder: pathlib.Path) -> bool:
     return bool(data.get("epochs") or data.get("runs"))
 
 
+def _refuse_mlp_options(args, model: str, options: tuple) -> None:
+    """--model cnn/transformer: the MLP study's options that were changed from their defaults are refused."""
+    if args.study != "fisher":
+        raise ReportError(f"--model {model}: runs the Fisher study; --study natural-gradient is for the MLP")
+    defaults = build_parser().parse_args(["report"])
+    ignored = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) != getattr(defaults, k)]
+    if ignored:
+        verb = "does" if len(ignored) == 1 else "do"
+        raise ReportError(f"--model {model}: {', '.join(ignored)} {verb} not apply to the {model} study")
+
+
 def _study(args, out: pathlib.Path, progress: bool) -> dict:
     if args.model == "transformer":
         from .lm import TransformerStudy, run_transformer_study
 
-        if args.study != "fisher":
-            raise ReportError("--model transformer: runs the Fisher study; --study natural-gradient is for the MLP")
-        defaults = build_parser().parse_args(["report"])
-        ignored = [f"--{k.replace('_', '-')}" for k in ("task", "data", "hidden", "activation", "backend")
-                   if getattr(args, k) != getattr(defaults, k)]
-        if ignored:
-            verb = "does" if len(ignored) == 1 else "do"
-            raise ReportError(f"--model transformer: {', '.join(ignored)} {verb} not apply to the transformer study")
+        _refuse_mlp_options(args, "transformer", ("task", "data", "label_column", "hidden", "activation", "backend"))
         epochs = TransformerStudy().epochs if args.epochs is None else args.epochs
         return run_transformer_study(TransformerStudy(epochs=epochs, seed=args.seed), out, progress=progress)
+    if args.model == "cnn":
+        from .cnn import ACTIVATIONS as CNN_ACTIVATIONS
+        from .vision import CNNStudy, run_cnn_study
+
+        _refuse_mlp_options(args, "cnn", ("task", "data", "label_column", "hidden", "backend"))
+        default = CNNStudy()
+        activation = default.activation if args.activation == build_parser().parse_args(["report"]).activation \
+            else args.activation
+        if activation not in CNN_ACTIVATIONS:
+            raise ReportError(f"--activation: the cnn study takes one of {', '.join(CNN_ACTIVATIONS)}, "
+                              f"got {activation!r}")
+        return run_cnn_study(CNNStudy(epochs=default.epochs if args.epochs is None else args.epochs, seed=args.seed,
+                                      activation=activation), out, progress=progress)
     if args.study == "natural-gradient":
         from .ngd import NGDStudy, run_ngd_study
 

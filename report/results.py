@@ -64,7 +64,8 @@ def group_records(res, names=None) -> dict:
 #: Every file a report writes: what :func:`publish` replaces in ``--out`` (nothing else there is touched).
 RESULT_FILES = ("results.json", "results.csv")
 PAGE_FILES = ("report.md", "report.html", "fisher_grid.png", "i2_better.png", "sample_size.png",
-              "natural_gradient.png", "transformer_samples.png", "transformer_variances.png")
+              "natural_gradient.png", "transformer_samples.png", "transformer_variances.png", "cnn_winner.png",
+              "cnn_variances.png", "cnn_filters.png")
 
 
 def staging_dir(out: pathlib.Path) -> pathlib.Path:
@@ -104,7 +105,7 @@ def load_results(folder: pathlib.Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ReportError(f"--render-only: cannot read {path}: {e}") from None
     study = data.get("study") if isinstance(data, dict) else None
-    key = {"fisher": "epochs", "natural-gradient": "runs", "transformer": "epochs"}.get(study)
+    key = {"fisher": "epochs", "natural-gradient": "runs", "transformer": "epochs", "cnn": "epochs"}.get(study)
     if key is None or not isinstance(data.get(key), list) or "config" not in data:
         raise ReportError(f"--render-only: {path} is not a fishercore report's results "
                           f"(no study, config and {key or 'records'})")

@@ -278,3 +278,42 @@ def test_transformer_refuses_options_of_the_mlp_study(tmp_path, capsys, args, me
     code = cli.main(["report", "--out", str(tmp_path / "out"), "--model", "transformer", "--quiet", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.backends("torch")
+def test_cnn_study_tiny(tmp_path, capsys):
+    """fishercore report --model cnn --epochs 1: every field at every epoch, findings per kind of layer that say
+    which estimator wins, three figures in --out and in report.html, a dense head where Î2 is exact."""
+    if "torch" not in BACKENDS:
+        pytest.skip("torch is not among this run's backends")
+    out = tmp_path / "cnn"
+    assert cli.main(["report", "--model", "cnn", "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "conv weights: Î" in printed and "dense weights: Î2 is exact" in printed
+    res = json.loads((out / "results.json").read_text())
+    first, last = res["epochs"]
+    assert first["second_order"] and last["second_order"]
+    assert {r["kind"] for r in last["groups"].values()} == {"conv weight", "conv bias", "dense weight", "dense bias"}
+    head = last["groups"]["head.weight"]
+    assert head["v2"] == 0 and head["v2_zero"] == 1.0 and head["i2_better"] > 0.5
+    conv = last["groups"]["conv1.weight"]
+    assert conv["v2"] > 0 and abs(conv["i1_better"] + conv["i2_better"] + conv["ties"] - 1) < 1e-12
+    assert all(r["bounds_hold"] for e in res["epochs"] for r in e["groups"].values())
+    for name in ("cnn_winner.png", "cnn_variances.png", "cnn_filters.png", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
+    (out / "report.html").unlink()
+    assert cli.main(["report", "--render-only", str(out), "--quiet"]) == 0  # and again from results.json
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hidden", "4"], "--model cnn: --hidden does not apply"),
+    (["--backend", "numpy"], "--model cnn: --backend does not apply"),
+    (["--activation", "leaky_relu"], "--activation: the cnn study takes one of"),
+    (["--study", "natural-gradient"], "--model cnn: runs the Fisher study"),
+])
+def test_cnn_refuses_options_it_does_not_take(tmp_path, capsys, args, message):
+    code = cli.main(["report", "--out", str(tmp_path / "out"), "--model", "cnn", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
