@@ -1,0 +1,175 @@
+"""Convolutional networks: fishercore's full analysis against BackPACK, side by side in one process.
+
+Run from the repository root (BackPACK: ``pip install backpack-for-pytorch``):
+
+    python benchmarks/cnn.py                 # both networks
+    python benchmarks/cnn.py --only digits   # or resnet
+
+* **digits**: the report's CNN (:mod:`fishercore.report.cnn`: conv 1→8 3×3, tanh, max pool, conv 8→16,
+  tanh, max pool, dense 64→10; 1,898 parameters), float64, on all 1,797 built-in digits.
+  fishercore: ``analyze`` (every field: Fisher, v1, v2, c12, var_x, the four bounds).  BackPACK
+  on the same network and inputs, in batches of 512: ``DiagGGNExact`` (the Fisher alone) and
+  ``DiagGGNExact`` + ``DiagHessian`` (the Fisher and one Î2 draw: what a user would need to start on
+  the second-order question, which BackPACK cannot answer exactly).
+* **resnet**: a ReLU ResNet of 8 weight layers (a 3→16 stem conv, three torchvision-style BasicBlocks
+  of 16, 32 and 64 channels, the last two with stride 2 and 1×1-conv shortcuts, BatchNorm in eval
+  mode, global average pooling, dense 64→10; 78,042 parameters), float32, 512 random 3×32×32
+  inputs.  fishercore: ``analyze`` — every field, the second order being zero by piecewise
+  linearity (read off the traced graph) — against BackPACK's ``DiagGGNExact`` with its module
+  converter for the residual additions.  Peak RSS growth of each (``/proc/self/status`` VmHWM,
+  reset before each) beside fishercore's ``memory_budget``.
+
+Medians of ``--repeat`` runs after a warm-up.  The largest deviation between the two Fishers is
+printed as a check.  Benchmarks are not tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import fishercore as fc
+from fishercore.backends import torch as fc_torch
+from fishercore.report import cnn
+
+
+def peak_rss_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024.0
+    return float("nan")
+
+
+def timed(job, repeat):
+    """(median seconds, peak RSS growth in bytes, last result) of ``job()`` after one warm-up run."""
+    job()
+    times, grow, out = [], 0.0, None
+    for _ in range(repeat):
+        peak_rss_reset()
+        before = peak_rss()
+        t = time.perf_counter()
+        out = job()
+        times.append(time.perf_counter() - t)
+        grow = max(grow, peak_rss() - before)
+    return statistics.median(times), grow, out
+
+
+def backpack_job(net, X, y, extensions, batch=512, converter=False):
+    from backpack import backpack, extend
+
+    bp = extend(copy.deepcopy(net), use_converter=converter)
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="mean"))
+
+    def job():
+        total = None
+        for s in range(0, X.shape[0], batch):
+            bp.zero_grad()
+            loss = loss_fn(bp(X[s:s + batch]), y[s:s + batch])
+            with backpack(*extensions()):
+                loss.backward()
+            # the batch's mean; BackPACK starts from the loss module, so the weight goes on the result
+            part = torch.cat([p.diag_ggn_exact.reshape(-1) for p in bp.parameters()]) * (
+                min(batch, X.shape[0] - s) / X.shape[0])
+            total = part if total is None else total + part
+        return total
+
+    return job
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet8():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), Block(16, 16, 1),
+                        Block(16, 32, 2), Block(32, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # running statistics as after training, not the identity
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return net.eval()
+
+
+def digits(repeat):
+    from backpack.extensions import DiagGGNExact, DiagHessian
+    from sklearn.datasets import load_digits
+
+    config = cnn.Config()
+    net = cnn.torch_model(config, cnn.init_params(config, 0), dtype=torch.float64)
+    X = torch.as_tensor(load_digits().data / 16.0).reshape(-1, 1, 8, 8)
+    y = torch.as_tensor(load_digits().target)
+    model = fc_torch.from_module(net, input_shape=(1, 8, 8))
+    t_fc, m_fc, res = timed(lambda: fc.analyze(model, X), repeat)
+    t_ggn, m_ggn, ggn = timed(backpack_job(net, X, y, lambda: [DiagGGNExact()]), repeat)
+    t_both, m_both, _ = timed(backpack_job(net, X, y, lambda: [DiagGGNExact(), DiagHessian()]), repeat)
+    err = float((res.fisher - ggn).abs().max() / ggn.abs().max())
+    P = sum(p.numel() for p in net.parameters())
+    print(f"| digits CNN, {P:,} params, float64, {X.shape[0]} inputs | {t_fc:.2f} s | {t_ggn:.2f} s | "
+          f"{t_both:.2f} s | {t_fc / t_ggn:.1f}× | {t_fc / t_both:.3f}× | {m_fc / 2**20:.0f} / {m_ggn / 2**20:.0f} / "
+          f"{m_both / 2**20:.0f} MiB | {err:.1e} |", flush=True)
+
+
+def resnet(repeat, n=512, budget=512 * 2**20):
+    from backpack.extensions import DiagGGNExact
+
+    net = resnet8()
+    X = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(3))
+    model = fc_torch.from_module(net, input_shape=(3, 32, 32))
+    assert set(model.linear_groups) == {g.name for g in model.groups}  # ReLU, pooling, eval BatchNorm: w = 0
+    t_fc, m_fc, res = timed(lambda: fc.analyze(model, X, memory_budget=budget), repeat)
+    t_ggn, m_ggn, ggn = timed(backpack_job(net, X, y, lambda: [DiagGGNExact()], batch=128, converter=True), repeat)
+    err = float((res.fisher - ggn).abs().max() / ggn.abs().max())
+    P = sum(p.numel() for p in net.parameters())
+    print(f"| ReLU ResNet-8, {P:,} params, float32, {n} inputs | {t_fc:.2f} s | {t_ggn:.2f} s | – | "
+          f"{t_fc / t_ggn:.1f}× | – | {m_fc / 2**20:.0f} / {m_ggn / 2**20:.0f} MiB (budget {budget / 2**20:.0f}) | "
+          f"{err:.1e} |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("digits", "resnet"))
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    warnings.simplefilter("ignore")  # BackPACK's full-backward-hook notices
+    print("| network | fishercore, every field | BackPACK DiagGGNExact | BackPACK DiagGGNExact + DiagHessian | "
+          "ratio to GGN | ratio to GGN + Hessian | peak RSS growth (fc / GGN / both) | max rel. Fisher diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    if args.only in (None, "digits"):
+        digits(args.repeat)
+    if args.only in (None, "resnet"):
+        resnet(args.repeat)
+
+
+if __name__ == "__main__":
+    main()
