@@ -20,7 +20,10 @@ Run from the repository root (BackPACK: ``pip install backpack-for-pytorch``):
   reset before each) beside fishercore's ``memory_budget``.
 
 Medians of ``--repeat`` runs after a warm-up.  The largest deviation between the two Fishers is
-printed as a check.  Benchmarks are not tests: nothing here asserts a time.
+printed as a check.  ``--device cuda`` runs both on the GPU (``benchmarks/gpu_check.sh``); where
+BackPACK is not installed its columns are "–", and where scikit-learn is not, the digits are
+replaced by as many uniform random 8×8 images.  Benchmarks are not tests: nothing here asserts a
+time.
 """
 
 from __future__ import annotations
@@ -55,22 +58,40 @@ def peak_rss() -> float:
     return float("nan")
 
 
-def timed(job, repeat):
-    """(median seconds, peak RSS growth in bytes, last result) of ``job()`` after one warm-up run."""
+def timed(job, repeat, device="cpu"):
+    """(median seconds, peak RSS growth in bytes, last result) of ``job()`` after one warm-up run; None when the
+    job is None (its library is not installed)."""
+    if job is None:
+        return None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     job()
     times, grow, out = [], 0.0, None
     for _ in range(repeat):
         peak_rss_reset()
         before = peak_rss()
+        sync()
         t = time.perf_counter()
         out = job()
+        sync()
         times.append(time.perf_counter() - t)
         grow = max(grow, peak_rss() - before)
     return statistics.median(times), grow, out
 
 
+def _cells(fc_run, ref):
+    """Seconds, ratio and RSS cells for a reference run (or dashes), and the Fisher deviation."""
+    if ref is None:
+        return "–", "–", "–", "–"
+    t, mem, fisher = ref
+    err = float((fc_run[2].fisher - fisher).abs().max() / fisher.abs().max()) if fisher is not None else None
+    return f"{t:.2f} s", f"{fc_run[0] / t:.3g}×", f"{mem / 2**20:.0f} MiB", "–" if err is None else f"{err:.1e}"
+
+
 def backpack_job(net, X, y, extensions, batch=512, converter=False):
-    from backpack import backpack, extend
+    try:
+        from backpack import backpack, extend
+    except ImportError:
+        return None
 
     bp = extend(copy.deepcopy(net), use_converter=converter)
     loss_fn = extend(nn.CrossEntropyLoss(reduction="mean"))
@@ -120,55 +141,66 @@ def resnet8():
     return net.eval()
 
 
-def digits(repeat):
-    from backpack.extensions import DiagGGNExact, DiagHessian
-    from sklearn.datasets import load_digits
+def _extensions(*names):
+    def make():
+        from backpack import extensions
 
+        return [getattr(extensions, n)() for n in names]
+    return make
+
+
+def digits(repeat, device):
+    try:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        X, y = torch.as_tensor(data.data / 16.0), torch.as_tensor(data.target)
+    except ImportError:
+        gen = torch.Generator().manual_seed(0)
+        X, y = torch.rand(1797, 64, dtype=torch.float64, generator=gen), torch.randint(0, 10, (1797,), generator=gen)
     config = cnn.Config()
-    net = cnn.torch_model(config, cnn.init_params(config, 0), dtype=torch.float64)
-    X = torch.as_tensor(load_digits().data / 16.0).reshape(-1, 1, 8, 8)
-    y = torch.as_tensor(load_digits().target)
+    net = cnn.torch_model(config, cnn.init_params(config, 0), dtype=torch.float64).to(device)
+    X, y = X.reshape(-1, 1, 8, 8).to(device), y.to(device)
     model = fc_torch.from_module(net, input_shape=(1, 8, 8))
-    t_fc, m_fc, res = timed(lambda: fc.analyze(model, X), repeat)
-    t_ggn, m_ggn, ggn = timed(backpack_job(net, X, y, lambda: [DiagGGNExact()]), repeat)
-    t_both, m_both, _ = timed(backpack_job(net, X, y, lambda: [DiagGGNExact(), DiagHessian()]), repeat)
-    err = float((res.fisher - ggn).abs().max() / ggn.abs().max())
+    ours = timed(lambda: fc.analyze(model, X), repeat, device)
+    ggn = timed(backpack_job(net, X, y, _extensions("DiagGGNExact")), repeat, device)
+    both = timed(backpack_job(net, X, y, _extensions("DiagGGNExact", "DiagHessian")), repeat, device)
+    t_ggn, r_ggn, m_ggn, err = _cells(ours, ggn)
+    t_both, r_both, m_both, _ = _cells(ours, None if both is None else (both[0], both[1], None))
     P = sum(p.numel() for p in net.parameters())
-    print(f"| digits CNN, {P:,} params, float64, {X.shape[0]} inputs | {t_fc:.2f} s | {t_ggn:.2f} s | "
-          f"{t_both:.2f} s | {t_fc / t_ggn:.1f}× | {t_fc / t_both:.3f}× | {m_fc / 2**20:.0f} / {m_ggn / 2**20:.0f} / "
-          f"{m_both / 2**20:.0f} MiB | {err:.1e} |", flush=True)
+    print(f"| digits CNN, {P:,} params, float64, {X.shape[0]} inputs, {device} | {ours[0]:.2f} s | {t_ggn} | "
+          f"{t_both} | {r_ggn} | {r_both} | {ours[1] / 2**20:.0f} MiB / {m_ggn} / {m_both} | {err} |", flush=True)
 
 
-def resnet(repeat, n=512, budget=512 * 2**20):
-    from backpack.extensions import DiagGGNExact
-
-    net = resnet8()
-    X = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(3))
+def resnet(repeat, device, n=512, budget=512 * 2**20):
+    net = resnet8().to(device)
+    X = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)
+    y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(3)).to(device)
     model = fc_torch.from_module(net, input_shape=(3, 32, 32))
     assert set(model.linear_groups) == {g.name for g in model.groups}  # ReLU, pooling, eval BatchNorm: w = 0
-    t_fc, m_fc, res = timed(lambda: fc.analyze(model, X, memory_budget=budget), repeat)
-    t_ggn, m_ggn, ggn = timed(backpack_job(net, X, y, lambda: [DiagGGNExact()], batch=128, converter=True), repeat)
-    err = float((res.fisher - ggn).abs().max() / ggn.abs().max())
+    ours = timed(lambda: fc.analyze(model, X, memory_budget=budget), repeat, device)
+    ggn = timed(backpack_job(net, X, y, _extensions("DiagGGNExact"), batch=128, converter=True), repeat, device)
+    t_ggn, r_ggn, m_ggn, err = _cells(ours, ggn)
     P = sum(p.numel() for p in net.parameters())
-    print(f"| ReLU ResNet-8, {P:,} params, float32, {n} inputs | {t_fc:.2f} s | {t_ggn:.2f} s | – | "
-          f"{t_fc / t_ggn:.1f}× | – | {m_fc / 2**20:.0f} / {m_ggn / 2**20:.0f} MiB (budget {budget / 2**20:.0f}) | "
-          f"{err:.1e} |", flush=True)
+    print(f"| ReLU ResNet-8, {P:,} params, float32, {n} inputs, {device} | {ours[0]:.2f} s | {t_ggn} | – | {r_ggn} | "
+          f"– | {ours[1] / 2**20:.0f} MiB (budget {budget / 2**20:.0f}) / {m_ggn} | {err} |", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("digits", "resnet"))
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = p.parse_args()
     warnings.simplefilter("ignore")  # BackPACK's full-backward-hook notices
     print("| network | fishercore, every field | BackPACK DiagGGNExact | BackPACK DiagGGNExact + DiagHessian | "
-          "ratio to GGN | ratio to GGN + Hessian | peak RSS growth (fc / GGN / both) | max rel. Fisher diff |")
+          "ratio to GGN | ratio to GGN + Hessian | peak RSS growth (fishercore / GGN / both) | "
+          "max rel. Fisher diff |")
     print("|---|---|---|---|---|---|---|---|")
     if args.only in (None, "digits"):
-        digits(args.repeat)
+        digits(args.repeat, args.device)
     if args.only in (None, "resnet"):
-        resnet(args.repeat)
+        resnet(args.repeat, args.device)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 # 2. The MNIST-sized benchmark (benchmarks/speed.py --parts mnist --device gpu --dtypes float64):
 #    `analyze` on 60,000 inputs with every GPU backend, time and peak memory (add float32 with
 #    GPU_CHECK_DTYPES=float64,float32).
+# 3. The CNN benchmark on CUDA (benchmarks/cnn.py --device cuda): the digits CNN, every field in
+#    float64, and the ReLU ResNet-8 in float32 (BackPACK beside them where it is installed).
 #
 # Measured on an H200 (an earlier version, float64 and float32): tests 233 s, then about 30 s per
 # benchmark process, over 5 minutes in all; JAX compiling the small test problems dominates.
@@ -35,6 +37,7 @@ start=$SECONDS
         -m gpu --durations=5 "$@"
     echo "tests: $((SECONDS - start)) s"
     python3 -P benchmarks/speed.py --parts mnist --device gpu --dtypes "${GPU_CHECK_DTYPES:-float64}" --out "$out"
+    python3 -P benchmarks/cnn.py --device cuda --repeat 3
     echo "total: $((SECONDS - start)) s"
 } 2>&1 | tee "$out/gpu_check.log"
 exit "${PIPESTATUS[0]}"

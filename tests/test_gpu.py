@@ -55,3 +55,49 @@ def test_mnist_sized_network_on_the_gpu_matches_the_cpu(name):
         for e, want in ref_est.items():
             got = back(fc.estimate(model, Xd, estimator=e, seed=3, batch_size=BATCH))
             assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), f"{label} estimate {e}"
+
+
+CNN_GPU = [b for b in GPU_IN_RUN if b in ("torch-cuda", "jax-gpu")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CNN_GPU or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no torch-cuda or jax-gpu backend in this run"))])
+def test_cnn_on_the_gpu_matches_brute_force(name):
+    """The report's CNN (both configurations of tests/cnn_reference.py, float64) on the GPU: torch's from_module
+    (conv and curvature rules) and JAX's from_function of the Flax module give the brute-force reference."""
+    import cnn_reference as R
+
+    from fishercore.report import cnn
+
+    get_backend(name)  # jax-gpu: float64 on
+    reference = dict(np.load(R.PATH))
+    for tag, config in R.CONFIGS.items():
+        if name == "torch-cuda":
+            import torch
+
+            from fishercore.backends import torch as fc_torch
+
+            net = cnn.torch_model(config, R.params(tag), dtype=torch.float64).to("cuda")
+            res = fc.analyze(fc_torch.from_module(net, input_shape=(1, 8, 8)),
+                             torch.as_tensor(R.images(), device="cuda"))
+            flat = {f: getattr(res, f).cpu().numpy() for f in R.FIELDS}
+        else:
+            import jax
+            import jax.numpy as jnp
+
+            from fishercore.backends import jax as fc_jax
+
+            variables = jax.tree_util.tree_map(jnp.asarray, cnn.flax_variables(config, R.params(tag)))
+            fn, params = cnn.flax_function(config, variables)
+            res = fc.analyze(fc_jax.from_function(fn, params, input_shape=(1, 8, 8)), jnp.asarray(R.images()))
+            order = [n for n, _ in config.names_and_shapes()]
+            flat = {}
+            for f in R.FIELDS:
+                values = np.asarray(getattr(res, f))
+                by_name = dict(cnn.torch_layout(g.name, values[g.offset:g.offset + g.size], g.shape)
+                               for g in res.groups)
+                flat[f] = np.concatenate([by_name[n] for n in order])
+        for f in R.FIELDS:
+            want = reference[f"{tag}_{f}"]
+            assert np.abs(flat[f] - want).max() <= 1e-10 * np.abs(want).max(), f"{name} {tag} {f}"
