@@ -279,7 +279,7 @@ def test_cnn_through_from_function_matches_brute_force(jax_x64):
 
     X = jnp.asarray(rng.normal(size=(5, 1, 4, 4)))
     model = fc_jax.from_function(cnn, params, input_shape=(1, 4, 4))
-    res = fc.analyze(model, X, batch_size=2)
+    res = fc.analyze(model, X, batch_size=5)
     assert set(model.linear_groups) == {"head", "shift", "scale"}  # after the last tanh: affine, then linear
     flat, unravel = ravel_pytree(params)
 
