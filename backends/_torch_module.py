@@ -34,7 +34,7 @@ from fishercore._validation import (
     second_order_within,
 )
 
-from ._torch_activations import Activations
+from ._torch_activations import Activations, CallLog, dense_chain
 from ._torch_base import (
     MODULE_LOCK,
     OPS,
@@ -47,6 +47,7 @@ from ._torch_base import (
 from ._torch_composites import composites
 from ._torch_linearity import curved_params
 from .rules import columns, conv, curvature, dense
+from .rules.activations import Autodiff
 
 __all__ = ["DenseLayer", "Perturbed", "TorchModule"]
 
@@ -113,6 +114,8 @@ class Perturbed:
 
     _what = "module"
     convs: tuple = ()
+    #: (flatten, [(weight, bias, activation), ...]) when the whole model is a dense chain (set by _find_chain)
+    _chain = None
     #: groups whose curvature comes from elementwise activations alone (set by _find_curvature)
     activation_groups: frozenset = frozenset()
     activation_sizes: tuple = ()
@@ -143,6 +146,55 @@ class Perturbed:
         beyond = curved_params(lambda p, x: _without_activations(fn, p, x), self.params, probe)
         self.activation_groups = frozenset(curved - beyond)
         return curved
+
+    def _find_chain(self, run, probe):
+        """Whether the model is a dense chain — linear maps and elementwise activations, each applied to the
+        previous result — read off the calls of ``run(probe)``; then the dense-chain rule computes everything
+        (docs/math.md §8), as for :func:`~fishercore.backends.torch.from_sequential`."""
+        log = CallLog()
+        with torch.no_grad(), log:
+            h = run(probe)
+        found = dense_chain(log.calls, probe, h, {id(v): k for k, v in self.params.items()})
+        if found is None:
+            return
+        flatten, layers = found
+
+        def compose(phis):
+            if not phis:
+                return None
+
+            def phi(t):
+                for f, _ in phis:
+                    t = f(t)
+                return t
+
+            return Autodiff(phi, OPS, all(linear for _, linear in phis))
+
+        self._chain = (flatten, tuple((w, b, compose(phis)) for w, b, phis in layers))
+
+    def _chain_args(self, X):
+        flatten, layers = self._chain
+        weights = tuple(self.params[w] for w, _, _ in layers)
+        biases = tuple(None if b is None else self.params[b] for _, b, _ in layers)
+        layout = tuple((w, b, False) for w, b, _ in layers)
+        return weights, biases, tuple(a for _, _, a in layers), layout, X.reshape(X.shape[0], -1) if flatten else X
+
+    def _chain_derivatives(self, X, groups, hessian):
+        """Every dense layer's per-neuron factors by the dense-chain rule (the blocks that own one of ``groups``)."""
+        weights, biases, acts, layout, Xf = self._chain_args(X)
+        with torch.no_grad(), composites():
+            h, inputs, jac, hess = dense.derivatives(weights, biases, Xf, activations=acts, hessian=hessian)
+        blocks = dense.dense_blocks(layout, inputs, jac, hess)
+        if groups is not None:
+            blocks = tuple(b for b in blocks if b.weight in groups or b.bias in groups)
+        return Derivatives(h, blocks)
+
+    def _chain_pullback(self, X, cotangent_fn):
+        weights, biases, acts, layout, Xf = self._chain_args(X)
+        with torch.no_grad(), composites():
+            h, inputs, d1, _ = dense.forward(weights, biases, Xf, activations=acts, order=1)
+            grads = dense.backpropagate(weights, d1, cotangent_fn(h).permute(1, 0, 2))[0]
+        return Derivatives(h, dense.dense_blocks(layout, inputs, grads, [None] * len(grads)))
 
     def _forward(self, X, acts=None):
         record: list = []
@@ -180,6 +232,10 @@ class Perturbed:
         factors of every activation (2 C values each) and ``chunk`` tangents of them; the conv rule's
         ``chunk`` tangents of a layer's output, three times.
         """
+        if self._chain is not None:
+            widths = [self.params[w].shape[0] for w, _, _ in self._chain[1]]
+            curved = [a is not None and not a.piecewise_linear for _, _, a in self._chain[1]]
+            return dense.workspace(widths, curved, self.dtype.itemsize, hessian)
         outs = [d.out for d in self.dense] or [0]
         per_pass = sum(outs) + sum(d.in_ for d in self.dense)
         second = 3 * max(outs) * per_pass if hessian else 0
@@ -197,7 +253,9 @@ class Perturbed:
     def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
         """The blocks of the named ``groups`` (all for None): the dense layers that own one of them, and their
         column groups; one vjp per output differentiates only those (and, for the curvature rule, the
-        activations' outputs)."""
+        activations' outputs).  A dense chain takes the dense-chain rule instead."""
+        if self._chain is not None:
+            return self._chain_derivatives(X, groups, hessian)
         n = X.shape[0]
         eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
         layout = self._layout()
@@ -368,6 +426,8 @@ class Perturbed:
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
         """``sᵀ ∂h/∂z_l`` (n, M, out) and ``sᵀ ∂h/∂θ'`` (n, M, p) for every draw: one vjp per draw, vmapped."""
+        if self._chain is not None:
+            return self._chain_pullback(X, cotangent_fn)
         others = self._others()
         with self._lock(), torch.no_grad(), randomness_refused(self._what), composites():
             h, inputs = self._forward(X)
@@ -485,6 +545,8 @@ class TorchModule(Perturbed, TorchModel):
         owned = {g for w, b, _ in self._layout() for g in (w, b) if g is not None}
         self.column_groups = tuple(g for g in self.groups if g.name not in owned)
         curved = self._find_curvature(lambda p, x: self._outputs(x, params=p), probe[:1])
+        if self.input_dtype is None:  # token ids start with a lookup: never a dense chain
+            self._find_chain(lambda x: self._call(x), probe)
         #: Groups the module is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
         self.second_order = second_order_within(

@@ -55,10 +55,11 @@ __all__ = ["ACTIVATION_MODULES", "ELEMENTWISE", "TorchFunction", "TorchModule", 
            "from_function", "from_module", "from_sequential", "sequential_from_layers"]
 
 #: Modules accepted between the Linear layers of :func:`from_sequential`.
-ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.GELU, nn.ELU, nn.Identity)
+ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.GELU, nn.ELU, nn.SiLU, nn.Mish, nn.SELU,
+               nn.CELU, nn.Hardswish, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.ReLU6, nn.Hardtanh, nn.Identity)
 
 #: Activation modules whose second derivative vanishes wherever it is defined.
-PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.Identity)
 
 
 #: The torch module for each activation name of the hand-written MLP (GELU in its tanh form).
@@ -179,15 +180,18 @@ def from_module(module: nn.Module, *, input_shape=None, input_dtype=None, n_toke
     """Adapt any ``nn.Module`` whose forward maps a batch to outputs (n, C), or (n, T, C) for sequences.
 
     Put it in ``eval()`` mode first: Dropout is then the identity and BatchNorm uses its running
-    statistics (training mode is refused).  Every ``nn.Linear`` applied once per input to a vector
-    gets per-neuron factors, from perturbations of its output (skip connections and custom
-    ``forward`` methods work); every other parameter (convolutions, norms, embeddings, attention,
-    a Linear applied at every position) gets full columns in the same backward passes.  First
-    order is exact at any size.  Second order is exact for the dense layers, zero where the
-    module is piecewise linear in a group (ReLU, pooling, eval BatchNorm: read off its graph),
-    computed along every parameter of the other groups while their curved parameters number at
-    most ``max_params`` (``chunk`` at a time), and otherwise NaN, "not computed"
-    (:attr:`fishercore.FisherAnalysis.first_order_only`).
+    statistics (training mode is refused).  A module that is only a dense chain (Linear layers and
+    elementwise activations) takes the dense-chain rule of :func:`from_sequential`.  Otherwise every
+    ``nn.Linear`` applied once per input to a vector gets per-neuron factors, from perturbations of
+    its output (skip connections and custom ``forward`` methods work); every other parameter
+    (convolutions, norms, embeddings, attention, a Linear applied at every position) gets full
+    columns in the same backward passes.  First order is exact at any size.  Second order
+    (docs/math.md §11, §13, docs/convolutional.md) is zero where the module is piecewise linear in
+    a group (ReLU, pooling, eval BatchNorm: read off its graph); exact at any size for the dense
+    layers and for ``Conv1d``/``Conv2d`` layers (the conv rule, and the curvature rule where the
+    module's curvature comes from elementwise activations); computed along every parameter of the
+    other groups while their curved parameters number at most ``max_params`` (``chunk`` at a
+    time); and otherwise NaN, "not computed" (:attr:`fishercore.FisherAnalysis.first_order_only`).
 
     ``input_shape`` is the shape of one input (without the batch axis); by default the module
     is probed with inputs of its first Linear's width.  ``input_dtype``: an integer dtype (e.g.
@@ -219,7 +223,9 @@ def from_sequential(module: nn.Sequential) -> TorchSequential:
     """Adapt ``nn.Sequential(Linear, act, Linear, ..., Linear)``; ``Flatten`` may come first.
 
     Activations: ``Tanh``, ``Sigmoid``, ``ReLU``, ``LeakyReLU``, ``Softplus``, ``GELU``,
-    ``ELU``, ``Identity``, one or several between two Linear layers, and after the last;
+    ``ELU``, ``SiLU``, ``Mish``, ``SELU``, ``CELU``, ``Hardswish``, ``LogSigmoid``, ``Softsign``,
+    ``Tanhshrink``, ``ReLU6``, ``Hardtanh``, ``Identity``, one or several between two Linear layers,
+    and after the last;
     ``Dropout`` anywhere, in eval mode (where it is the identity; in training mode it is
     refused, saying to call ``module.eval()``).  Anything else raises a ``ValueError`` naming
     the layer.
@@ -297,6 +303,8 @@ class TorchFunction(Perturbed):
         owned = {g for d in self.dense for g in (d.weight, d.bias) if g is not None}
         self.column_groups = tuple(g for g in self.groups if g.name not in owned)
         curved = self._find_curvature(self.fn, probe[:1])
+        if self.input_dtype is None:
+            self._find_chain(lambda x: self.user_fn(self.params, x), probe)
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
         self.second_order = second_order_within([g for g in self.column_groups if g.name in curved], max_params)
@@ -333,7 +341,11 @@ def from_function(fn: Callable, params: Mapping[str, torch.Tensor], *, input_sha
     Exact full Jacobian columns (first order: any size) and, for models of at most
     ``max_params`` parameters, Hessian diagonals per parameter (their cost grows with
     ``P × n``); beyond, the second-order fields are NaN, "not computed"
-    (:attr:`fishercore.FisherAnalysis.first_order_only`).
+    (:attr:`fishercore.FisherAnalysis.first_order_only`).  Linear maps applied once to a vector get
+    per-neuron factors, groups whose curvature comes from elementwise activations the curvature
+    rule (docs/math.md §13), and a function that is only a dense chain (``F.linear`` and elementwise
+    activations, e.g. ``functional_call`` of an MLP) the dense-chain rule — all found by watching
+    the calls the function makes.
     ``input_dtype``: an integer dtype (e.g. ``torch.long``) for models that take token ids
     (embeddings); inputs must then have it, with values in ``[0, n_tokens)`` (``n_tokens``, the
     number of ids, is then required).  Outputs may be (n, T, C): one label per position

@@ -122,6 +122,53 @@ def test_from_module_equals_full_columns_of_the_same_module(family):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
 
 
+class TiedChain(torch.nn.Module):
+    """Linear, tanh, the same Linear again: a chain of calls, but one weight used twice (not a dense chain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+def _chains():
+    seq = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 5), torch.nn.SiLU(), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(5, 4), torch.nn.LeakyReLU(0.1), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    return seq.to(F64).eval()
+
+
+def test_dense_chains_take_the_dense_rule_and_nothing_else_does():
+    """A module or function that is only linear maps and elementwise activations, each applied to the previous
+    result, is analysed by the dense-chain rule (from_sequential's): the same numbers, every field and both
+    estimators; a skip connection, a weight used twice or ``x @ W`` are not chains and keep their paths."""
+    net = _chains()
+    X = torch.randn(9, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    ref_model = fc_torch.from_sequential(net)
+    ref = fc.analyze(ref_model, X)
+    for f, want in torch_brute_force(net, X, ref.family).items():  # the rule itself, independently
+        torch.testing.assert_close(getattr(ref, f), want, rtol=1e-10, atol=1e-13 * float(want.abs().max()))
+    for model in (fc_torch.from_module(net, input_shape=(2, 3)),
+                  fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)), params,
+                                         input_shape=(2, 3))):
+        assert model._chain is not None and [w for w, _, _ in model._chain[1]] == ["1.weight", "4.weight", "7.weight"]
+        res = fc.analyze(model, X, batch_size=4)
+        for f in ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper"):
+            torch.testing.assert_close(getattr(res, f), getattr(ref, f), rtol=1e-12, atol=1e-15)
+        for est in ("i1", "i2"):
+            torch.testing.assert_close(fc.estimate(model, X, estimator=est, seed=2, n_draws=2),
+                                       fc.estimate(ref_model, X, estimator=est, seed=2, n_draws=2),
+                                       rtol=1e-12, atol=1e-15)
+    w = {"w": torch.randn(3, 4, dtype=F64), "v": torch.randn(4, 2, dtype=F64)}
+    for model in (fc_torch.from_module(Skip().to(F64)), fc_torch.from_module(TiedChain().to(F64)),
+                  fc_torch.from_function(lambda p, x: torch.tanh(x @ p["w"]) @ p["v"], w, input_shape=(3,))):
+        assert model._chain is None
+    res = fc.analyze(fc_torch.from_module(TiedChain().to(F64)), X[:, 0, :].repeat(1, 2)[:, :4])
+    assert not res.first_order_only
+
+
 def test_flatten_first_and_image_inputs():
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.Sigmoid(), torch.nn.Linear(5, 3))
     net = net.to(F64)
