@@ -28,7 +28,7 @@ from ._protocol import (
 )
 from .analysis import analyze, analyze_batches
 from .bounds import Bounds, variance_bounds
-from .estimators import estimate, sample_labels
+from .estimators import draw_costs, estimate, sample_labels
 from .families import Bernoulli, Categorical, Family, Gaussian, Moments, Positions, Spectrum, get_family
 from .io import load_analysis
 from .result import FisherAnalysis, GroupSummary, Summary
@@ -41,6 +41,6 @@ __all__ = [
     "Bernoulli", "Bounds", "Categorical", "ColumnBlock", "DeclaresWorkspace", "DenseBlock", "Derivatives", "Family",
     "FisherAnalysis", "FisherSums", "Gaussian", "GroupSummary", "Model", "Moments", "ParamGroup", "PerInputStats",
     "Positions", "Spectrum", "Summary", "SupportsGroupSelection", "SupportsPullback", "all_reduce_sums", "analyze",
-    "analyze_batches", "estimate", "fisher_stats", "get_family", "load_analysis", "make_groups", "sample_labels",
-    "variance_bounds",
+    "analyze_batches", "draw_costs", "estimate", "fisher_stats", "get_family", "load_analysis", "make_groups",
+    "sample_labels", "variance_bounds",
 ]

@@ -290,3 +290,18 @@ def check_results_finite(values, start, stop, what="outputs"):
     label = what if name is None else f"{what} of {name!r}"
     raise FloatingPointError(f"model: {label} are NaN or inf for inputs {start}..{stop - 1} "
                              "(overflow; check the weights, the input scale and the family's parameters)")
+
+
+def check_analysis_of(analysis, model, family):
+    """An analysis of this model's parameter groups with this family (for α* and estimator choices)."""
+    from .result import FisherAnalysis
+
+    if not isinstance(analysis, FisherAnalysis):
+        raise TypeError(f"analysis: expected a fishercore.FisherAnalysis, got {type(analysis).__name__}")
+    mine = [(g.name, tuple(g.shape)) for g in model.groups]
+    theirs = [(g.name, tuple(g.shape)) for g in analysis.groups]
+    if mine != theirs:
+        raise ValueError("analysis: its parameter groups differ from the model's; analyse this model")
+    if analysis.family != family:
+        raise ValueError(f"analysis: its family {analysis.family!r} differs from {family!r}")
+    return analysis

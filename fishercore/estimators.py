@@ -30,7 +30,7 @@ from ._progress import Progress
 from ._protocol import Array, ColumnBlock, DenseBlock, SupportsPullback, weight_flat
 from .sums import block_groups, masked_block, position_weights
 
-__all__ = ["estimate", "sample_labels"]
+__all__ = ["draw_costs", "estimate", "sample_labels"]
 
 
 def _noise(family, rng, h, n_draws, n_inputs=None):
@@ -90,17 +90,27 @@ def _project(score, jac, xp):
 
 def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_draws: int = 1, seed=None,
              labels: Array | None = None, mask: Array | None = None, batch_size: int | None = None,
-             memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> Array:
+             memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False, analysis=None,
+             costs: dict | None = None) -> Array:
     r"""Monte-Carlo estimate of the diagonal Fisher, (P,).
 
     Parameters
     ----------
     model, X, family
         As in :func:`fishercore.analyze`.
-    estimator : {"i1", "i2"}
+    estimator : {"i1", "i2", "optimal", "auto"}
         ``"i1"``: mean squared score ``(∂ℓ/∂θ_i)²``; ``"i2"``: mean negative Hessian
         diagonal ``−∂²ℓ/∂θ_i²``.  Both unbiased for labels drawn from the model;
-        their variances are :meth:`FisherAnalysis.variance`.
+        their variances are :meth:`FisherAnalysis.variance`.  ``"optimal"``: per parameter
+        ``α* Î1 + (1 − α*) Î2`` on the same draws, with α* from ``analysis`` (docs/math.md §6):
+        unbiased, with variance ``analysis.variance("optimal")``.  ``"auto"``: per group, whichever
+        of the three :meth:`FisherAnalysis.choose` picks for ``costs`` — the least variance per
+        unit of cost (default: the costs :func:`draw_costs` measures on this model and X).
+    analysis : FisherAnalysis, optional
+        Where α* and the choices of ``"optimal"`` and ``"auto"`` come from (an analysis of the
+        same model, on X or a subset of it); analysed on X when not given.
+    costs : dict, optional
+        ``{"i1": c1, "i2": c2, "optimal": c3}``, the cost of one draw of each, for ``"auto"``.
     n_draws : int
         Labels ``M`` drawn per input.
     seed : int, None or numpy.random.Generator
@@ -122,9 +132,46 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     (P,) array in the flat parameter order, the model's namespace, dtype and device.
     """
     family, X = V.check_model_and_data(model, X, family)
+    est = V.check_choice(estimator, "estimator", ("i1", "i2", "optimal", "auto"))
+    if est in ("i1", "i2"):
+        return _estimate(model, X, family, (est,), n_draws=n_draws, seed=seed, labels=labels, mask=mask,
+                         batch_size=batch_size, memory_budget=memory_budget, progress=progress)[est]
+    if labels is not None:
+        raise ValueError(f"labels: estimator={est!r} needs labels drawn from the model (its α* is for them); "
+                         "observed labels give the empirical Fisher, with 'i1' only")
+    if analysis is None:
+        from .analysis import analyze
+
+        analysis = analyze(model, X, family, mask=mask, batch_size=batch_size, memory_budget=memory_budget)
+    analysis = V.check_analysis_of(analysis, model, family)
+    if est == "optimal":
+        choice = {g.name: "optimal" for g in model.groups}
+    else:
+        choice = analysis.choose(draw_costs(model, X, family) if costs is None else costs)
+    sums = _estimate(model, X, family, tuple(sorted({"i1", "i2"} if "optimal" in choice.values()
+                                                    else set(choice.values()))),
+                     n_draws=n_draws, seed=seed, mask=mask, batch_size=batch_size, memory_budget=memory_budget,
+                     progress=progress)
+    xp = array_namespace(next(iter(sums.values())))
+    alpha = analysis.alpha() if "optimal" in choice.values() else None
+    parts = []
+    for g in model.groups:
+        sl = slice(g.offset, g.offset + g.size)
+        pick = choice[g.name]
+        if pick == "optimal":
+            a = xp.asarray(alpha[sl], dtype=sums["i1"].dtype, device=device(sums["i1"]))
+            parts.append(a * sums["i1"][sl] + (1.0 - a) * sums["i2"][sl])
+        else:
+            parts.append(sums[pick][sl])
+    return xp.concat(parts)
+
+
+def _estimate(model, X, family, ests: tuple, *, n_draws, seed, labels=None, mask=None, batch_size=None,
+              memory_budget=DEFAULT_MEMORY_BUDGET, progress=False) -> dict:
+    """``{estimator: (P,) estimate}`` for the estimators ``ests`` ("i1", "i2"), all on the same draws, in one
+    pass."""
     batches = batches_for(X, batch_size, memory_budget, statistics=False)
     mask = V.check_mask(mask, model, X)
-    est = V.check_choice(estimator, "estimator", ("i1", "i2"))
     M = V.check_positive_int(n_draws, "n_draws")
     ops = ops_for(X)
     xp = ops.xp
@@ -137,11 +184,12 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     else:
         rng = _rng(seed)
     # one backward pass per draw (pullback) beats C of them (derivatives) for fewer draws than outputs
-    use_pullback = est == "i1" and isinstance(model, SupportsPullback) and M < model.n_outputs
+    use_pullback = ests == ("i1",) and isinstance(model, SupportsPullback) and M < model.n_outputs
+    second = "i2" in ests
     size = value_itemsize(model, X)
     batches.first(model, size, per_draw=M * _draw_bytes(model.n_outputs, model.n_outputs, size))
-    sums: dict = {}
-    with ops.no_grad(), Progress(len(batches), progress, f"estimate {est}") as bar:
+    sums: dict = {e: {} for e in ests}
+    with ops.no_grad(), Progress(len(batches), progress, f"estimate {'+'.join(ests)}") as bar:
         X = ops.detach(X)
         for start, stop in batches:
             Xb, rows = batches.take(X, start, stop)
@@ -159,36 +207,65 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
                     s = _masked_draws(family.score(h, y), rows)
                 return s if positions is None else s * position_weights(positions, h)[None, :, :, 0]
 
-            batch = {}
+            batch: dict = {e: {} for e in ests}
             if use_pullback:  # one backward pass per draw: t = sᵀ ∂h/∂z directly
                 d = model.pullback(Xb, score)
                 batches.fit(d.blocks, Xb.shape[0], model, hessian=False)
                 for b in d.blocks:
-                    batch.update(_aggregate(b, None, ops))
+                    batch["i1"].update(_aggregate(b, None, ops))
             else:
-                d = model.derivatives(Xb, hessian=est == "i2")
+                d = model.derivatives(Xb, hessian=second)
                 if positions is not None:  # Σ_t u_tᵀΛ_t u_t over the kept positions only (Î2's first term)
                     weights = position_weights(positions, d.outputs)
                     d = d._replace(blocks=tuple(masked_block(b, weights) for b in d.blocks))
-                if est == "i2":
+                if second:
                     _check_hessians(d.blocks)
                 width = max(b.jac.shape[-1] for b in d.blocks)
-                batches.fit(d.blocks, Xb.shape[0], model, hessian=est == "i2", n_draws=M,
-                            per_draw=_draw_bytes(d.outputs.shape[1], width, size))
+                batches.fit(d.blocks, Xb.shape[0], model, hessian=second, n_draws=M,
+                            per_draw=len(ests) * _draw_bytes(d.outputs.shape[1], width, size))
                 # draws in chunks only for a batch of one input: its noise is then one stream, as unchunked
                 step = batches.draws if batches.draws and stop - start == 1 else M
                 per_input = ops.jit(_per_input, ("family", "est"))
                 for first in range(0, M, step):
                     s = score(d.outputs, min(step, M - first))
                     for b in d.blocks:
-                        _add_into(batch, _aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, rows,
-                                                                 family=family, est=est), ops))
+                        for e in ests:
+                            _add_into(batch[e], _aggregate(b, per_input(d.outputs, s, b.jac, b.diag_hess, rows,
+                                                                        family=family, est=e), ops))
                     del s
             bar.total = len(batches)
-            V.check_results_finite(batch, start, stop, "estimates")
-            _add_into(sums, batch)
+            for e in ests:
+                V.check_results_finite(batch[e], start, stop, "estimates")
+                _add_into(sums[e], batch[e])
             bar.update()
-    return xp.concat([sums[g.name] for g in model.groups]) / (n * M)
+    return {e: xp.concat([sums[e][g.name] for g in model.groups]) / (n * M) for e in ests}
+
+
+def draw_costs(model, X: Array, family="categorical", *, n_inputs: int = 256, repeat: int = 3) -> dict:
+    """Seconds per input and draw of each estimator on this model: ``{"i1": c1, "i2": c2, "optimal": c3}``.
+
+    Measured on the first ``n_inputs`` inputs of X (median of ``repeat`` timed runs of one draw, after a
+    warm-up); ``"optimal"`` needs both estimators' per-draw values from one pass with Hessian diagonals.
+    What :meth:`FisherAnalysis.choose` and ``estimate(..., estimator="auto")`` weigh the variances by.
+    """
+    import statistics
+    import time
+
+    family, X = V.check_model_and_data(model, X, family)
+    Xs = X[:min(V.check_positive_int(n_inputs, "n_inputs"), X.shape[0]), ...]
+    out = {}
+    for name, ests in (("i1", ("i1",)), ("i2", ("i2",)), ("optimal", ("i1", "i2"))):
+        def once(ests=ests):
+            _estimate(model, Xs, family, ests, n_draws=1, seed=0)
+
+        once()
+        times = []
+        for _ in range(V.check_positive_int(repeat, "repeat")):
+            t = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times) / Xs.shape[0]
+    return out
 
 
 def _add_into(total: dict, part: dict) -> None:

@@ -190,6 +190,41 @@ class FisherAnalysis(NamedTuple):
         out = xp.where(ok, xp.minimum(best, low), low)
         return xp.maximum(out, xp.zeros_like(out))
 
+    def choose(self, costs: dict | None = None) -> dict:
+        r"""Per group, the estimator with the least variance per unit of cost: ``{group: "i1" | "i2" | "optimal"}``.
+
+        An estimate with budget B on a full pass has variance ``v / (n B / c)``, so the criterion is
+        ``c_e · Σ_i v_e,i / F_i²`` over the group's parameters with ``F_i > 0`` (its summed relative
+        variance per draw, times the cost ``c_e`` of a draw).  ``costs`` is
+        ``{"i1": c1, "i2": c2, "optimal": c3}`` (e.g. :func:`fishercore.draw_costs`; default 1 each:
+        variance alone).  Ties go to the cheaper estimator; a group without second order
+        (:attr:`first_order_only`) gets "i1".
+        """
+        costs = {"i1": 1.0, "i2": 1.0, "optimal": 1.0} if costs is None else dict(costs)
+        missing = {"i1", "i2", "optimal"} - set(costs)
+        if missing:
+            raise ValueError(f"costs: expected a cost for each of 'i1', 'i2', 'optimal'; missing {sorted(missing)}")
+        for k in ("i1", "i2", "optimal"):
+            costs[k] = V.check_positive_real(costs[k], f"costs[{k!r}]")
+        xp = array_namespace(self.sums.v1)
+        f = self.fisher
+        pos = f > 0
+        safe = xp.where(pos, f, xp.ones_like(f))
+        second = set(self.first_order_only)
+        rel = {e: xp.where(pos, (v / safe) / safe, xp.zeros_like(v)) for e, v in
+               (("i1", self.v1),) + ((("i2", self.v2), ("optimal", self.optimal_v())) if len(second) < len(
+                   self.groups) else ())}
+        out = {}
+        order = sorted(rel, key=lambda e: costs[e])  # cheaper first: ties go to it
+        for g in self.groups:
+            if g.name in second:
+                out[g.name] = "i1"
+                continue
+            sl = slice(g.offset, g.offset + g.size)
+            score = {e: costs[e] * float(xp.sum(rel[e][sl])) for e in order}
+            out[g.name] = min(order, key=lambda e: score[e])
+        return out
+
     def _single_draw(self, estimator: str) -> Array:
         estimator = V.check_choice(estimator, "estimator", ("i1", "i2", "optimal"))
         if estimator != "i1":

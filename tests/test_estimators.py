@@ -29,15 +29,17 @@ def test_single_draw_equals_derivatives_of_sampled_loglik(estimator, activation,
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("estimator", ["i1", "i2"])
+@pytest.mark.parametrize("estimator", ["i1", "i2", "optimal"])
 def test_unbiased_and_variance_by_monte_carlo(estimator, family):
     """Over K seeds: mean → fisher within 5 standard errors; sample variance → variance() within
-    5 standard errors of a sample variance (√(2/(K−1)) relative, the estimates being sums of many draws)."""
+    5 standard errors of a sample variance (√(2/(K−1)) relative, the estimates being sums of many draws).
+    "optimal" (α* Î1 + (1 − α*) Î2 on the same draws) has variance(\"optimal\"), below both."""
     fam = family_obj(family)
     model, X = make_problem(Problem("2h", "tanh", family, n=20, seed=2))
     res = fc.analyze(model, X, fam)
     K, M = 400, 3
-    draws = np.stack([fc.estimate(model, X, fam, estimator=estimator, n_draws=M, seed=k) for k in range(K)])
+    kw = {"analysis": res} if estimator == "optimal" else {}
+    draws = np.stack([fc.estimate(model, X, fam, estimator=estimator, n_draws=M, seed=k, **kw) for k in range(K)])
     var = res.variance(estimator, n_draws=M)
     exact = var == 0
     se = np.sqrt(var[~exact] / K)
@@ -102,3 +104,48 @@ def test_column_path_estimates_equal_dense_path(estimator):
     a = fc.estimate(model, X, estimator=estimator, n_draws=2, seed=3, batch_size=4)
     b = fc.estimate(AsColumns(model), X, estimator=estimator, n_draws=2, seed=3, batch_size=6)
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15 * np.abs(b).max())
+
+
+def test_optimal_mixes_the_same_draws_and_auto_takes_each_groups_choice():
+    """estimate("optimal") = α* Î1 + (1 − α*) Î2 with both on the same labels (same seed); estimate("auto") is, per
+    group, the estimate of the estimator choose() picks; choose() weighs variances by costs."""
+    model, X = make_problem(Problem("2h", "tanh", "categorical", n=12, seed=4))
+    res = fc.analyze(model, X)
+    i1, i2 = (fc.estimate(model, X, estimator=e, seed=7) for e in ("i1", "i2"))
+    a = res.alpha()
+    np.testing.assert_allclose(fc.estimate(model, X, estimator="optimal", seed=7, analysis=res), a * i1 + (1 - a) * i2,
+                               rtol=1e-12, atol=1e-15)
+    # analysed on the fly when no analysis is given: the same α*
+    np.testing.assert_allclose(fc.estimate(model, X, estimator="optimal", seed=7), a * i1 + (1 - a) * i2,
+                               rtol=1e-12, atol=1e-15)
+    expensive = res.choose({"i1": 1.0, "i2": 1e9, "optimal": 1e9})  # Î1 unless Î2 is exact (no cost beats 0)
+    assert expensive == {g.name: "i2" if not np.any(res.v2[g.offset:g.offset + g.size]) else "i1" for g in res.groups}
+    assert set(expensive.values()) == {"i1", "i2"}
+    equal = res.choose()
+    assert equal["4.weight"] == "i2" and equal["0.weight"] == "optimal"  # v2 = 0 ties go to the cheaper Î2
+    costs = {"i1": 1.0, "i2": 3.0, "optimal": 3.5}
+    choice = res.choose(costs)
+    auto = res.unflatten(fc.estimate(model, X, estimator="auto", seed=7, analysis=res, costs=costs))
+    by = {"i1": res.unflatten(i1), "i2": res.unflatten(i2), "optimal": res.unflatten(a * i1 + (1 - a) * i2)}
+    for g in res.groups:
+        np.testing.assert_allclose(auto[g.name], by[choice[g.name]][g.name], rtol=1e-12, atol=1e-15)
+        sl = slice(g.offset, g.offset + g.size)
+        pos = res.fisher[sl] > 0
+        score = {e: costs[e] * np.sum(v[sl][pos] / res.fisher[sl][pos] ** 2)
+                 for e, v in (("i1", res.v1), ("i2", res.v2), ("optimal", res.optimal_v()))}
+        assert score[choice[g.name]] == min(score.values())
+    costs = fc.draw_costs(model, X, n_inputs=8, repeat=1)
+    assert set(costs) == {"i1", "i2", "optimal"} and all(c > 0 for c in costs.values())
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    ({"estimator": "auto", "labels": np.zeros(12, dtype=int)}, ValueError, "labels: estimator='auto'"),
+    ({"estimator": "optimal", "analysis": "res"}, TypeError, "analysis: expected a fishercore.FisherAnalysis"),
+    ({"estimator": "auto", "costs": {"i1": 1.0}}, ValueError, "costs: expected a cost for each"),
+    ({"estimator": "best"}, ValueError, "estimator: expected one of"),
+])
+def test_optimal_and_auto_refuse_bad_arguments(kw, exc, msg):
+    from helpers import assert_raises_named
+
+    model, X = make_problem(Problem("2h", "tanh", "categorical", n=12, seed=4))
+    assert_raises_named(lambda: fc.estimate(model, X, **kw), exc, msg)
