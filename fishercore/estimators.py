@@ -19,6 +19,8 @@ the same labels on every backend and for every ``batch_size``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from array_api_compat import array_namespace, device
 
@@ -98,14 +100,16 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     ----------
     model, X, family
         As in :func:`fishercore.analyze`.
-    estimator : {"i1", "i2", "optimal", "auto"}
+    estimator : {"i1", "i2", "optimal", "auto"} or {group: estimator}
         ``"i1"``: mean squared score ``(∂ℓ/∂θ_i)²``; ``"i2"``: mean negative Hessian
         diagonal ``−∂²ℓ/∂θ_i²``.  Both unbiased for labels drawn from the model;
         their variances are :meth:`FisherAnalysis.variance`.  ``"optimal"``: per parameter
         ``α* Î1 + (1 − α*) Î2`` on the same draws, with α* from ``analysis`` (docs/math.md §6):
         unbiased, with variance ``analysis.variance("optimal")``.  ``"auto"``: per group, whichever
         of the three :meth:`FisherAnalysis.choose` picks for ``costs`` — the least variance per
-        unit of cost (default: the costs :func:`draw_costs` measures on this model and X).
+        unit of cost (default: the costs :func:`draw_costs` measures on this model and X).  A mapping
+        of every group to one of "i1", "i2", "optimal" (e.g. :attr:`fishercore.plan.Plan.estimators`)
+        takes each group's own.
     analysis : FisherAnalysis, optional
         Where α* and the choices of ``"optimal"`` and ``"auto"`` come from (an analysis of the
         same model, on X or a subset of it); analysed on X when not given.
@@ -132,21 +136,31 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
     (P,) array in the flat parameter order, the model's namespace, dtype and device.
     """
     family, X = V.check_model_and_data(model, X, family)
-    est = V.check_choice(estimator, "estimator", ("i1", "i2", "optimal", "auto"))
+    if isinstance(estimator, Mapping):  # {group: estimator}, e.g. a plan's
+        names = [g.name for g in model.groups]
+        if set(estimator) != set(names):
+            raise ValueError(f"estimator: a mapping must name every parameter group once, {names}; got "
+                             f"{sorted(estimator)}")
+        choice = {k: V.check_choice(v, f"estimator[{k!r}]", ("i1", "i2", "optimal")) for k, v in estimator.items()}
+        est = "per-group"
+    else:
+        est = V.check_choice(estimator, "estimator", ("i1", "i2", "optimal", "auto"))
     if est in ("i1", "i2"):
         return _estimate(model, X, family, (est,), n_draws=n_draws, seed=seed, labels=labels, mask=mask,
                          batch_size=batch_size, memory_budget=memory_budget, progress=progress)[est]
     if labels is not None:
         raise ValueError(f"labels: estimator={est!r} needs labels drawn from the model (its α* is for them); "
                          "observed labels give the empirical Fisher, with 'i1' only")
-    if analysis is None:
+    needs_analysis = est in ("optimal", "auto") or "optimal" in choice.values()
+    if analysis is None and needs_analysis:
         from .analysis import analyze
 
         analysis = analyze(model, X, family, mask=mask, batch_size=batch_size, memory_budget=memory_budget)
-    analysis = V.check_analysis_of(analysis, model, family)
+    if analysis is not None:
+        analysis = V.check_analysis_of(analysis, model, family)
     if est == "optimal":
         choice = {g.name: "optimal" for g in model.groups}
-    else:
+    elif est == "auto":
         choice = analysis.choose(draw_costs(model, X, family) if costs is None else costs)
     sums = _estimate(model, X, family, tuple(sorted({"i1", "i2"} if "optimal" in choice.values()
                                                     else set(choice.values()))),

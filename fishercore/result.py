@@ -197,8 +197,8 @@ class FisherAnalysis(NamedTuple):
         ``c_e · Σ_i v_e,i / F_i²`` over the group's parameters with ``F_i > 0`` (its summed relative
         variance per draw, times the cost ``c_e`` of a draw).  ``costs`` is
         ``{"i1": c1, "i2": c2, "optimal": c3}`` (e.g. :func:`fishercore.draw_costs`; default 1 each:
-        variance alone).  Ties go to the cheaper estimator; a group without second order
-        (:attr:`first_order_only`) gets "i1".
+        variance alone); the mix, which computes both, costs at least as much as either.  Ties go to
+        the cheaper estimator; a group without second order (:attr:`first_order_only`) gets "i1".
         """
         costs = {"i1": 1.0, "i2": 1.0, "optimal": 1.0} if costs is None else dict(costs)
         missing = {"i1", "i2", "optimal"} - set(costs)
@@ -206,6 +206,7 @@ class FisherAnalysis(NamedTuple):
             raise ValueError(f"costs: expected a cost for each of 'i1', 'i2', 'optimal'; missing {sorted(missing)}")
         for k in ("i1", "i2", "optimal"):
             costs[k] = V.check_positive_real(costs[k], f"costs[{k!r}]")
+        costs["optimal"] = max(costs.values())  # the mix computes both estimators: never cheaper than either
         xp = array_namespace(self.sums.v1)
         f = self.fisher
         pos = f > 0
@@ -224,6 +225,34 @@ class FisherAnalysis(NamedTuple):
             score = {e: costs[e] * float(xp.sum(rel[e][sl])) for e in order}
             out[g.name] = min(order, key=lambda e: score[e])
         return out
+
+    def plan(self, rel_error: float = 0.1, confidence: float = 0.95, coverage: float = 0.95,
+             costs: dict | None = None, *, n_inputs: int | None = None):
+        r"""Per group, which estimator and how many draws per input (or sampled inputs) so that ``coverage`` of
+        its parameters with F > 0 are within ``rel_error`` with probability ``confidence``: a
+        :class:`fishercore.plan.Plan`, printed as a table and usable as data.
+
+        Parameters with F = 0 are counted apart (``PlanRow.zero``).  ``costs`` weighs the estimators
+        (``{"i1": c1, "i2": c2, "optimal": c3}``, e.g. :func:`fishercore.draw_costs`; default equal).
+        ``n_inputs``: the inputs the estimate will pass over, when more than were analysed (an analysis
+        of a subset stands in for the whole set's per-input means); default the analysed count.
+        ``fishercore.estimate(model, X, estimator=plan.estimators, n_draws=plan.n_draws, analysis=self)``
+        carries it out (docs/ewc.md).
+        """
+        from .plan import make_plan
+
+        return make_plan(self, rel_error, confidence, coverage, costs, n_inputs)
+
+    def draws_per_input(self, estimator: str, rel_error: float = 0.1, confidence: float = 0.95) -> Array:
+        """Label draws per input needed on a full pass over the analysed inputs, per parameter:
+        ``sample_size(estimator, rel_error, confidence)``, named for what it counts."""
+        return self.sample_size(estimator, rel_error, confidence)
+
+    def inputs_needed(self, estimator: str, rel_error: float = 0.1, confidence: float = 0.95, *,
+                      n_draws: int = 1) -> Array:
+        """Inputs drawn with replacement, ``n_draws`` label draws each, needed per parameter:
+        ``sample_size(estimator, rel_error, confidence, n_draws=n_draws)``, named for what it counts."""
+        return self.sample_size(estimator, rel_error, confidence, n_draws=V.check_positive_int(n_draws, "n_draws"))
 
     def _single_draw(self, estimator: str) -> Array:
         estimator = V.check_choice(estimator, "estimator", ("i1", "i2", "optimal"))
@@ -256,9 +285,11 @@ class FisherAnalysis(NamedTuple):
         With ``δ = 1 − confidence`` the requirement is ``Var ≤ δ ε² F²`` (docs/math.md §6):
 
         * ``n_draws=None``: the smallest number of label draws per input M for a full
-          pass over X, ``⌈mean v / (n δ ε² F²)⌉``;
+          pass over X, ``⌈mean v / (n δ ε² F²)⌉`` (also :meth:`draws_per_input`);
         * ``n_draws=M``: the smallest number of inputs N drawn with replacement, M
-          draws each, ``⌈(var_x + mean v / M) / (δ ε² F²)⌉``.
+          draws each, ``⌈(var_x + mean v / M) / (δ ε² F²)⌉`` (also :meth:`inputs_needed`).
+
+        :meth:`plan` turns these per-parameter numbers into one decision per group.
 
         Returned as floats: ``inf`` where ``F = 0`` but the estimator varies, 1 where it
         is exact.

@@ -149,3 +149,46 @@ def test_optimal_and_auto_refuse_bad_arguments(kw, exc, msg):
 
     model, X = make_problem(Problem("2h", "tanh", "categorical", n=12, seed=4))
     assert_raises_named(lambda: fc.estimate(model, X, **kw), exc, msg)
+
+
+def test_plan_meets_the_coverage_per_group_and_counts_zero_fisher_apart():
+    """plan(): per group the coverage quantile of the per-parameter draws (draws_per_input) of the cheapest estimator,
+    F = 0 counted apart; n_draws scales as 1/n_inputs; an estimate with the plan's draws and estimators meets the
+    error for at least the coverage of the parameters (Monte Carlo over seeds)."""
+    model, X = make_problem(Problem("2h", "tanh", "categorical", n=20, seed=2))
+    X = np.concatenate([X, np.zeros((1, X.shape[1]))])[:, :]  # an input of zeros: F = 0 for no weight still
+    X[:, 0] = 0.0  # the first feature never on: its weights have F = 0
+    res = fc.analyze(model, X)
+    plan = res.plan(rel_error=0.2, confidence=0.9, coverage=0.8)
+    F = res.fisher
+    for row in plan:
+        g = next(g for g in res.groups if g.name == row.group)
+        sl = slice(g.offset, g.offset + g.size)
+        pos = F[sl] > 0
+        assert (row.positive, row.zero) == (int(pos.sum()), int((~pos).sum()))
+        need = res.draws_per_input(row.estimator, 0.2, 0.9)[sl][pos]
+        assert row.meets == np.mean(need <= row.n_draws) >= 0.8
+        assert np.mean(need <= row.n_draws - 1) < 0.8 or row.n_draws == 1  # the least such number
+        others = [e for e in ("i1", "i2", "optimal") if e != row.estimator]
+        for e in others:  # no other estimator is cheaper (equal costs: fewer draws)
+            assert np.quantile(res.draws_per_input(e, 0.2, 0.9)[sl][pos], 0.8, method="higher") >= row.n_draws
+    assert plan[0].zero > 0 and "F = 0" in str(plan) and "one call: estimate" in str(plan)
+    assert plan.n_draws == max(r.n_draws for r in plan) and plan.total_draws == X.shape[0] * plan.n_draws
+    bigger = res.plan(rel_error=0.2, confidence=0.9, coverage=0.8, n_inputs=10 * X.shape[0])
+    assert all(b.n_draws <= max(1, -(-a.n_draws // 10) + 1) for a, b in zip(plan, bigger))
+    K, pos = 60, F > 0
+    within = [np.mean(np.abs(fc.estimate(model, X, estimator=plan.estimators, n_draws=plan.n_draws, seed=k,
+                                         analysis=res) - F)[pos] <= 0.2 * F[pos]) for k in range(K)]
+    assert np.mean(within) >= 0.8
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"coverage": 1.5}, "coverage:"), ({"rel_error": 0.0}, "rel_error:"), ({"costs": {"i1": 1.0}}, "costs:"),
+    ({"n_inputs": 0}, "n_inputs:"),
+])
+def test_plan_refuses_bad_arguments(kw, msg):
+    from helpers import assert_raises_named
+
+    model, X = make_problem(Problem("2h", "tanh", "categorical", n=8, seed=2))
+    res = fc.analyze(model, X)
+    assert_raises_named(lambda: res.plan(**kw), ValueError, msg)
