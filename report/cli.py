@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "diagonal Fisher, the variances of Î1 and Î2, their bounds and sample sizes; "
                                      "write results.json/.csv, figures, report.md and a standalone report.html.")
     rep.add_argument("--study", choices=("fisher", "natural-gradient"), default="fisher",
-                     help="the per-epoch Fisher study (default) or the natural-gradient toy of Figure 1")
+                     help="the per-epoch Fisher study (default) or the natural-gradient toy of Figure 1 (which "
+                          "takes only --seed, --out and --quiet)")
     rep.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp",
                      help="mlp: the paper's MLP study (default); cnn: a small convolutional network on the 8×8 "
                           "digits (needs torch; --activation picks its activation, default tanh; --task, --data, "
@@ -65,21 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
                           "--backend do not apply)")
     rep.add_argument("--task", choices=("classification", "regression"), default="classification",
                      help="classification: digits, categorical likelihood (default); regression: diabetes, Gaussian")
-    rep.add_argument("--data", metavar="PATH", help="your own data: .npz with arrays X, y, or .csv with a label column")
-    rep.add_argument("--label-column", default="label", metavar="NAME", help="label column of a --data .csv")
-    rep.add_argument("--activation", choices=ACTIVATIONS, default="sigmoid")
+    rep.add_argument("--data", metavar="PATH",
+                     help="your own data: .npz with arrays X, y, or .csv with a label column (default: the built-in "
+                          "data of --task)")
+    rep.add_argument("--label-column", default="label", metavar="NAME",
+                     help="label column of a --data .csv (default label)")
+    rep.add_argument("--activation", choices=ACTIVATIONS, default="sigmoid",
+                     help="hidden-layer activation of the MLP (default sigmoid); with --model cnn one of tanh, "
+                          "sigmoid, gelu, silu, softplus, relu (default tanh)")
     rep.add_argument("--hidden", type=_widths, default=(128, 128, 128), metavar="W,W,...",
                      help="hidden layer widths (default 128,128,128)")
     rep.add_argument("--epochs", type=_positive_int, default=None,
                      help="training epochs (default 20; 10 with --model cnn, 4 with --model transformer)")
     rep.add_argument("--backend", choices=("auto", "torch", "jax", "numpy"), default="auto",
-                     help="auto: torch when installed, else numpy")
-    rep.add_argument("--seed", type=_seed, default=0)
-    rep.add_argument("--out", default="fishercore-report", metavar="DIR", help="output folder (created)")
-    rep.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+                     help="arrays and autodiff the MLP study trains and analyses with (default auto: torch when "
+                          "installed, else numpy)")
+    rep.add_argument("--seed", type=_seed, default=0,
+                     help="seed of the initial weights, minibatches and held-out split (default 0)")
+    rep.add_argument("--out", default="fishercore-report", metavar="DIR",
+                     help="output folder, created (default fishercore-report)")
+    rep.add_argument("--quiet", action="store_true",
+                     help="no progress and no summary (default: a progress bar on a terminal, one line per epoch "
+                          "otherwise, and the findings at the end)")
     rep.add_argument("--render-only", metavar="DIR",
                      help="only draw the figures and pages again from DIR/results.json (e.g. of an interrupted run); "
-                          "every other option is ignored")
+                          "takes no other option but --quiet")
     return parser
 
 
@@ -112,9 +123,12 @@ class _Stopped(Exception):
 def run_report(args) -> int:
     from .results import check_writable, load_results, publish, staging_dir
 
-    progress = not args.quiet and sys.stderr.isatty()
+    # a progress bar on a terminal; one line per epoch when piped or logged; nothing with --quiet
+    progress = False if args.quiet else (True if sys.stderr.isatty() else "lines")
     t0 = time.perf_counter()
     if args.render_only is not None:  # figures and pages again, from a folder's results.json
+        _refuse("--render-only", _changed(args, ("study", "model", "task", "data", "label_column", "activation",
+                                                 "hidden", "epochs", "backend", "seed", "out")))
         out = check_writable(pathlib.Path(args.render_only))
         results = load_results(out)
         work = staging_dir(out)
@@ -157,29 +171,36 @@ def _has_records(folder: pathlib.Path) -> bool:
     return bool(data.get("epochs") or data.get("runs"))
 
 
-def _refuse_mlp_options(args, model: str, options: tuple) -> None:
-    """--model cnn/transformer: the MLP study's options that were changed from their defaults are refused."""
-    if args.study != "fisher":
-        raise ReportError(f"--model {model}: runs the Fisher study; --study natural-gradient is for the MLP")
+def _changed(args, options) -> list[str]:
+    """The options of ``options`` that were given other values than their defaults, as command-line flags."""
     defaults = build_parser().parse_args(["report"])
-    ignored = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) != getattr(defaults, k)]
-    if ignored:
-        verb = "does" if len(ignored) == 1 else "do"
-        raise ReportError(f"--model {model}: {', '.join(ignored)} {verb} not apply to the {model} study")
+    return [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) != getattr(defaults, k)]
 
 
-def _study(args, out: pathlib.Path, progress: bool) -> dict:
+def _refuse(what: str, flags: list[str]) -> None:
+    if flags:
+        verb = "does" if len(flags) == 1 else "do"
+        raise ReportError(f"{what}: {', '.join(flags)} {verb} not apply")
+
+
+def _study(args, out: pathlib.Path, progress) -> dict:
+    if args.data is None and args.label_column != "label":
+        raise ReportError("--label-column: names a column of a --data .csv; give --data too")
+    if args.study == "natural-gradient":
+        _refuse("--study natural-gradient", _changed(args, ("model", "task", "data", "label_column", "activation",
+                                                            "hidden", "epochs", "backend")))
     if args.model == "transformer":
         from .lm import TransformerStudy, run_transformer_study
 
-        _refuse_mlp_options(args, "transformer", ("task", "data", "label_column", "hidden", "activation", "backend"))
+        _refuse("--model transformer", _changed(args, ("task", "data", "label_column", "hidden", "activation",
+                                                       "backend")))
         epochs = TransformerStudy().epochs if args.epochs is None else args.epochs
         return run_transformer_study(TransformerStudy(epochs=epochs, seed=args.seed), out, progress=progress)
     if args.model == "cnn":
         from .cnn import ACTIVATIONS as CNN_ACTIVATIONS
         from .vision import CNNStudy, run_cnn_study
 
-        _refuse_mlp_options(args, "cnn", ("task", "data", "label_column", "hidden", "backend"))
+        _refuse("--model cnn", _changed(args, ("task", "data", "label_column", "hidden", "backend")))
         default = CNNStudy()
         activation = default.activation if args.activation == build_parser().parse_args(["report"]).activation \
             else args.activation
@@ -189,7 +210,7 @@ def _study(args, out: pathlib.Path, progress: bool) -> dict:
         return run_cnn_study(CNNStudy(epochs=default.epochs if args.epochs is None else args.epochs, seed=args.seed,
                                       activation=activation), out, progress=progress)
     if args.study == "natural-gradient":
-        from .ngd import NGDStudy, run_ngd_study
+        from .ngd import NGDStudy, run_ngd_study  # the options it does not take were refused above
 
         return run_ngd_study(NGDStudy(seed=args.seed), out, progress=progress)
     from . import data as D

@@ -24,7 +24,8 @@ def _builtin(task):
     try:
         from sklearn import datasets
     except ImportError as e:  # pragma: no cover - the report extra installs it
-        raise ReportError("the built-in data sets need scikit-learn: pip install 'fishercore[report]'") from e
+        raise ReportError("the built-in data sets need scikit-learn: pip install '.[report]' in fishercore's "
+                          "checkout") from e
     if task == "classification":
         X, y = datasets.load_digits(return_X_y=True)
         return "digits", X / 16.0, y

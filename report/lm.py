@@ -25,7 +25,7 @@ import fishercore as fc
 from . import ReportError
 from . import transformer as tr
 from .render import _plt, write_pages
-from .results import CONFIDENCE, REL_ERROR, ResultsWriter, to_numpy
+from .results import CONFIDENCE, REL_ERROR, ResultsWriter, log_epoch, to_numpy
 
 KINDS = ("embeddings", "attention", "MLP", "norms", "head")
 FIELDS = ["kind", "size", "fisher", "v1", "v2", "zero_fisher", "n_i1", "n_i1_p90", "n_i2", "i1_better", "i2_better"]
@@ -69,7 +69,8 @@ def run_transformer_study(cfg: TransformerStudy, out: pathlib.Path, *, progress:
     try:
         import torch
     except ImportError:
-        raise ReportError("--model transformer: needs torch (pip install 'fishercore[torch]')") from None
+        raise ReportError("--model transformer: needs torch (pip install '.[torch]' in fishercore's "
+                          "checkout)") from None
     from fishercore.backends import torch as fc_torch
 
     torch.manual_seed(cfg.seed)
@@ -93,7 +94,7 @@ def run_transformer_study(cfg: TransformerStudy, out: pathlib.Path, *, progress:
             h = net(torch.as_tensor(X))
             return float(torch.nn.functional.cross_entropy(h.reshape(-1, h.shape[-1]), torch.as_tensor(Y).reshape(-1)))
 
-    bar = tqdm(range(cfg.epochs + 1), desc="fishercore report", unit="epoch", disable=not progress)
+    bar = tqdm(range(cfg.epochs + 1), desc="fishercore report", unit="epoch", disable=progress is not True)
     for epoch in bar:
         t0 = time.perf_counter()
         if epoch > 0:
@@ -115,6 +116,7 @@ def run_transformer_study(cfg: TransformerStudy, out: pathlib.Path, *, progress:
         record = {"epoch": epoch, "test_loss": loss_of(X_test, Y_test), "second_order": not res.first_order_only,
                   "groups": groups, "seconds": time.perf_counter() - t0}
         writer.add(record, [{"epoch": epoch, "group": g, **r} for g, r in groups.items()])
+        log_epoch(progress, epoch, cfg.epochs, record)
         bar.set_postfix(test_loss=f"{record['test_loss']:.3f}")
     bar.close()
     return writer.data

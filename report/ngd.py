@@ -78,7 +78,7 @@ def run_ngd_study(cfg: NGDStudy, out: pathlib.Path, *, progress: bool = True) ->
     writer = ResultsWriter(out, header, ["problem", "method", "step", "mean_test_nll", "std_test_nll"], key="runs")
     jobs = [(k, m) for k in ("linear regression", "logistic regression") for m in METHODS]
     steps = list(range(0, cfg.steps + 1, cfg.every))
-    for kind, method in tqdm(jobs, desc="natural gradient", disable=not progress):
+    for kind, method in tqdm(jobs, desc="natural gradient", disable=progress is not True):
         curves = np.array([_run(kind, method, cfg, r) for r in range(cfg.repeats)])
         mean, std = curves.mean(0), curves.std(0)
         record = {"problem": kind, "method": method, "steps": steps, "mean_test_nll": mean.tolist(),

@@ -153,3 +153,20 @@ class ResultsWriter:
     def finish(self, **extra):
         self.data.update(extra)
         self._write_json()
+
+
+def log_epoch(progress, epoch: int, epochs: int, record: dict) -> None:
+    """With ``progress="lines"`` (output that is not a terminal, and not --quiet): one line per epoch on stderr,
+    so a piped or logged run is never silent for long."""
+    if progress != "lines":
+        return
+    import sys
+
+    parts = [f"fishercore report: epoch {epoch}/{epochs}"]
+    if record.get("test_loss") is not None:
+        parts.append(f"test loss {record['test_loss']:.4f}")
+    if record.get("test_accuracy") is not None:
+        parts.append(f"test accuracy {record['test_accuracy']:.3f}")
+    if record.get("seconds") is not None:
+        parts.append(f"{record['seconds']:.1f} s")
+    print(", ".join(parts), file=sys.stderr, flush=True)

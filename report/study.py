@@ -12,7 +12,7 @@ import fishercore as fc
 from fishercore.backends import mlp
 
 from . import data as D
-from .results import CONFIDENCE, REL_ERROR, ResultsWriter, group_records
+from .results import CONFIDENCE, REL_ERROR, ResultsWriter, group_records, log_epoch
 from .train import init_layers, make_trainer
 
 GROUP_FIELDS = ["fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper", "std_i1",
@@ -51,7 +51,7 @@ def run_fisher_study(cfg: FisherStudy, out: pathlib.Path, *, progress: bool = Tr
     rng = np.random.default_rng(cfg.seed + 1)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(cfg.epochs + 1), desc="fishercore report", unit="epoch", disable=not progress)
+    bar = tqdm(range(cfg.epochs + 1), desc="fishercore report", unit="epoch", disable=progress is not True)
     for epoch in bar:
         t0 = time.perf_counter()
         if epoch > 0:
@@ -68,6 +68,7 @@ def run_fisher_study(cfg: FisherStudy, out: pathlib.Path, *, progress: bool = Tr
             record["test_accuracy"] = float(np.mean(np.argmax(trainer.outputs(Xt), axis=1) == ds.y_test))
         record["seconds"] = time.perf_counter() - t0
         writer.add(record, [{"epoch": epoch, "group": g, **r} for g, r in groups.items()])
+        log_epoch(progress, epoch, cfg.epochs, record)
         bar.set_postfix(test_loss=f"{record['test_loss']:.3f}")
     bar.close()
     return writer.data

@@ -31,7 +31,8 @@ def resolve_backend(name: str) -> str:
         raise ReportError(f"--backend: expected one of auto, {', '.join(BACKENDS)}; got {name!r}")
     module = {"torch": "torch", "jax": "jax"}.get(name)
     if module and importlib.util.find_spec(module) is None:
-        raise ReportError(f"--backend {name}: {module} is not installed (pip install 'fishercore[{name}]')")
+        raise ReportError(f"--backend {name}: {module} is not installed (pip install '.[{name}]' in "
+                          "fishercore's checkout)")
     return name
 
 

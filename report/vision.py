@@ -23,7 +23,7 @@ from . import ReportError
 from . import cnn as C
 from . import data as D
 from .render import _plt, write_pages
-from .results import CONFIDENCE, REL_ERROR, SLACK, ResultsWriter, to_numpy
+from .results import CONFIDENCE, REL_ERROR, SLACK, ResultsWriter, log_epoch, to_numpy
 
 FIELDS = ["kind", "size", "fisher", "v1", "v2", "zero_fisher", "n_i1", "n_i2", "i1_better", "i2_better", "ties",
           "v2_zero", "bounds_hold"]
@@ -66,7 +66,7 @@ def run_cnn_study(cfg: CNNStudy, out: pathlib.Path, *, progress: bool = True) ->
     try:
         import torch
     except ImportError:
-        raise ReportError("--model cnn: needs torch (pip install 'fishercore[torch]')") from None
+        raise ReportError("--model cnn: needs torch (pip install '.[torch]' in fishercore's checkout)") from None
     from fishercore.backends import torch as fc_torch
 
     ds = D.load("classification", seed=cfg.seed)
@@ -87,7 +87,7 @@ def run_cnn_study(cfg: CNNStudy, out: pathlib.Path, *, progress: bool = True) ->
     gen = torch.Generator().manual_seed(cfg.seed)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(cfg.epochs + 1), desc="fishercore report", unit="epoch", disable=not progress)
+    bar = tqdm(range(cfg.epochs + 1), desc="fishercore report", unit="epoch", disable=progress is not True)
     for epoch in bar:
         t0 = time.perf_counter()
         if epoch > 0:
@@ -110,6 +110,7 @@ def run_cnn_study(cfg: CNNStudy, out: pathlib.Path, *, progress: bool = True) ->
                   "second_order": not res.first_order_only, "conv0_log_ratio": _log_ratio(res, "conv0.weight"),
                   "seconds": time.perf_counter() - t0}
         writer.add(record, [{"epoch": epoch, "group": g, **r} for g, r in groups.items()])
+        log_epoch(progress, epoch, cfg.epochs, record)
         bar.set_postfix(test_loss=f"{test_loss:.3f}")
     bar.close()
     return writer.data

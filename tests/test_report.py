@@ -73,7 +73,7 @@ def test_study_on_framework_backends_matches_numpy(tmp_path, backend):
 
 
 def test_natural_gradient_study(tmp_path):
-    assert _run(tmp_path, "--study", "natural-gradient") == 0
+    assert cli.main(["report", "--out", str(tmp_path / "out"), "--quiet", "--study", "natural-gradient"]) == 0
     out = tmp_path / "out"
     res = json.loads((out / "results.json").read_text())
     runs = {(r["problem"], r["method"]): r for r in res["runs"]}
@@ -272,7 +272,7 @@ def test_transformer_study_tiny(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--hidden", "4"], "--model transformer: --hidden does not apply"),
-    (["--study", "natural-gradient"], "--model transformer: runs the Fisher study"),
+    (["--study", "natural-gradient"], "--study natural-gradient: --model does not apply"),
 ])
 def test_transformer_refuses_options_of_the_mlp_study(tmp_path, capsys, args, message):
     code = cli.main(["report", "--out", str(tmp_path / "out"), "--model", "transformer", "--quiet", *args])
@@ -311,9 +311,49 @@ def test_cnn_study_tiny(tmp_path, capsys):
     (["--hidden", "4"], "--model cnn: --hidden does not apply"),
     (["--backend", "numpy"], "--model cnn: --backend does not apply"),
     (["--activation", "leaky_relu"], "--activation: the cnn study takes one of"),
-    (["--study", "natural-gradient"], "--model cnn: runs the Fisher study"),
+    (["--study", "natural-gradient"], "--study natural-gradient: --model does not apply"),
 ])
 def test_cnn_refuses_options_it_does_not_take(tmp_path, capsys, args, message):
     code = cli.main(["report", "--out", str(tmp_path / "out"), "--model", "cnn", "--quiet", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--study", "natural-gradient", "--task", "regression", "--epochs", "3"],
+     "--study natural-gradient: --task, --epochs do not apply"),
+    (["--label-column", "y"], "--label-column: names a column of a --data .csv; give --data too"),
+    (["--seed", "-3"], "argument --seed: expected a non-negative integer, got -3"),
+])
+def test_options_a_study_does_not_take_are_refused(tmp_path, capsys, args, message):
+    try:
+        code = cli.main(["report", "--out", str(tmp_path / "out"), "--quiet", *args])
+    except SystemExit as e:  # argparse's own errors (a bad value) exit with 2 after one line
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_render_only_takes_no_other_option(tmp_path, capsys):
+    code = cli.main(["report", "--render-only", str(tmp_path), "--seed", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--render-only: --seed does not apply" in err
+
+
+def test_every_option_says_its_default():
+    parser = cli.build_parser()
+    report = next(a for a in parser._actions if a.dest == "command").choices["report"]
+    for action in report._actions:
+        if action.dest in ("help", "render_only"):
+            continue
+        assert action.help and "default" in action.help, action.dest
+
+
+def test_one_line_per_epoch_when_not_a_terminal(tmp_path, capsys):
+    """Output to a pipe or a log (pytest's capture is not a terminal): no progress bar, a line per epoch."""
+    assert cli.main(["report", "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4",
+                     "--backend", "numpy"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fishercore report: epoch")]
+    assert [line.split(",")[0] for line in lines] == [f"fishercore report: epoch {e}/2" for e in range(3)]
+    assert all("test loss" in line for line in lines) and "\r" not in err
