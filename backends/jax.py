@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import jax
@@ -135,36 +136,39 @@ class JaxMLP:
     """An MLP as a parameter pytree (use :func:`from_mlp`)."""
 
     def __init__(self, params: Sequence, activation="tanh", *, negative_slope: float = 0.01, alpha: float = 1.0):
-        if not isinstance(params, (list, tuple)) or not params:
+        if not isinstance(params, (list, tuple, dict)) or not params:
             raise TypeError("params: expected a non-empty list of (W, b) pairs or of {'kernel', 'bias'} dicts")
         names, leaves, _ = _named_leaves(params)
+        named = isinstance(params, dict)  # {layer name: {"kernel", "bias"}}, in layer order (from _mlp_layers)
+        items = list(params.items()) if named else list(enumerate(params))
         self.dtype = _check_leaves(names, leaves, "params")
         self.device = device(leaves[0])
         self.params = params
         negative_slope = check_positive_real(negative_slope, "negative_slope") if negative_slope != 0 else 0.0
         alpha = check_positive_real(alpha, "alpha")
         Ws, bs, layout = [], [], []
-        for i, layer in enumerate(params):
+        for j, (i, layer) in enumerate(items):
+            where = f"params[{i!r}]"
             if isinstance(layer, dict):
                 extra = set(layer) - {"kernel", "bias"}
                 if "kernel" not in layer or extra:
-                    raise ValueError(f"params[{i}]: a dict layer needs 'kernel' (and optionally 'bias'), "
+                    raise ValueError(f"{where}: a dict layer needs 'kernel' (and optionally 'bias'), "
                                      f"got keys {sorted(layer)}")
                 K, b = layer["kernel"], layer.get("bias")
                 if K.ndim != 2:
-                    raise ValueError(f"params[{i}]: kernel must be (in, out), got shape {tuple(K.shape)}")
+                    raise ValueError(f"{where}: kernel must be (in, out), got shape {tuple(K.shape)}")
                 W, transposed, wname, bname = K.T, True, f"{i}.kernel", f"{i}.bias"
-            elif isinstance(layer, (list, tuple)) and len(layer) == 2:
+            elif isinstance(layer, (list, tuple)) and len(layer) == 2 and not named:
                 W, b = layer
                 if W.ndim != 2:
-                    raise ValueError(f"params[{i}]: weight must be (out, in), got shape {tuple(W.shape)}")
+                    raise ValueError(f"{where}: weight must be (out, in), got shape {tuple(W.shape)}")
                 transposed, wname, bname = False, f"{i}.0", f"{i}.1"
             else:
-                raise TypeError(f"params[{i}]: expected a (W, b) pair or a {{'kernel', 'bias'}} dict")
+                raise TypeError(f"{where}: expected a (W, b) pair or a {{'kernel', 'bias'}} dict")
             if b is not None and tuple(b.shape) != (W.shape[0],):
-                raise ValueError(f"params[{i}]: bias must have shape ({W.shape[0]},), got {tuple(b.shape)}")
+                raise ValueError(f"{where}: bias must have shape ({W.shape[0]},), got {tuple(b.shape)}")
             if Ws and W.shape[1] != Ws[-1].shape[0]:
-                raise ValueError(f"params[{i}]: expects {W.shape[1]} inputs but params[{i - 1}] has "
+                raise ValueError(f"{where}: expects {W.shape[1]} inputs but params[{items[j - 1][0]!r}] has "
                                  f"{Ws[-1].shape[0]} outputs")
             Ws.append(W)
             bs.append(b)
@@ -212,11 +216,18 @@ class JaxMLP:
         return dense.workspace(widths, curved, jnp.dtype(self.dtype).itemsize, hessian)
 
 
-def from_mlp(params: Sequence, activation="tanh", *, negative_slope: float = 0.01, alpha: float = 1.0) -> JaxMLP:
-    """Adapt an MLP pytree: ``[(W, b), ...]`` (W: (out, in)) or ``[{"kernel": (in, out), "bias": (out,)}, ...]``.
+def from_mlp(params, activation="tanh", *, negative_slope: float = 0.01, alpha: float = 1.0) -> JaxMLP:
+    """Adapt an MLP pytree: ``[(W, b), ...]`` (W: (out, in)) or ``[{"kernel": (in, out), "bias": (out,)}, ...]``,
+    or Flax's own containers of such layers as they come:
 
-    ``activation``: one name of :data:`ACTIVATIONS` for all hidden layers, or one per
-    hidden layer (``"gelu"`` is the tanh form).
+    * a linen ``params`` dict, ``{"Dense_0": {"kernel", "bias"}, "Dense_1": ...}``, or the variables
+      ``{"params": ...}`` that ``Module.init`` returns (layers named ``<name>_<i>`` in the order of i,
+      others in the dict's order);
+    * an NNX state, ``nnx.state(model, nnx.Param)`` (layers in attribute order).
+
+    Groups are then named by the layers (``Dense_0.kernel``).  ``activation``: one name of
+    :data:`ACTIVATIONS` for all hidden layers, or one per hidden layer (``"gelu"`` is the tanh
+    form), or the ``jax.nn`` / ``jax.numpy`` function itself (``jax.nn.relu``, ``jnp.tanh``, ...).
 
     Examples
     --------
@@ -231,7 +242,92 @@ def from_mlp(params: Sequence, activation="tanh", *, negative_slope: float = 0.0
     >>> res.unflatten(res.fisher)["0.kernel"].shape
     (4, 8)
     """
-    return JaxMLP(params, activation, negative_slope=negative_slope, alpha=alpha)
+    return JaxMLP(_mlp_layers(params), _activation_names(activation), negative_slope=negative_slope, alpha=alpha)
+
+
+def _mlp_layers(params):
+    """A list of layers as given, or Flax's containers of named layers as ``{name: {"kernel", "bias"}}``, in layer
+    order (an ordered plain dict, which JaxMLP names its groups by)."""
+    if isinstance(params, (list, tuple)):
+        return params
+    if not hasattr(params, "items"):  # a dict, a linen FrozenDict or an nnx.State (whose leaves hold .value)
+        raise TypeError(f"params: expected a list of (W, b) pairs or of {{'kernel', 'bias'}} dicts, a Flax params "
+                        f"dict or an NNX state, got {type(params).__name__}")
+    params = dict(params.items())
+    if "params" in params:  # linen variables
+        others = sorted(k for k, v in params.items() if k != "params" and v)
+        if others:
+            raise ValueError(f"params: the variables hold the collections {others} besides 'params'; an MLP has only "
+                             "parameters (use from_function for a network with batch statistics)")
+        params = dict(params["params"].items())
+    layers = {}
+    for n, layer in params.items():
+        if not hasattr(layer, "items"):
+            raise TypeError(f"params[{n!r}]: expected a layer {{'kernel', 'bias'}}, got {type(layer).__name__}")
+        layers[str(n)] = {k: _array_of(v) for k, v in layer.items()}
+    order = _chain_order(layers)
+    return {n: layers[n] for n in order}
+
+
+def _array_of(leaf):
+    """An array leaf as it is; an NNX Variable's array (``get_value()``, or ``.value`` in older Flax)."""
+    if isinstance(leaf, jax.Array):
+        return leaf
+    get = getattr(leaf, "get_value", None)
+    return get() if callable(get) else getattr(leaf, "value", leaf)
+
+
+def _chain_order(layers: dict) -> list:
+    """The layers' order, read off their kernels' shapes (in, out): the dict's own order, or the numbered names'
+    (``Dense_0``, ``Dense_1``, ... are numbered in construction order, which need not be the call order), or the one
+    chain the shapes allow; a ValueError when the shapes leave it open."""
+    def widths(n):
+        K = layers[n].get("kernel")
+        return tuple(K.shape) if K is not None and getattr(K, "ndim", 0) == 2 else (None, None)
+
+    def chains(order):
+        return all(widths(a)[1] == widths(b)[0] for a, b in zip(order, order[1:]))
+
+    names = list(layers)
+    candidates = [names]
+    numbered = [re.fullmatch(r"(.*)_(\d+)", n) for n in names]
+    if names and all(numbered):
+        candidates.append(sorted(names, key=lambda n: int(n.rsplit("_", 1)[1])))
+    for order in candidates:
+        if chains(order):
+            return order
+    firsts = [n for n in names if not any(widths(o)[1] == widths(n)[0] for o in names if o != n)]
+    if len(firsts) == 1:
+        order, left = firsts, set(names) - set(firsts)
+        while left:
+            nxt = [o for o in left if widths(o)[0] == widths(order[-1])[1]]
+            if len(nxt) != 1:
+                break
+            order.append(nxt[0])
+            left.discard(nxt[0])
+        if not left:
+            return order
+    raise ValueError(f"params: the layers {names} with kernels {[widths(n) for n in names]} do not form one chain "
+                     "in any order their names or shapes tell; pass them as a list in layer order")
+
+
+_NAMED_ACTIVATIONS = {jax.nn.relu: "relu", jax.nn.leaky_relu: "leaky_relu", jnp.tanh: "tanh", jax.nn.tanh: "tanh",
+                      jax.nn.sigmoid: "sigmoid", jax.nn.softplus: "softplus", jax.nn.gelu: "gelu", jax.nn.elu: "elu"}
+
+
+def _activation_names(activation):
+    """Names for activations given as jax functions (``jax.nn.gelu`` is its default tanh form); names as they are."""
+    def name(a):
+        if isinstance(a, str):
+            return a
+        if callable(a) and a in _NAMED_ACTIVATIONS:
+            return _NAMED_ACTIVATIONS[a]
+        raise ValueError(f"activation: {getattr(a, '__name__', a)!r} is not one of the known functions "
+                         f"({', '.join(sorted({f.__name__ for f in _NAMED_ACTIVATIONS}))}) or names "
+                         f"{list(ACTIVATIONS)}; use from_function for any other")
+    if isinstance(activation, (list, tuple)):
+        return [name(a) for a in activation]
+    return name(activation)
 
 
 # -- any function: the column rule, compiled once per (apply_fn, pytree structure, shapes) ----

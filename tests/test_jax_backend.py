@@ -295,3 +295,64 @@ def test_cnn_through_from_function_matches_brute_force(jax_x64):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.abs(want).max(), err_msg=f)
     np.testing.assert_allclose(np.asarray(res.var_x), np.asarray(stats.fisher.var(0)), rtol=1e-10,
                                atol=1e-12 * float(np.abs(stats.fisher).max()) ** 2)
+
+
+def test_from_mlp_takes_flax_params_variables_and_nnx_state(jax_x64):
+    """Flax containers as they come: linen variables ({"params": ...}) and params dicts, an NNX state; activations as
+    jax functions. Every field equals from_function on the same module (1e-10); the layer order comes from the
+    kernels' shapes (linen numbers Dense_0 as the outer layer of Dense(3)(tanh(Dense(8)(x))))."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    X = jax.random.normal(jax.random.key(1), (12, 4), dtype=jnp.float64)
+
+    class Linen(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, param_dtype=jnp.float64)(jnp.tanh(nn.Dense(8, param_dtype=jnp.float64)(x)))
+
+    net = Linen()
+    variables = net.init(jax.random.key(0), X[:1])
+    ref = fc.analyze(fc_jax.from_function(lambda p, x: net.apply({"params": p}, x), variables["params"],
+                                          input_shape=(4,)), X)
+    for params, act in ((variables, jnp.tanh), (variables["params"], "tanh"), (variables["params"], jax.nn.tanh)):
+        res = fc.analyze(fc_jax.from_mlp(params, act), X)
+        assert [g.name for g in res.groups] == [g.name for g in ref.groups]
+        for f in ("fisher", "v1", "v2", "c12", "var_x"):
+            np.testing.assert_allclose(getattr(res, f), getattr(ref, f), rtol=1e-10, atol=1e-14, err_msg=f)
+
+    class NNX(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(4, 8, rngs=rngs, param_dtype=jnp.float64)
+            self.out = nnx.Linear(8, 3, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, x):
+            return self.out(jax.nn.relu(self.hidden(x)))
+
+    model = NNX(nnx.Rngs(0))
+    graph, state = nnx.split(model, nnx.Param)
+    ref = fc.analyze(fc_jax.from_function(lambda s, x: nnx.merge(graph, s)(x), state, input_shape=(4,)), X)
+    res = fc.analyze(fc_jax.from_mlp(nnx.state(model, nnx.Param), jax.nn.relu), X)
+    assert [g.name for g in res.groups] == ["hidden.bias", "hidden.kernel", "out.bias", "out.kernel"]
+    np.testing.assert_allclose(res.fisher, ref.fisher, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("params,activation,exc,msg", [
+    ("linen", "swish", ValueError, "activation: unknown activation 'swish'"),
+    ("linen", "callable", ValueError, "activation: 'silu' is not one of the known functions"),
+    ("stats", "tanh", ValueError, "params: the variables hold the collections ['batch_stats']"),
+    ("broken", "tanh", ValueError, "params: the layers ['a', 'b'] with kernels [(4, 3), (5, 2)] do not form"),
+    (3, "tanh", TypeError, "params: expected a list of (W, b) pairs"),
+])
+def test_from_mlp_refuses_what_it_cannot_take(params, activation, exc, msg, jax_x64):
+    import jax
+    import jax.numpy as jnp
+
+    layer = {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}
+    given = {"linen": {"params": {"Dense_0": layer, "Dense_1": layer}}, "stats": {"params": {"Dense_0": layer},
+                                                                "batch_stats": {"bn": {"mean": jnp.zeros(4)}}},
+             "broken": {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((5, 2))}}}.get(params, params)
+    act = jax.nn.silu if activation == "callable" else activation
+    assert_raises_named(lambda: fc_jax.from_mlp(given, act), exc, msg)
