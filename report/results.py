@@ -53,7 +53,8 @@ def group_records(res, names=None) -> dict:
                "log_upper_over_v1": math.log(m["v1_upper"] / m["v1"]) if m["v1"] > 0 else None,
                "log_upper_over_v2": math.log(m["v2_upper"] / m["v2"]) if m["v2"] > 0 else None,
                "v2_max": float(np.max(v2)),
-               "i2_better": float(np.mean(v2 < v1)),
+               "i2_better": float(np.mean(v2 < v1)), "i1_better": float(np.mean(v1 < v2)),
+               "ties": float(np.mean(v1 == v2)),  # both 0 (dead units), or equal: neither is better
                "n_i1": float(np.median(n["i1"][sl])), "n_i2": float(np.median(n["i2"][sl])),
                "n_optimal": float(np.median(n["optimal"][sl])),
                "bounds_hold": hold}

@@ -16,8 +16,8 @@ from .results import CONFIDENCE, REL_ERROR, ResultsWriter, group_records, log_ep
 from .train import init_layers, make_trainer
 
 GROUP_FIELDS = ["fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper", "std_i1",
-                "std_i2", "log_upper_over_v1", "log_upper_over_v2", "i2_better", "n_i1", "n_i2", "n_optimal",
-                "bounds_hold"]
+                "std_i2", "log_upper_over_v1", "log_upper_over_v2", "i2_better", "i1_better", "ties", "n_i1", "n_i2",
+                "n_optimal", "bounds_hold"]
 
 
 class FisherStudy(NamedTuple):

@@ -58,6 +58,15 @@ def test_regression_study_tiny(tmp_path):
     assert res["config"]["dataset"] == "diabetes" and res["config"]["family"] == "Gaussian(variance=1.0)"
     for r in res["epochs"][-1]["groups"].values():  # Gaussian: v1 = 2 I² per input, and the bounds are tight
         assert r["v1_lower"] == pytest.approx(r["v1"], rel=1e-9) == r["v1_upper"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "by factors 1 to 1" not in md and "upper bounds equal the true (group-mean) variances" in md
+
+
+def test_findings_never_round_a_share_to_0_or_100():
+    from fishercore.report.render import _percent
+
+    assert [_percent(x) for x in (0.0, 0.003, 0.0004, 0.5, 0.996, 0.9999, 1.0)] == \
+        ["0 %", "0.3 %", "0.04 %", "50 %", "99.6 %", "> 99.9 %", "100 %"]
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "jax") if b in BACKENDS])
@@ -83,7 +92,9 @@ def test_natural_gradient_study(tmp_path):
         np.testing.assert_allclose(runs[(problem, "i2")]["mean_test_nll"], runs[(problem, "exact")]["mean_test_nll"],
                                    rtol=1e-10)
         assert runs[(problem, "exact")]["mean_test_nll"][-1] < runs[(problem, "exact")]["mean_test_nll"][0]
-    assert (out / "natural_gradient.png").stat().st_size > 0 and "final test NLL" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert (out / "natural_gradient.png").stat().st_size > 0 and "final test NLL" in md
+    assert "to within 0 " not in md and "coincides with the exact diagonal's run" in md
 
 
 @pytest.mark.parametrize("args,message", [
