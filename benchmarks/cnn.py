@@ -35,27 +35,12 @@ import time
 import warnings
 
 import torch
+from memory import peak, reset_peak  # benchmarks/memory.py, beside this script
 from torch import nn
 
 import fishercore as fc
 from fishercore.backends import torch as fc_torch
 from fishercore.report import cnn
-
-
-def peak_rss_reset():
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024.0
-    return float("nan")
 
 
 def timed(job, repeat, device="cpu"):
@@ -67,14 +52,13 @@ def timed(job, repeat, device="cpu"):
     job()
     times, grow, out = [], 0.0, None
     for _ in range(repeat):
-        peak_rss_reset()
-        before = peak_rss()
+        before = reset_peak()  # the peak starts afresh at the current RSS
         sync()
         t = time.perf_counter()
         out = job()
         sync()
         times.append(time.perf_counter() - t)
-        grow = max(grow, peak_rss() - before)
+        grow = max(grow, peak() - before)
     return statistics.median(times), grow, out
 
 

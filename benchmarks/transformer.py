@@ -31,26 +31,11 @@ import time
 
 import numpy as np
 import torch
+from memory import peak, reset_peak  # benchmarks/memory.py, beside this script
 
 import fishercore as fc
 from fishercore.backends import torch as fc_torch
 from fishercore.report import transformer as tr
-
-
-def peak_rss_reset():
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024.0
-    return float("nan")
 
 
 def baseline(net, X, batch):
@@ -89,12 +74,11 @@ def timed(job, repeat):
     job()
     times, peaks = [], []
     for _ in range(repeat):
-        peak_rss_reset()
-        before = peak_rss()
+        before = reset_peak()  # the peak starts afresh at the current RSS
         t = time.perf_counter()
         out = job()
         times.append(time.perf_counter() - t)
-        peaks.append(peak_rss() - before)
+        peaks.append(peak() - before)
     return statistics.median(times), max(peaks), out
 
 
