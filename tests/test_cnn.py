@@ -63,6 +63,8 @@ def test_flax_cnn_matches_brute_force(tag, jax_x64):
     variables = jax.tree_util.tree_map(jnp.asarray, cnn.flax_variables(config, R.params(tag)))
     fn, params = cnn.flax_function(config, variables)
     model = fc_jax.from_function(fn, params, input_shape=(1, 8, 8))
+    # read off the jaxpr: after the last activation only pooling and the dense head, which are linear
+    assert set(model.linear_groups) == {"head.bias", "head.kernel"}
     res = fc.analyze(model, jnp.asarray(R.images()), batch_size=5)  # one batch: one compilation per program
     order = [n for n, _ in config.names_and_shapes()]
     flat = {}

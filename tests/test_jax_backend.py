@@ -259,44 +259,6 @@ def test_piecewise_linear_groups_read_off_the_jaxpr_are_exact_and_never_smooth(j
                 assert np.all(np.asarray(res.v2)[sl] == 0) and np.all(np.asarray(res.c12)[sl] == 0)
 
 
-def test_cnn_through_from_function_matches_brute_force(jax_x64):
-    """A small CNN in plain JAX (conv, tanh, max pool, eval batch-norm affine, dense head): every field equals the
-    statistics of its per-output Jacobians and Hessian diagonals by jax.jacrev / jax.hessian, to 1e-10."""
-    import jax
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(4)
-    params = {"conv": jnp.asarray(rng.normal(size=(2, 1, 3, 3)) * 0.5), "conv_b": jnp.asarray(rng.normal(size=2)),
-              "scale": jnp.asarray(rng.uniform(0.5, 1.5, size=2)), "shift": jnp.asarray(rng.normal(size=2)),
-              "head": jnp.asarray(rng.normal(size=(8, 3)) * 0.3)}
-
-    def cnn(p, x):  # x (n, 1, 4, 4)
-        z = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "SAME") + p["conv_b"][None, :, None, None]
-        a = jnp.tanh(z)
-        a = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
-        a = a * p["scale"][None, :, None, None] + p["shift"][None, :, None, None]
-        return a.reshape(a.shape[0], -1) @ p["head"]
-
-    X = jnp.asarray(rng.normal(size=(5, 1, 4, 4)))
-    model = fc_jax.from_function(cnn, params, input_shape=(1, 4, 4))
-    res = fc.analyze(model, X, batch_size=5)
-    assert set(model.linear_groups) == {"head", "shift", "scale"}  # after the last tanh: affine, then linear
-    flat, unravel = ravel_pytree(params)
-
-    def h(v, x):
-        return cnn(unravel(v), x[None])[0]
-
-    U = jax.vmap(lambda x: jax.jacrev(h)(flat, x))(X)
-    W = jax.vmap(lambda x: jnp.diagonal(jax.hessian(h)(flat, x), axis1=-2, axis2=-1))(X)
-    stats = fc.fisher_stats(cnn(params, X), U, W, "categorical")
-    for f in ("fisher", "v1", "v2", "c12", "v1_lower", "v1_upper", "v2_lower", "v2_upper"):
-        want = np.asarray(getattr(stats, f).mean(0))
-        got = np.asarray(getattr(res, f))  # both in the flat order of the dict's sorted keys
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.abs(want).max(), err_msg=f)
-    np.testing.assert_allclose(np.asarray(res.var_x), np.asarray(stats.fisher.var(0)), rtol=1e-10,
-                               atol=1e-12 * float(np.abs(stats.fisher).max()) ** 2)
-
-
 def test_from_mlp_takes_flax_params_variables_and_nnx_state(jax_x64):
     """Flax containers as they come: linen variables ({"params": ...}) and params dicts, an NNX state; activations as
     jax functions. Every field equals from_function on the same module (1e-10); the layer order comes from the
