@@ -115,7 +115,8 @@ def analysis_of(model, acc: Accumulator, family) -> FisherAnalysis:
 
 
 def analyze_batches(model, batches, family="categorical", *, checkpoint=None, checkpoint_every: int = 1,
-                    memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> FisherAnalysis:
+                    memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False,
+                    mask_at: int | None = None) -> FisherAnalysis:
     r""":func:`analyze` over an iterable of batches (a data loader), resumable from a checkpoint.
 
     Parameters
@@ -135,6 +136,9 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
         error or interrupt stops the run, so finished batches are never lost.
     checkpoint_every : int
         Batches between checkpoints.
+    mask_at : int, optional
+        For sequence outputs: the position, in each batch tuple, of its boolean (n_b, T) padding
+        mask (as :func:`analyze`'s ``mask``), e.g. 1 for a loader yielding ``(ids, mask)``.
 
     Returns
     -------
@@ -158,11 +162,21 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
     except TypeError as e:
         raise TypeError(f"batches: expected an iterable of input batches, got {type(batches).__name__}") from e
 
+    if mask_at is not None and (isinstance(mask_at, bool) or not isinstance(mask_at, int) or mask_at < 1):
+        raise ValueError(f"mask_at: expected the position (≥ 1) of the mask in each batch tuple, got {mask_at!r}")
+
     def inputs(batch, i):
         X = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not hasattr(X, "shape"):
             raise TypeError(f"batches: batch {i} is a {type(X).__name__}, not an array (or a tuple starting with one)")
         return X
+
+    def mask_of(batch, i):
+        if mask_at is None:
+            return None
+        if not isinstance(batch, (tuple, list)) or len(batch) <= mask_at:
+            raise ValueError(f"mask_at: batch {i} has no element {mask_at} (expected a tuple holding the mask there)")
+        return batch[mask_at]
 
     def checkpoint_error(e):
         return ValueError(f"checkpoint: {str(e).removeprefix('path: ')}")
@@ -208,7 +222,7 @@ def analyze_batches(model, batches, family="categorical", *, checkpoint=None, ch
                                              f"not {family!r}")
                         result = loaded
                     continue
-                part = analyze(model, X, family, memory_budget=memory_budget)
+                part = analyze(model, X, family, mask=mask_of(batch, i), memory_budget=memory_budget)
                 result = part if result is None else result.merge(part)
                 records.append(_fingerprint(X) if checkpoint is not None else None)
                 bar.update()

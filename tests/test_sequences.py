@@ -237,3 +237,22 @@ def test_batches_summary_and_sample_sizes_of_a_sequence_analysis():
     assert merged.family == whole.family
     assert "theta" in str(whole.summary())
     assert whole.sample_size("i1").shape == (K,) and np.all(whole.sample_size("i2") >= 1)
+
+
+def test_analyze_batches_takes_each_batchs_mask(tmp_path):
+    """A loader yielding (inputs, mask): analyze_batches(mask_at=1) equals analyze with the whole mask, also after a
+    resume from its checkpoint; a batch without the element is refused naming mask_at."""
+    model, X = table("categorical", n=6)
+    keep = np.ones((6, T), dtype=bool)
+    keep[1, 2] = keep[4, :2] = False
+    want = fc.analyze(model, X, mask=keep)
+    loader = [(X[:4], keep[:4]), (X[4:], keep[4:])]
+    got = fc.analyze_batches(model, loader, mask_at=1, checkpoint=tmp_path / "run.npz")
+    for f in ("fisher", "v1", "v2", "c12", "var_x"):
+        np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=1e-12, atol=1e-15)
+    again = fc.analyze_batches(model, loader, mask_at=1, checkpoint=tmp_path / "run.npz")
+    np.testing.assert_array_equal(again.v1, got.v1)
+    with pytest.raises(ValueError, match="mask_at: batch 0 has no element 1"):
+        fc.analyze_batches(model, [X[:4]], mask_at=1)
+    with pytest.raises(ValueError, match="mask_at: expected the position"):
+        fc.analyze_batches(model, loader, mask_at=0)
