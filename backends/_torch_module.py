@@ -576,17 +576,13 @@ class TorchModule(Perturbed, TorchModel):
             calls: dict = {}
             self._call(X, conv_calls=calls)
             unf = conv.patches(calls[k][0][0], spec, layer.index)
-        if is_bias:
-            E = conv.bias_directions(OPS.xp, spec, dtype=self.dtype, dev=self.device)
-
-            def directions(start, size):
-                return columns.unit_directions(OPS.xp, (spec.out_channels,), start, size, dtype=self.dtype,
-                                               device=self.device) @ E.reshape(spec.out_channels, -1)
         size = spec.out_channels if is_bias else spec.weight_size
 
         def tangents(start, size_):
-            if is_bias:
-                return directions(start, size_).reshape(size_, *zero.shape)[None].expand(n, size_, *zero.shape)
+            """The chunk's tangents of the layer's output, (n, size_, O, *spatial)."""
+            if is_bias:  # the same for every input
+                E = conv.bias_directions(OPS.xp, spec, start, size_, dtype=self.dtype, dev=self.device)
+                return E[None].expand(n, *E.shape)
             return conv.weight_directions(unf, spec, start, size_)
 
         if self._curvature is not None and group.name in self.activation_groups:

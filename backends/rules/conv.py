@@ -122,8 +122,9 @@ def weight_directions(unf, spec: ConvSpec, start: int, k: int):
     return xp.reshape(out, (n, k, spec.out_channels, *spec.out_spatial))
 
 
-def bias_directions(xp, spec: ConvSpec, *, dtype, dev):
-    """The tangents of z along each bias, (O, O, *out_spatial): ones over the bias's channel."""
-    eye = xp.eye(spec.out_channels, dtype=dtype, device=dev)
+def bias_directions(xp, spec: ConvSpec, start: int, k: int, *, dtype, dev):
+    """The tangents of z along biases ``start .. start+k−1``, (k, O, *out_spatial): ones over each bias's channel;
+    zero past the last bias."""
+    eye = xp.eye(k, spec.out_channels, k=start, dtype=dtype, device=dev)
     ones = xp.ones((1, 1, spec.positions), dtype=dtype, device=dev)
-    return xp.reshape(eye[:, :, None] * ones, (spec.out_channels, spec.out_channels, *spec.out_spatial))
+    return xp.reshape(eye[:, :, None] * ones, (k, spec.out_channels, *spec.out_spatial))
