@@ -495,7 +495,7 @@ def from_function(apply_fn: Callable, params, *, input_shape=None, max_params: i
                        input_dtype=input_dtype, n_tokens=n_tokens)
 
 
-def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, devices=None):
+def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, devices=None, mask=None):
     """:func:`fishercore.analyze` with the inputs sharded over JAX devices (``shard_map`` + ``psum``).
 
     Each step hands ``batch_size`` inputs to each of the D devices (``devices``, default
@@ -507,7 +507,8 @@ def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, de
     ``analyze(model, X, family)`` up to rounding.
 
     ``model`` is any JAX-traceable fishercore model: :func:`from_mlp`, :func:`from_function`, or
-    the hand-written MLP on JAX arrays.
+    the hand-written MLP on JAX arrays.  ``mask``: for sequence outputs, the boolean (n, T)
+    padding mask of :func:`fishercore.analyze`, sharded with the inputs.
     """
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
@@ -518,6 +519,7 @@ def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, de
     from fishercore.sums import Accumulator, all_reduce_sums, derivative_sums
 
     family, X = V.check_model_and_data(model, X, family)
+    mask = V.check_mask(mask, model, X)
     B = V.check_positive_int(batch_size, "batch_size")
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
@@ -528,20 +530,24 @@ def analyze_sharded(model, X, family="categorical", *, batch_size: int = 256, de
     mesh = Mesh(np.array(devices), ("data",))
     step = B * len(devices)
 
-    def shard(Xs):
-        sums = derivative_sums(model.derivatives(Xs), family)
+    def shard(Xs, Ms=None):
+        sums = derivative_sums(model.derivatives(Xs), family, positions=Ms)
         return {k: all_reduce_sums(s, B, step, lambda t: jax.lax.psum(t, "data")) for k, s in sums.items()}
 
     # check_vma=False: the model's rules use arrays built inside (one-hots, zeros) that do not
     # vary over the mesh axis; the psum makes every output replicated, as out_specs says.
-    run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False))
+    specs = P("data") if mask is None else (P("data"), P("data"))
+    run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
     home = device(X)  # the replicated sums come back to X's device, where the remainder is analysed
+    sharding = NamedSharding(mesh, P("data"))
     acc = Accumulator()
     for start in range(0, (X.shape[0] // step) * step, step):
-        s = jax.device_put(run(jax.device_put(X[start:start + step], NamedSharding(mesh, P("data")))), home)
+        parts = [X[start:start + step]] + ([] if mask is None else [mask[start:start + step]])
+        s = jax.device_put(run(*(jax.device_put(a, sharding) for a in parts)), home)
         V.check_results_finite(s, start, start + step, "statistics")
         acc.add(s, step)
     if acc.n_inputs < X.shape[0]:
-        rest = analyze(model, X[acc.n_inputs:], family, batch_size=B)
+        rest = analyze(model, X[acc.n_inputs:], family, batch_size=B,
+                       mask=None if mask is None else mask[acc.n_inputs:])
         return rest if acc.n_inputs == 0 else analysis_of(model, acc, family).merge(rest)
     return analysis_of(model, acc, family)

@@ -205,12 +205,16 @@ def block_sums(outputs: Array, block, family, spectrum=None, mask=None) -> dict:
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")
 
 
-def derivative_sums(d, family, mask=None) -> dict:
-    """Sums over one batch for every group of its :class:`~fishercore.Derivatives`: name → FisherSums (traceable)."""
-    spectrum = ops_for(d.outputs).jit(_spectrum, ("family",))(d.outputs, family=family)
+def derivative_sums(d, family, mask=None, positions=None) -> dict:
+    """Sums over one batch for every group of its :class:`~fishercore.Derivatives`: name → FisherSums (traceable).
+
+    ``positions`` (b, T): the positions of sequence outputs that count, as in :func:`chunked_sums`."""
+    ops = ops_for(d.outputs)
+    spectrum = ops.jit(_spectrum, ("family",))(d.outputs, positions=positions, family=family)
+    weights = None if positions is None else ops.jit(position_weights)(positions, d.outputs)
     sums = {}
     for block in d.blocks:
-        sums.update(block_sums(d.outputs, block, family, spectrum, mask))
+        sums.update(block_sums(d.outputs, masked_block(block, weights), family, spectrum, mask))
     return sums
 
 

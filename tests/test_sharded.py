@@ -120,6 +120,29 @@ def test_jax_analyze_sharded_on_one_device_with_a_remainder(jax_x64):
     assert_raises_named(lambda: fc_jax.analyze_sharded(model, X, fam, batch_size=0), ValueError, "batch_size")
 
 
+def test_jax_analyze_sharded_takes_a_padding_mask(jax_x64):
+    """Sequence outputs (n, T, C) with a padding mask, sharded with the inputs: the same as analyze with the mask."""
+    import jax
+    import jax.numpy as jnp
+
+    from fishercore.backends import jax as fc_jax
+
+    T, C, d = 3, 4, 5
+    params = {"w": 0.5 * jax.random.normal(jax.random.key(0), (d, T * C), dtype=jnp.float64)}
+
+    def seq(p, x):
+        return jnp.tanh(x @ p["w"]).reshape(x.shape[0], T, C) * 2.0
+
+    model = fc_jax.from_function(seq, params, input_shape=(d,))
+    X = jax.random.normal(jax.random.key(1), (11, d), dtype=jnp.float64)
+    keep = np.ones((11, T), dtype=bool)
+    keep[2, 1] = keep[7, :] = keep[10, 0] = False
+    keep = jnp.asarray(keep)
+    sharded = fc_jax.analyze_sharded(model, X, batch_size=4, devices=[jax_x64.device], mask=keep)
+    _close(sharded, fc.analyze(model, X, mask=keep))
+    assert_raises_named(lambda: fc_jax.analyze_sharded(model, X, batch_size=4, mask=keep[:5]), ValueError, "mask")
+
+
 class Interrupt(Exception):
     pass
 
