@@ -76,6 +76,10 @@ class Plan(tuple):
         for r in self:
             lines.append(" ".join((f"{r.group:<14}", f"{r.size:>8d}", f"{r.zero:>7d}", f"{r.estimator:>9}",
                                    f"{r.n_draws:>11,d}", f"{r.n_inputs:>10,d}", f"{r.meets:>7.1%}")))
+        if len(set(self.costs.values())) > 1:  # measured costs (not the default, equal ones): say what they were
+            lines.append("cost of one draw per input: " + ", ".join(
+                f"{e} {self.costs[e] * 1e6:.3g} µs" if self.costs[e] < 1e-3 else f"{e} {self.costs[e]:.3g}"
+                for e in ("i1", "i2", "optimal")))
         lines.append(f"one call: estimate(..., estimator=plan.estimators, n_draws={self.n_draws:,}) on "
                      f"{self.n_inputs:,} inputs: {self.total_draws:,} draws in all ('or inputs': inputs drawn with "
                      "replacement, one draw each, for that group alone)")

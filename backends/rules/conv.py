@@ -77,7 +77,7 @@ def patch_index(spec: ConvSpec) -> np.ndarray:
 
 
 def patches(x, spec: ConvSpec, index):
-    """``x_unf`` (n, I·K, P) of a batch x (n, I, *in_spatial); ``index`` from :func:`patch_index` on x's
+    """``x_unf`` (n, I·K, P) of a batch x ``(n, I, *in_spatial)``; ``index`` from :func:`patch_index` on x's
     namespace and device."""
     xp = array_namespace(x)
     n = x.shape[0]
@@ -104,7 +104,7 @@ def weight_layout(spec: ConvSpec):
 
 
 def weight_directions(unf, spec: ConvSpec, start: int, k: int):
-    """The tangents of z along weights ``start .. start+k−1``, (n, k, O, *out_spatial); zero past the last
+    """The tangents of z along weights ``start .. start+k−1``, ``(n, k, O, *out_spatial)``; zero past the last
     weight (so every chunk has the same k)."""
     xp = array_namespace(unf)
     n, _, P = unf.shape
@@ -123,7 +123,7 @@ def weight_directions(unf, spec: ConvSpec, start: int, k: int):
 
 
 def bias_directions(xp, spec: ConvSpec, start: int, k: int, *, dtype, dev):
-    """The tangents of z along biases ``start .. start+k−1``, (k, O, *out_spatial): ones over each bias's channel;
+    """The tangents of z along biases ``start .. start+k−1``, ``(k, O, *out_spatial)``: ones over each bias's channel;
     zero past the last bias."""
     eye = xp.eye(k, spec.out_channels, k=start, dtype=dtype, device=dev)
     ones = xp.ones((1, 1, spec.positions), dtype=dtype, device=dev)

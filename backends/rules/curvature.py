@@ -33,7 +33,7 @@ __all__ = ["conv_bias_direct", "conv_direct", "factors", "tangent_squares"]
 
 
 def factors(d2, cotangent):
-    """``K = φ''(z) ⊙ ∂h/∂a``: ``d2`` (n, *s), ``cotangent`` (n, C, *s) → (n, C, ∏s)."""
+    """``K = φ''(z) ⊙ ∂h/∂a``: ``d2`` ``(n, *s)``, ``cotangent`` ``(n, C, *s)`` → ``(n, C, ∏s)``."""
     xp = array_namespace(d2, cotangent)
     n, C = cotangent.shape[:2]
     return xp.reshape(cotangent * d2[:, None, ...], (n, C, -1))
@@ -46,11 +46,11 @@ def tangent_squares(K, T):
 
 
 def conv_direct(D, unf, spec: ConvSpec):
-    """``Σ_p D[c, o, p] · x_unf[row(o, i, k), p]²`` for every weight: ``D`` (n, C, O, *out_spatial) the summed
+    """``Σ_p D[c, o, p] · x_unf[row(o, i, k), p]²`` for every weight: ``D`` ``(n, C, O, *out_spatial)`` the summed
     ``K`` of the activations that read the layer's output, ``unf`` (n, I·K, P) its patches → (n, C, weights).
 
     One matrix product per group of channels: ``D (O/g × P) @ (x_unf²)ᵀ (P × I/g·K)``, laid out as the
-    framework stores the weight, (O, I/g, *kernel).
+    framework stores the weight, ``(O, I/g, *kernel)``.
     """
     xp = array_namespace(D, unf)
     n, C = D.shape[:2]
@@ -61,7 +61,7 @@ def conv_direct(D, unf, spec: ConvSpec):
 
 
 def conv_bias_direct(D):
-    """``Σ_p D[c, o, p]``: (n, C, O, *out_spatial) → (n, C, O)."""
+    """``Σ_p D[c, o, p]``: ``(n, C, O, *out_spatial)`` → (n, C, O)."""
     xp = array_namespace(D)
     n, C, O = D.shape[:3]
     return xp.sum(xp.reshape(D, (n, C, O, -1)), axis=-1)
