@@ -120,6 +120,7 @@ def test_jax_analyze_sharded_on_one_device_with_a_remainder(jax_x64):
     assert_raises_named(lambda: fc_jax.analyze_sharded(model, X, fam, batch_size=0), ValueError, "batch_size")
 
 
+@pytest.mark.backends("jax")
 def test_jax_analyze_sharded_takes_a_padding_mask(jax_x64):
     """Sequence outputs (n, T, C) with a padding mask, sharded with the inputs: the same as analyze with the mask."""
     import jax
