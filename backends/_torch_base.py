@@ -20,8 +20,9 @@ from .ops import namespace_ops
 
 OPS = namespace_ops(torch_xp)
 
-# functional_call and forward hooks change the module object while they run; calls that use
-# them hold this lock, so one module is safe to analyse from several threads.
+# functional_call and forward hooks change the module object while they run, and torch.func's
+# forward-mode levels are process-wide (two threads taking jvps at once crash torch): calls that
+# use either hold this lock, so models are safe to analyse from several threads.
 MODULE_LOCK = threading.RLock()
 
 

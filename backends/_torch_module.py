@@ -280,18 +280,16 @@ class Perturbed:
             jac_d, jac_a, jac_c = OPS.vmap(lambda x, ds, das: columns.pullback(
                 OPS, lambda prim: f(x, ds, das, prim), (tuple(ds[l] for l in layers), das, chosen), eye))(
                 X, deltas, act_deltas)
-            self._curvature = None
+            # the curvature rule's factors K_m, passed down (never kept on the model: calls may run in parallel)
+            K = None
             if by_activations:
-                self._curvature = [curvature.factors(OPS.elementwise_derivatives(phi, z, 2)[2], ja)
-                                   for (phi, z), ja in zip(rec.calls, jac_a)]
-            try:
-                hess = [self._layer_hessian(X, deltas, l, hessian) for l in layers]
-                blocks = dense.dense_blocks([layout[l] for l in layers], [inputs[l] for l in layers], list(jac_d),
-                                            hess) + tuple(
-                    ColumnBlock(g.name, jac_c[g.name].reshape(n, self.n_outputs, g.size),
-                                self._column_hessian(X, g, hessian)) for g in cols)
-            finally:
-                self._curvature = None
+                K = [curvature.factors(OPS.elementwise_derivatives(phi, z, 2)[2], ja)
+                     for (phi, z), ja in zip(rec.calls, jac_a)]
+            hess = [self._layer_hessian(X, deltas, l, hessian, K) for l in layers]
+            blocks = dense.dense_blocks([layout[l] for l in layers], [inputs[l] for l in layers], list(jac_d),
+                                        hess) + tuple(
+                ColumnBlock(g.name, jac_c[g.name].reshape(n, self.n_outputs, g.size),
+                            self._column_hessian(X, g, hessian, K)) for g in cols)
         return Derivatives(h, blocks)
 
     # -- the curvature rule (docs/math.md §13) ------------------------------------
@@ -304,14 +302,14 @@ class Perturbed:
         self._outputs(x[None], acts=watch, **site)
         return tuple(z[0] for _, z in watch.calls)
 
-    def _by_activations(self, X, run, zero, size, directions, direct=None):
+    def _by_activations(self, X, K, run, zero, size, directions, direct=None):
         """w (n, C, size) by the curvature rule, at a site where ``run(x, d)`` gives the activations' inputs with
         ``d`` (shaped like ``zero``) added; ``directions(start, k)`` → (n, k, *zero.shape) the tangents there of
         ``size`` parameters; ``direct(D)`` → (n, C, size) the terms of the activations that read the site
         unchanged (D their summed factors, (n, C, *zero.shape)), or None to push every activation forward.
+        ``K``: the activations' factors (n, C, n_m), from the first-order pass.
         """
         n = X.shape[0]
-        K = self._curvature
         if direct is None:
             readers, others = [], list(range(len(K)))
         else:
@@ -341,7 +339,7 @@ class Perturbed:
         return total if total is not None else torch.zeros(n, self.n_outputs, size, dtype=self.dtype,
                                                             device=self.device)
 
-    def _dense_by_activations(self, X, l, out):
+    def _dense_by_activations(self, X, K, l, out):
         zero = torch.zeros(out, dtype=self.dtype, device=self.device)
 
         def run(x, d):
@@ -353,9 +351,9 @@ class Perturbed:
             E = columns.unit_directions(OPS.xp, (out,), start, k, dtype=self.dtype, device=self.device)
             return E[None].expand(X.shape[0], *E.shape)
 
-        return self._by_activations(X, run, zero, out, directions, direct=lambda D: D)
+        return self._by_activations(X, K, run, zero, out, directions, direct=lambda D: D)
 
-    def _layer_hessian(self, X, deltas, l, hessian):
+    def _layer_hessian(self, X, deltas, l, hessian, K=None):
         """diag ∂²h/∂z_l², (n, C, out): zeros where the module is piecewise linear in the layer's parameters."""
         if not hessian:
             return None
@@ -363,9 +361,9 @@ class Perturbed:
         out = deltas[l].shape[1]
         if all(g is None or g in self.linear_groups for g in (weight, bias)):
             return torch.zeros(X.shape[0], self.n_outputs, out, dtype=self.dtype, device=self.device)
-        if self._curvature is not None and all(g is None or g in self.linear_groups or g in self.activation_groups
+        if K is not None and all(g is None or g in self.linear_groups or g in self.activation_groups
                                                for g in (weight, bias)):
-            return self._dense_by_activations(X, l, out)
+            return self._dense_by_activations(X, K, l, out)
 
         def neurons(start, k):
             E = columns.unit_directions(OPS.xp, (out,), start, k, dtype=self.dtype, device=self.device)
@@ -378,24 +376,24 @@ class Perturbed:
 
         return columns.chunked(out, out, neurons)
 
-    def _rule_hessian(self, X, group):
+    def _rule_hessian(self, X, group, K=None):
         """A layer rule's computation of a column group's Hessian diagonals (n, C, size), or None: the column
-        rule's then (subclasses that recognise layers override this)."""
+        rule's then (subclasses that recognise layers override this); ``K`` as in :meth:`_by_activations`."""
         return None
 
     def _rule_groups(self) -> frozenset:
         """Column groups whose second order a layer rule computes at any size (not limited by max_params)."""
         return frozenset()
 
-    def _column_hessian(self, X, group, hessian):
+    def _column_hessian(self, X, group, hessian, K=None):
         """A column group's Hessian diagonals by a layer rule where one applies, by the curvature rule where
         its curvature comes from activations alone, else by the column rule
         (:func:`.rules.columns.group_hessian`)."""
         def compute():
-            by_rule = self._rule_hessian(X, group)
+            by_rule = self._rule_hessian(X, group, K)
             if by_rule is not None:
                 return by_rule
-            if self._curvature is not None and group.name in self.activation_groups:
+            if K is not None and group.name in self.activation_groups:
                 value = self.params[group.name]
 
                 def directions(start, k):
@@ -403,7 +401,7 @@ class Perturbed:
                     return E[None].expand(X.shape[0], *E.shape)
 
                 return self._by_activations(
-                    X, lambda x, p: self._activation_inputs(x, params={**self.params, group.name: p}), value,
+                    X, K, lambda x, p: self._activation_inputs(x, params={**self.params, group.name: p}), value,
                     group.size, directions)
             deltas = self._zero_deltas(1)
 
@@ -560,7 +558,7 @@ class TorchModule(Perturbed, TorchModel):
         """Conv layers' groups whose curvature comes from activations alone: exact second order at any size."""
         return frozenset(g for g in self._conv_of if g in self.activation_groups)
 
-    def _rule_hessian(self, X, group):
+    def _rule_hessian(self, X, group, K=None):
         """A conv layer's weight or bias, along each parameter's tangent of the layer's output (:mod:`.rules.conv`):
         by the curvature rule where the module's curvature in it comes from activations alone, else forward over
         forward from the layer's output — exact whatever follows the layer."""
@@ -585,10 +583,10 @@ class TorchModule(Perturbed, TorchModel):
                 return E[None].expand(n, *E.shape)
             return conv.weight_directions(unf, spec, start, size_)
 
-        if self._curvature is not None and group.name in self.activation_groups:
+        if K is not None and group.name in self.activation_groups:
             direct = (curvature.conv_bias_direct if is_bias else lambda D: curvature.conv_direct(D, unf, spec))
             return self._by_activations(
-                X, lambda x, d: self._activation_inputs(x, shift=(k, d[None])), zero, size, tangents, direct)
+                X, K, lambda x, d: self._activation_inputs(x, shift=(k, d[None])), zero, size, tangents, direct)
 
         def along(x, V):
             """d²h/dt² along each direction (k, O, *spatial) added to the layer's output for one input x: (k, C)."""

@@ -23,7 +23,6 @@ Python loops over samples.  Group names are the module's own parameter names
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping
 
@@ -40,6 +39,7 @@ from fishercore._validation import (
 )
 
 from ._torch_base import (
+    MODULE_LOCK,
     OPS,
     TorchModel,
     check_tensor,
@@ -313,7 +313,9 @@ class TorchFunction(Perturbed):
         return f"TorchFunction(P={sum(g.size for g in self.groups)}, {len(self.dense)} dense, {self.dtype})"
 
     def _lock(self):
-        return contextlib.nullcontext()  # nothing is installed on shared objects: calls may run in parallel
+        # torch.func's forward-mode levels are process-wide, not per thread: two threads taking jvps at once
+        # crash torch (or corrupt each other's tangents), so differentiation takes the adapters' one lock
+        return MODULE_LOCK
 
     def fn(self, params, X):
         """The function's outputs, flattened to (n, C') (sequence outputs position-major)."""

@@ -230,3 +230,22 @@ def test_float32_cnn_matches_float64():
         err = float((getattr(got, f).double() - want).abs().max()) / float(want.abs().max())
         assert err < 1e-4, (f, err)
     assert np.isfinite(float(got.v2.sum()))
+
+
+def test_threads_share_a_model_safely():
+    """Four threads analysing one from_function model (whose calls may run in parallel) and one from_module CNN at
+    once get the numbers each gets alone: nothing of a call is kept on the model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = _build(CASES["groups-maxpool"][0])
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    fn_model = fc_torch.from_function(lambda p, x: torch.func.functional_call(net, p, (x,)), params,
+                                      input_shape=(2, 4, 4))
+    mod_model = fc_torch.from_module(net, input_shape=(2, 4, 4))
+    inputs = [torch.randn(3 + k, 2, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    for model in (fn_model, mod_model):
+        alone = [fc.analyze(model, X).v2 for X in inputs]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda X, m=model: fc.analyze(m, X).v2, inputs))
+        for a, b in zip(alone, together):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
