@@ -188,9 +188,9 @@ def from_module(module: nn.Module, *, input_shape=None, input_dtype=None, n_toke
     columns in the same backward passes.  First order is exact at any size.  Second order
     (docs/math.md §11, §13, docs/convolutional.md) is zero where the module is piecewise linear in
     a group (ReLU, pooling, eval BatchNorm: read off its graph); exact at any size for the dense
-    layers and for ``Conv1d``/``Conv2d`` layers (the conv rule, and the curvature rule where the
-    module's curvature comes from elementwise activations); computed along every parameter of the
-    other groups while their curved parameters number at most ``max_params`` (``chunk`` at a
+    layers, and for ``Conv1d``/``Conv2d`` layers whose curvature comes from elementwise activations
+    (the curvature rule); for other conv layers by the conv rule, and along every parameter of the
+    other groups, while their curved parameters number at most ``max_params`` (``chunk`` at a
     time); and otherwise NaN, "not computed" (:attr:`fishercore.FisherAnalysis.first_order_only`).
 
     ``input_shape`` is the shape of one input (without the batch axis); by default the module
