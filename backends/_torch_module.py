@@ -49,7 +49,7 @@ from ._torch_linearity import curved_params
 from .rules import columns, conv, curvature, dense
 from .rules.activations import Autodiff
 
-__all__ = ["DenseLayer", "Perturbed", "TorchModule"]
+__all__ = ["DenseLayer", "Perturbed", "TorchModule", "chain_derivatives", "chain_pullback"]
 
 #: Parameters (of groups the module is curved in, outside dense layers) above which from_module and
 #: from_function leave second order out: forward over forward costs one pass per parameter and input.
@@ -94,6 +94,22 @@ def conv_spec(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> conv.ConvSpec
         pad = tuple((p, p) for p in m.padding)
     return conv.ConvSpec(m.in_channels, m.out_channels, m.groups, tuple(m.kernel_size), tuple(m.stride), pad,
                          tuple(m.dilation), tuple(x.shape[2:]), tuple(out.shape[2:]))
+
+
+def chain_derivatives(weights, biases, acts, layout, X, *, hessian: bool = True) -> Derivatives:
+    """A torch dense chain's blocks by the dense-chain rule (docs/math.md §8): ``layout`` names each layer's
+    groups.  What from_sequential and the chains from_module/from_function detect both run."""
+    with torch.no_grad():
+        h, inputs, jac, hess = dense.derivatives(weights, biases, X, activations=acts, hessian=hessian)
+    return Derivatives(h, dense.dense_blocks(layout, inputs, jac, hess))
+
+
+def chain_pullback(weights, biases, acts, layout, X, cotangent_fn) -> Derivatives:
+    """``sᵀ ∂h/∂z_l`` (n, M, out) of a torch dense chain for every draw: the rule's backpropagation of the scores."""
+    with torch.no_grad():
+        h, inputs, d1, _ = dense.forward(weights, biases, X, activations=acts, order=1)
+        grads = dense.backpropagate(weights, d1, cotangent_fn(h).permute(1, 0, 2))[0]
+    return Derivatives(h, dense.dense_blocks(layout, inputs, grads, [None] * len(grads)))
 
 
 class Perturbed:
@@ -173,6 +189,7 @@ class Perturbed:
         self._chain = (flatten, tuple((w, b, compose(phis)) for w, b, phis in layers))
 
     def _chain_args(self, X):
+        """(weights, biases, activations, layout, X as the first linear map sees it) of the detected chain."""
         flatten, layers = self._chain
         weights = tuple(self.params[w] for w, _, _ in layers)
         biases = tuple(None if b is None else self.params[b] for _, b, _ in layers)
@@ -181,20 +198,10 @@ class Perturbed:
 
     def _chain_derivatives(self, X, groups, hessian):
         """Every dense layer's per-neuron factors by the dense-chain rule (the blocks that own one of ``groups``)."""
-        weights, biases, acts, layout, Xf = self._chain_args(X)
-        with torch.no_grad(), composites():
-            h, inputs, jac, hess = dense.derivatives(weights, biases, Xf, activations=acts, hessian=hessian)
-        blocks = dense.dense_blocks(layout, inputs, jac, hess)
-        if groups is not None:
-            blocks = tuple(b for b in blocks if b.weight in groups or b.bias in groups)
-        return Derivatives(h, blocks)
-
-    def _chain_pullback(self, X, cotangent_fn):
-        weights, biases, acts, layout, Xf = self._chain_args(X)
-        with torch.no_grad(), composites():
-            h, inputs, d1, _ = dense.forward(weights, biases, Xf, activations=acts, order=1)
-            grads = dense.backpropagate(weights, d1, cotangent_fn(h).permute(1, 0, 2))[0]
-        return Derivatives(h, dense.dense_blocks(layout, inputs, grads, [None] * len(grads)))
+        d = chain_derivatives(*self._chain_args(X), hessian=hessian)
+        if groups is None:
+            return d
+        return d._replace(blocks=tuple(b for b in d.blocks if b.weight in groups or b.bias in groups))
 
     def _forward(self, X, acts=None):
         record: list = []
@@ -362,7 +369,7 @@ class Perturbed:
         if all(g is None or g in self.linear_groups for g in (weight, bias)):
             return torch.zeros(X.shape[0], self.n_outputs, out, dtype=self.dtype, device=self.device)
         if K is not None and all(g is None or g in self.linear_groups or g in self.activation_groups
-                                               for g in (weight, bias)):
+                                 for g in (weight, bias)):
             return self._dense_by_activations(X, K, l, out)
 
         def neurons(start, k):
@@ -425,7 +432,7 @@ class Perturbed:
     def pullback(self, X, cotangent_fn) -> Derivatives:
         """``sᵀ ∂h/∂z_l`` (n, M, out) and ``sᵀ ∂h/∂θ'`` (n, M, p) for every draw: one vjp per draw, vmapped."""
         if self._chain is not None:
-            return self._chain_pullback(X, cotangent_fn)
+            return chain_pullback(*self._chain_args(X), cotangent_fn)
         others = self._others()
         with self._lock(), torch.no_grad(), randomness_refused(self._what), composites():
             h, inputs = self._forward(X)

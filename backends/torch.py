@@ -47,7 +47,15 @@ from ._torch_base import (
     model_dtype_device,
     outputs_shape,
 )
-from ._torch_module import DEFAULT_MAX_PARAMS, DenseLayer, Perturbed, TorchModule, _LinearCalls
+from ._torch_module import (
+    DEFAULT_MAX_PARAMS,
+    DenseLayer,
+    Perturbed,
+    TorchModule,
+    _LinearCalls,
+    chain_derivatives,
+    chain_pullback,
+)
 from .rules import dense
 from .rules.activations import Autodiff
 
@@ -156,18 +164,13 @@ class TorchSequential(TorchModel):
             return dense.forward(weights, biases, self._flat(X), activations=acts)[0]
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
-        weights, biases, acts = self._rule_args()
         with torch.no_grad():
-            h, inputs, jac, hess = dense.derivatives(weights, biases, self._flat(X), activations=acts, hessian=hessian)
-        return Derivatives(h, dense.dense_blocks(self._layout(), inputs, jac, hess))
+            return chain_derivatives(*self._rule_args(), self._layout(), self._flat(X), hessian=hessian)
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
         """``sᵀ ∂h/∂z_l`` (n, M, out) for every draw: the rule's backpropagation of the scores."""
-        weights, biases, acts = self._rule_args()
         with torch.no_grad():
-            h, inputs, d1, _ = dense.forward(weights, biases, self._flat(X), activations=acts, order=1)
-            grads = dense.backpropagate(weights, d1, cotangent_fn(h).permute(1, 0, 2))[0]
-        return Derivatives(h, dense.dense_blocks(self._layout(), inputs, grads, [None] * len(grads)))
+            return chain_pullback(*self._rule_args(), self._layout(), self._flat(X), cotangent_fn)
 
     def workspace_per_input(self, hessian: bool = True) -> int:
         widths = [lin.out_features for lin, _ in self._chain]
