@@ -305,3 +305,16 @@ def check_analysis_of(analysis, model, family):
     if analysis.family != family:
         raise ValueError(f"analysis: its family {analysis.family!r} differs from {family!r}")
     return analysis
+
+
+def check_costs(costs) -> dict:
+    """The cost of one draw of each estimator, ``{"i1", "i2", "optimal"}`` (default 1 each); the mix computes
+    both estimators, so it costs at least as much as either."""
+    if costs is None:
+        return {"i1": 1.0, "i2": 1.0, "optimal": 1.0}
+    missing = {"i1", "i2", "optimal"} - set(costs)
+    if missing:
+        raise ValueError(f"costs: expected a cost for each of 'i1', 'i2', 'optimal'; missing {sorted(missing)}")
+    out = {k: check_positive_real(costs[k], f"costs[{k!r}]") for k in ("i1", "i2", "optimal")}
+    out["optimal"] = max(out.values())
+    return out

@@ -94,12 +94,7 @@ def make_plan(analysis, rel_error: float = 0.1, confidence: float = 0.95, covera
     eps = V.check_positive_real(rel_error, "rel_error")
     conf = V.check_probability(confidence, "confidence")
     cover = V.check_probability(coverage, "coverage")
-    costs = {"i1": 1.0, "i2": 1.0, "optimal": 1.0} if costs is None else dict(costs)
-    for k in ("i1", "i2", "optimal"):
-        if k not in costs:
-            raise ValueError(f"costs: expected a cost for each of 'i1', 'i2', 'optimal'; missing {k!r}")
-        costs[k] = V.check_positive_real(costs[k], f"costs[{k!r}]")
-    costs["optimal"] = max(costs.values())  # the mix computes both estimators: never cheaper than either
+    costs = V.check_costs(costs)
     xp = array_namespace(analysis.sums.v1)
     n = analysis.n_inputs if n_inputs is None else V.check_positive_int(n_inputs, "n_inputs")
     delta = 1.0 - conf

@@ -200,13 +200,7 @@ class FisherAnalysis(NamedTuple):
         variance alone); the mix, which computes both, costs at least as much as either.  Ties go to
         the cheaper estimator; a group without second order (:attr:`first_order_only`) gets "i1".
         """
-        costs = {"i1": 1.0, "i2": 1.0, "optimal": 1.0} if costs is None else dict(costs)
-        missing = {"i1", "i2", "optimal"} - set(costs)
-        if missing:
-            raise ValueError(f"costs: expected a cost for each of 'i1', 'i2', 'optimal'; missing {sorted(missing)}")
-        for k in ("i1", "i2", "optimal"):
-            costs[k] = V.check_positive_real(costs[k], f"costs[{k!r}]")
-        costs["optimal"] = max(costs.values())  # the mix computes both estimators: never cheaper than either
+        costs = V.check_costs(costs)
         xp = array_namespace(self.sums.v1)
         f = self.fisher
         pos = f > 0
