@@ -346,6 +346,15 @@ class Perturbed:
         return total if total is not None else torch.zeros(n, self.n_outputs, size, dtype=self.dtype,
                                                             device=self.device)
 
+    def _unit_tangents(self, n, shape):
+        """``directions(start, k)`` for :meth:`_by_activations`: the unit vectors of a site of ``shape``, the same
+        for each of n inputs, (n, k, *shape)."""
+        def directions(start, k):
+            E = columns.unit_directions(OPS.xp, shape, start, k, dtype=self.dtype, device=self.device)
+            return E[None].expand(n, *E.shape)
+
+        return directions
+
     def _dense_by_activations(self, X, K, l, out):
         zero = torch.zeros(out, dtype=self.dtype, device=self.device)
 
@@ -354,11 +363,8 @@ class Perturbed:
             ds[l] = d
             return self._activation_inputs(x, deltas=tuple(ds))
 
-        def directions(start, k):
-            E = columns.unit_directions(OPS.xp, (out,), start, k, dtype=self.dtype, device=self.device)
-            return E[None].expand(X.shape[0], *E.shape)
-
-        return self._by_activations(X, K, run, zero, out, directions, direct=lambda D: D)
+        return self._by_activations(X, K, run, zero, out, self._unit_tangents(X.shape[0], (out,)),
+                                    direct=lambda D: D)
 
     def _layer_hessian(self, X, deltas, l, hessian, K=None):
         """diag ∂²h/∂z_l², (n, C, out): zeros where the module is piecewise linear in the layer's parameters."""
@@ -401,15 +407,9 @@ class Perturbed:
             if by_rule is not None:
                 return by_rule
             if K is not None and group.name in self.activation_groups:
-                value = self.params[group.name]
-
-                def directions(start, k):
-                    E = columns.unit_directions(OPS.xp, group.shape, start, k, dtype=self.dtype, device=self.device)
-                    return E[None].expand(X.shape[0], *E.shape)
-
                 return self._by_activations(
-                    X, K, lambda x, p: self._activation_inputs(x, params={**self.params, group.name: p}), value,
-                    group.size, directions)
+                    X, K, lambda x, p: self._activation_inputs(x, params={**self.params, group.name: p}),
+                    self.params[group.name], group.size, self._unit_tangents(X.shape[0], group.shape))
             deltas = self._zero_deltas(1)
 
             def chunk(start, k):
