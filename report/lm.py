@@ -25,7 +25,7 @@ import fishercore as fc
 from . import ReportError
 from . import transformer as tr
 from .render import _plt, write_pages
-from .results import CONFIDENCE, REL_ERROR, ResultsWriter, log_epoch, to_numpy
+from .results import CONFIDENCE, REL_ERROR, ResultsWriter, largest_by_kind, log_epoch, to_numpy
 
 KINDS = ("embeddings", "attention", "MLP", "norms", "head")
 FIELDS = ["kind", "size", "fisher", "v1", "v2", "zero_fisher", "n_i1", "n_i1_p90", "n_i2", "i1_better", "i2_better"]
@@ -122,16 +122,6 @@ def run_transformer_study(cfg: TransformerStudy, out: pathlib.Path, *, progress:
     return writer.data
 
 
-def _by_kind(groups: dict, key: str) -> dict:
-    """kind → the largest per-group median of ``key`` among its groups (the group that needs the most)."""
-    out = {}
-    for rec in groups.values():
-        v = rec.get(key)
-        if v is not None:
-            out[rec["kind"]] = max(out.get(rec["kind"], 0.0), v)
-    return out
-
-
 def transformer_findings(results: dict) -> list[str]:
     epochs = results["epochs"]
     first, last = epochs[0], epochs[-1]
@@ -139,11 +129,11 @@ def transformer_findings(results: dict) -> list[str]:
     out = [f"A {cfg['parameters']:,}-parameter character transformer, trained {len(epochs) - 1} epochs on Python's "
            f"own source: test loss {first['test_loss']:.2f} → {last['test_loss']:.2f} nats per character; "
            f"{cfg['n_analyze']} held-out windows of {cfg['model']['context']} characters analysed after every epoch."]
-    need = _by_kind(last["groups"], "n_i1")
+    need = largest_by_kind(last["groups"], "n_i1")
     parts = [f"{k} {need[k]:,.0f}" for k in KINDS if k in need]
     out.append(f"Sequences needed with one Î1 draw each for 10 % error at 95 % (median over each group's parameters "
                f"with F > 0, the largest group of each kind, epoch {last['epoch']}): " + "; ".join(parts) + ".")
-    start = _by_kind(first["groups"], "n_i1")
+    start = largest_by_kind(first["groups"], "n_i1")
     moved = [f"{k} ×{need[k] / start[k]:.2g}" for k in KINDS if k in need and start.get(k)]
     out.append("From initialisation to the end of training those needs changed by " + ", ".join(moved) + ".")
     if last.get("second_order"):
@@ -180,7 +170,7 @@ def transformer_figures(results: dict, folder: pathlib.Path) -> dict:
     epochs = results["epochs"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in KINDS:
-        ys = [_by_kind(e["groups"], "n_i1").get(k) for e in epochs]
+        ys = [largest_by_kind(e["groups"], "n_i1").get(k) for e in epochs]
         if any(y is not None for y in ys):
             ax.plot([e["epoch"] for e in epochs], [math.nan if y is None else y for y in ys], marker="o", label=k)
     ax.set_xlabel("epoch")

@@ -171,3 +171,14 @@ def log_epoch(progress, epoch: int, epochs: int, record: dict) -> None:
     if record.get("seconds") is not None:
         parts.append(f"{record['seconds']:.1f} s")
     print(", ".join(parts), file=sys.stderr, flush=True)
+
+
+def largest_by_kind(groups: dict, key: str) -> dict:
+    """kind → the largest per-group value of ``key`` among the groups of that kind (the group that needs the most),
+    for per-group records with a "kind"; groups without a value are left out."""
+    out = {}
+    for rec in groups.values():
+        v = rec.get(key)
+        if v is not None:
+            out[rec["kind"]] = max(out.get(rec["kind"], 0.0), v)
+    return out

@@ -23,7 +23,7 @@ from . import ReportError
 from . import cnn as C
 from . import data as D
 from .render import _plt, write_pages
-from .results import CONFIDENCE, REL_ERROR, SLACK, ResultsWriter, log_epoch, to_numpy
+from .results import CONFIDENCE, REL_ERROR, SLACK, ResultsWriter, largest_by_kind, log_epoch, to_numpy
 
 FIELDS = ["kind", "size", "fisher", "v1", "v2", "zero_fisher", "n_i1", "n_i2", "i1_better", "i2_better", "ties",
           "v2_zero", "bounds_hold"]
@@ -127,7 +127,7 @@ def _log_ratio(res, name: str) -> list:
     return [[[float(v) if np.isfinite(v) else None for v in row] for row in k] for k in r]
 
 
-def _by_kind(groups: dict, key: str) -> dict:
+def _weighted_by_kind(groups: dict, key: str) -> dict:
     """kind → the size-weighted mean of ``key`` over its groups."""
     sums, sizes = {}, {}
     for r in groups.values():
@@ -148,8 +148,8 @@ def cnn_findings(results: dict) -> list[str]:
            f"{100 * last['test_accuracy']:.1f} %, test loss {last['test_loss']:.3f}. Every field exact (second order "
            f"by the conv and curvature rules) on the {c['n_analyzed']} held-out images after every epoch; "
            f"{sum(e['seconds'] for e in epochs):.1f} s for training and all {len(epochs)} analyses."]
-    i2, i1, ties = (_by_kind(last["groups"], k) for k in ("i2_better", "i1_better", "ties"))
-    zero = _by_kind(last["groups"], "v2_zero")
+    i2, i1, ties = (_weighted_by_kind(last["groups"], k) for k in ("i2_better", "i1_better", "ties"))
+    zero = _weighted_by_kind(last["groups"], "v2_zero")
     parts = []
     for kind in sorted(i2):
         if zero.get(kind) == 1.0:
@@ -162,18 +162,16 @@ def cnn_findings(results: dict) -> list[str]:
                          + (f", ties {100 * ties[kind]:.1f} %" if ties[kind] else ""))
     out.append(f"Which estimator has the smaller single-draw variance, per parameter, at epoch {last['epoch']}: "
                + "; ".join(parts) + ".")
-    n1, n2 = _median_needs(last["groups"], "n_i1"), _median_needs(last["groups"], "n_i2")
+    n1, n2 = largest_by_kind(last["groups"], "n_i1"), largest_by_kind(last["groups"], "n_i2")
     exact = [_plural(k) for k in sorted(n1) if zero.get(k) == 1.0]
     out.append(f"Images needed with one label draw each for 10 % relative error at 95 % confidence (median over "
                f"each kind's parameters with F > 0, epoch {last['epoch']}): "
                + "; ".join(f"{_plural(k)} Î1 {n1[k]:,.0f}, Î2 {n2[k]:,.0f}" for k in sorted(n1)) + "."
                + (f" For the {' and '.join(exact)}, where Î2 is exact, its number counts only the variation of the "
                   "Fisher over images (var_x), which any estimator on that many images has." if exact else ""))
-    conv0 = [r for g, r in first["groups"].items() if r["kind"] == "conv weight"]
-    conv1 = [r for g, r in last["groups"].items() if r["kind"] == "conv weight"]
-    if conv0 and conv1:
-        before = sum(r["i2_better"] * r["size"] for r in conv0) / sum(r["size"] for r in conv0)
-        after = sum(r["i2_better"] * r["size"] for r in conv1) / sum(r["size"] for r in conv1)
+    before = _weighted_by_kind(first["groups"], "i2_better").get("conv weight")
+    after = i2.get("conv weight")
+    if before is not None and after is not None:
         out.append(f"Over training, the share of convolution weights where Î2 has the smaller variance went from "
                    f"{100 * before:.1f} % (initialisation) to {100 * after:.1f} % (epoch {last['epoch']}).")
     checks = sum(len(e["groups"]) for e in epochs)
@@ -185,15 +183,6 @@ def cnn_findings(results: dict) -> list[str]:
 
 def _plural(kind: str) -> str:
     return kind[:-1] + "ses" if kind.endswith("bias") else kind + "s"
-
-
-def _median_needs(groups: dict, key: str) -> dict:
-    """kind → the largest per-group median of ``key`` (the group of that kind that needs the most)."""
-    out = {}
-    for r in groups.values():
-        if r.get(key) is not None:
-            out[r["kind"]] = max(out.get(r["kind"], 0.0), r[key])
-    return out
 
 
 def cnn_figures(results: dict, folder: pathlib.Path) -> dict:
