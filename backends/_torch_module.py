@@ -157,7 +157,7 @@ class Perturbed:
         with torch.no_grad(), watch:
             fn(self.params, probe)
         self.activation_sizes = tuple(math.prod(z.shape[1:]) for _, z in watch.calls)
-        if not watch.calls:
+        if not watch.calls or self._chain is not None:  # a dense chain's second order is the dense rule's
             return curved
         beyond = curved_params(lambda p, x: _without_activations(fn, p, x), self.params, probe)
         self.activation_groups = frozenset(curved - beyond)
@@ -166,7 +166,10 @@ class Perturbed:
     def _find_chain(self, run, probe):
         """Whether the model is a dense chain — linear maps and elementwise activations, each applied to the
         previous result — read off the calls of ``run(probe)``; then the dense-chain rule computes everything
-        (docs/math.md §8), as for :func:`~fishercore.backends.torch.from_sequential`."""
+        (docs/math.md §8), as for :func:`~fishercore.backends.torch.from_sequential`.  Models of token ids start
+        with a lookup: never a chain."""
+        if self.input_dtype is not None:
+            return
         log = CallLog()
         with torch.no_grad(), log:
             h = run(probe)
@@ -549,9 +552,8 @@ class TorchModule(Perturbed, TorchModel):
         self._conv_of = {g: (k, g == c.bias) for k, c in enumerate(self.convs) for g in (c.weight, c.bias) if g}
         owned = {g for w, b, _ in self._layout() for g in (w, b) if g is not None}
         self.column_groups = tuple(g for g in self.groups if g.name not in owned)
+        self._find_chain(lambda x: self._call(x), probe)
         curved = self._find_curvature(lambda p, x: self._outputs(x, params=p), probe[:1])
-        if self.input_dtype is None:  # token ids start with a lookup: never a dense chain
-            self._find_chain(lambda x: self._call(x), probe)
         #: Groups the module is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
         self.second_order = second_order_within(

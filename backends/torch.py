@@ -305,9 +305,8 @@ class TorchFunction(Perturbed):
                       and x.shape[0] == probe.shape[0]]
         owned = {g for d in self.dense for g in (d.weight, d.bias) if g is not None}
         self.column_groups = tuple(g for g in self.groups if g.name not in owned)
+        self._find_chain(lambda x: self.user_fn(self.params, x), probe)
         curved = self._find_curvature(self.fn, probe[:1])
-        if self.input_dtype is None:
-            self._find_chain(lambda x: self.user_fn(self.params, x), probe)
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
         self.second_order = second_order_within([g for g in self.column_groups if g.name in curved], max_params)
