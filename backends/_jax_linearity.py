@@ -19,6 +19,7 @@ _LINEAR = frozenset({
     "scatter_add", "reduce_sum", "reduce_max", "reduce_min", "reduce_precision", "cumsum", "cummax", "cummin",
     "max", "min", "abs", "select_n", "convert_element_type", "copy", "copy_p", "real", "imag", "conj",
     "sort", "clamp", "device_put", "sharding_constraint", "squeeze_p", "split",
+    "reduce_window_sum", "reduce_window_max", "reduce_window_min",  # average, max and min pooling
 })
 _PIECEWISE_CONSTANT = frozenset({
     "sign", "floor", "ceil", "round", "stop_gradient", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not",

@@ -180,6 +180,13 @@ def _linearity_cases():
         a = jnp.maximum(a[:, 0::2], a[:, 1::2]) + a[:, :3]
         return dense(p["l2"], jnp.abs(a) - jnp.minimum(a, 0.5))
 
+    def relu_conv_pool(p, x):  # a 1-D convolution, ReLU, max, min and average pooling (reduce_window_*)
+        z = jax.lax.conv_general_dilated(x[:, None, :], p["conv"], (1,), "SAME") + p["cb"][None, :, None]
+        a = jax.lax.reduce_window(jax.nn.relu(z), -jnp.inf, jax.lax.max, (1, 1, 2), (1, 1, 1), "VALID")
+        a = a - jax.lax.reduce_window(a, jnp.inf, jax.lax.min, (1, 1, 2), (1, 1, 1), "SAME")
+        a = jax.lax.reduce_window(a, 0.0, jax.lax.add, (1, 1, 2), (1, 1, 1), "SAME") / 2
+        return dense(p["l2"], a.reshape(a.shape[0], -1))
+
     def smooth(act):
         return lambda p, x: dense(p["l2"], act(dense(p["l1"], x)))
 
@@ -205,6 +212,7 @@ def _linearity_cases():
     two = {"l1": layer(3, 6), "l2": layer(6, 2)}
     return {  # name: (fn, params, input width, leaves that must be taken as curved)
         "relu-pool": (relu_pool, {"l1": layer(3, 6), "l2": layer(3, 2)}, 3, set()),
+        "relu-conv-pool": (relu_conv_pool, {"conv": arr(2, 1, 2), "cb": arr(2), "l2": layer(4, 2)}, 3, set()),
         "tanh": (smooth(jnp.tanh), two, 3, {"l1.W", "l1.b"}),
         "gelu": (smooth(jax.nn.gelu), two, 3, {"l1.W", "l1.b"}),
         "silu": (smooth(jax.nn.silu), two, 3, {"l1.W", "l1.b"}),
@@ -230,8 +238,8 @@ def _hessian_diagonals(fn, leaves, treedef, i, X):
 
 
 def test_piecewise_linear_groups_read_off_the_jaxpr_are_exact_and_never_smooth(jax_x64):
-    """A group taken as piecewise linear has every Hessian diagonal exactly 0 (brute force, jax.hessian); every
-    parameter behind tanh, GELU, SiLU, softplus, LayerNorm's normalisation, softmax attention or a square is
+    """A group taken as piecewise linear has every Hessian diagonal exactly 0 (brute force, jax.hessian), and every
+    group of a ReLU network of convolutions and max/min/average pooling is taken so; every parameter behind tanh, GELU, SiLU, softplus, LayerNorm's normalisation, softmax attention or a square is
     taken as curved; linear groups get exact second order at any size (here max_params=1)."""
     import jax
     import jax.numpy as jnp
@@ -249,6 +257,8 @@ def test_piecewise_linear_groups_read_off_the_jaxpr_are_exact_and_never_smooth(j
                 assert np.all(diag == 0), (name, names[i])
             elif names[i] in must_curve:
                 assert np.abs(diag).max() > 1e-8, (name, names[i], "taken as curved but is it?")
+        if name == "relu-conv-pool":
+            assert linear == set(names), "ReLU, a convolution and pooling: piecewise linear in every parameter"
         if name not in ("relu-pool", "layernorm"):  # the analysis of a linear and a mixed case
             continue
         res = fc.analyze(model, X, "gaussian")
