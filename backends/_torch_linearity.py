@@ -1,8 +1,8 @@
 r"""Which parameters a torch function is piecewise linear in, read off its ATen graph (``make_fx``).
 
 The rule is :mod:`fishercore.backends.rules.linearity`'s; this module maps ATen operations to its
-kinds (an eval-mode ``native_batch_norm`` is a product of its input and scale, ``native_layer_norm``
-a normalisation).  A function that cannot be traced is taken as curved in every parameter.
+kinds (an eval-mode ``native_batch_norm``, ``cudnn_batch_norm`` on CUDA, is a product of its input and
+scale, ``native_layer_norm`` a normalisation).  A function that cannot be traced is taken as curved in every parameter.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ _PIECEWISE_CONSTANT = frozenset({
 _BILINEAR = {"mm": (0, 1), "bmm": (0, 1), "mul": (0, 1), "matmul": (0, 1), "dot": (0, 1), "mv": (0, 1),
              "addmm": (1, 2), "baddbmm": (1, 2), "addmv": (1, 2), "linear": (0, 1), "convolution": (0, 1),
              "_native_batch_norm_legit_no_training": (0, 1)}
+# batch norms (input, weight, bias, running_mean, running_var, training, …): CPU, CUDA (cuDNN) and ROCm kernels
+_BATCH_NORMS = frozenset({"native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm"})
 
 
 def _name(target) -> str:
@@ -80,7 +82,7 @@ def _walk(graph, inputs):
             env[node] = args[0]
             continue
         name = _name(node.target)
-        if name == "native_batch_norm" and len(node.args) > 5 and node.args[5] is False:
+        if name in _BATCH_NORMS and len(node.args) > 5 and node.args[5] is False:
             deps, curved = propagate("product", args)  # running statistics: affine in the input
         elif name in _BILINEAR:
             deps, curved = propagate("product", args, _BILINEAR[name])

@@ -496,6 +496,27 @@ def test_piecewise_linear_groups_read_off_the_aten_graph_are_exact_and_never_smo
             assert set(res.first_order_only) == set(params) - linear
 
 
+def test_eval_batch_norm_is_affine_on_every_device_kernel():
+    """An eval-mode batch norm is affine in its input and its scale whichever kernel the device traces to (CPU
+    native_batch_norm, CUDA cudnn_batch_norm, ROCm miopen_batch_norm); in training mode (batch statistics) it
+    is curved.  Hand-built graphs: the CUDA kernels cannot run here."""
+    import operator
+
+    from fishercore.backends._torch_linearity import EMPTY, _walk
+
+    for op in (torch.ops.aten.native_batch_norm, torch.ops.aten.cudnn_batch_norm, torch.ops.aten.miopen_batch_norm):
+        for training in (False, True):
+            g = torch.fx.Graph()
+            args = [g.placeholder(n) for n in ("x", "weight", "bias", "mean", "var")]
+            out = g.call_function(operator.getitem, (g.call_function(op.default, (*args, training, 0.1, 1e-5)), 0))
+            g.output(out)
+            inputs = [(frozenset({"conv"}), EMPTY), (frozenset({"bn.weight"}), EMPTY), (frozenset({"bn.bias"}), EMPTY),
+                      (EMPTY, EMPTY), (EMPTY, EMPTY)]
+            [(deps, curved)] = _walk(g, inputs)
+            assert deps == {"conv", "bn.weight", "bn.bias"}, op
+            assert curved == (deps if training else EMPTY), (op, training)
+
+
 def test_composites_differentiate_twice_exactly():
     """torch 2.13's forward-over-forward of native_layer_norm is wrong (0.3 off here); the composite form used for
     every derivative agrees with torch.func.hessian and with central differences."""
