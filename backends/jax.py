@@ -47,6 +47,7 @@ from fishercore._validation import (
 )
 
 from ._jax_linearity import curved_leaves
+from ._jax_pooling import exact_pooling, needs_exact_pooling
 from .ops import namespace_ops
 from .rules import columns, dense
 from .rules.activations import ACTIVATIONS, PIECEWISE_LINEAR, Autodiff
@@ -418,6 +419,9 @@ class JaxFunction:
         self.n_outputs = math.prod(self.output_shape)
         apply_fn = _Flat(apply_fn) if len(self.output_shape) == 2 else apply_fn
         self._static = {"apply_fn": apply_fn, "treedef": treedef}
+        # forward over forward through JAX's max pooling is float32-exact only on GPUs: write the pooling out there
+        self._hessian_static = {"apply_fn": exact_pooling(apply_fn) if needs_exact_pooling(self.device, self.dtype)
+                                else apply_fn, "treedef": treedef}
         curved = curved_leaves(apply_fn, params, jnp.zeros((1, *self.input_shape), dtype=in_dtype))
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its jaxpr.
         self.linear_groups = tuple(g.name for i, g in enumerate(self.groups) if i not in curved)
@@ -450,7 +454,7 @@ class JaxFunction:
 
             def chunk(start, k, i=i, g=g):
                 E = columns.unit_directions(jnp, g.shape, start, k, dtype=self.dtype, device=self.device)
-                return hess(self.leaves, X, E, index=i, **self._static)
+                return hess(self.leaves, X, E, index=i, **self._hessian_static)
 
             w = columns.group_hessian(jnp, (n, self.n_outputs, g.size), hessian=hessian,
                                       linear=g.name in self.linear_groups, second_order=self.second_order,

@@ -46,23 +46,29 @@ def test_torch_cnn_matches_brute_force(tag):
 
 
 @pytest.mark.backends("jax")
-@pytest.mark.parametrize("tag", list(R.CONFIGS))
-def test_flax_cnn_matches_brute_force(tag, jax_x64):
+@pytest.mark.parametrize("tag,written_out", [(tag, False) for tag in R.CONFIGS] + [("max_tanh", True)],
+                         ids=[*R.CONFIGS, "max_tanh-pooling-written-out"])
+def test_flax_cnn_matches_brute_force(tag, written_out, jax_x64, monkeypatch):
     """Flax linen Conv, max_pool/avg_pool, BatchNorm(use_running_average=True) and Dense through from_function; the
     JAX analysis, mapped onto torch's names and layouts (kernels (kh, kw, I, O) → (O, I, kh, kw)), equals the torch
-    brute force — so torch and JAX agree to 2e-10."""
+    brute force — so torch and JAX agree to 2e-10.  ``written_out``: max pooling rewritten as on a GPU in float64
+    (backends/_jax_pooling.py), here on the CPU."""
     require_framework("jax")
     import jax
     import jax.numpy as jnp
 
     import fishercore as fc
+    from fishercore.backends import _jax_pooling
     from fishercore.backends import jax as fc_jax
     from fishercore.report import cnn
 
+    if written_out:
+        monkeypatch.setattr(fc_jax, "needs_exact_pooling", lambda device, dtype: True)
     config = R.CONFIGS[tag]
     variables = jax.tree_util.tree_map(jnp.asarray, cnn.flax_variables(config, R.params(tag)))
     fn, params = cnn.flax_function(config, variables)
     model = fc_jax.from_function(fn, params, input_shape=(1, 8, 8))
+    assert isinstance(model._hessian_static["apply_fn"], _jax_pooling.exact_pooling) == written_out
     # read off the jaxpr: after the last activation only pooling and the dense head, which are linear
     assert set(model.linear_groups) == {"head.bias", "head.kernel"}
     res = fc.analyze(model, jnp.asarray(R.images()), batch_size=5)  # one batch: one compilation per program

@@ -239,8 +239,9 @@ def _hessian_diagonals(fn, leaves, treedef, i, X):
 
 def test_piecewise_linear_groups_read_off_the_jaxpr_are_exact_and_never_smooth(jax_x64):
     """A group taken as piecewise linear has every Hessian diagonal exactly 0 (brute force, jax.hessian), and every
-    group of a ReLU network of convolutions and max/min/average pooling is taken so; every parameter behind tanh, GELU, SiLU, softplus, LayerNorm's normalisation, softmax attention or a square is
-    taken as curved; linear groups get exact second order at any size (here max_params=1)."""
+    group of a ReLU network of convolutions and max/min/average pooling is taken so; every parameter behind tanh,
+    GELU, SiLU, softplus, LayerNorm's normalisation, softmax attention or a square is taken as curved; linear
+    groups get exact second order at any size (here max_params=1)."""
     import jax
     import jax.numpy as jnp
 
@@ -328,3 +329,37 @@ def test_from_mlp_refuses_what_it_cannot_take(params, activation, exc, msg, jax_
              "broken": {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((5, 2))}}}.get(params, params)
     act = jax.nn.silu if activation == "callable" else activation
     assert_raises_named(lambda: fc_jax.from_mlp(given, act), exc, msg)
+
+
+def test_pooling_written_out_has_the_values_and_derivatives_of_jax_pooling(jax_x64):
+    """backends/_jax_pooling.py (used on GPUs in float64, where JAX's forward rule for max pooling rounds to 20
+    mantissa bits): on the CPU, where JAX's rule is exact, the written-out max and min pooling — padding, strides,
+    window and base dilation, inside jit — give the same values and forward-over-forward derivatives (1e-14)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from fishercore.backends._jax_pooling import _pools, exact_pooling
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 6, 3)))
+    pools = {
+        "max-pad-stride": lambda a: lax.reduce_window(a, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                                      ((0, 0), (1, 0), (0, 1), (0, 0))),
+        "min-same": lambda a: lax.reduce_window(a, jnp.inf, lax.min, (1, 3, 3, 1), (1, 1, 2, 1), "SAME"),
+        "max-dilated": lambda a: jax.jit(lambda b: lax.reduce_window(
+            b, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 1, 2, 1), ((0, 0), (1, 1), (0, 2), (0, 0)),
+            base_dilation=(1, 2, 1, 1), window_dilation=(1, 1, 2, 1)))(a),
+    }
+    for name, pool in pools.items():
+        def f(p, x, pool=pool):
+            return jnp.tanh(pool(jnp.sin(p * x))).sum(axis=(1, 2))
+
+        g = exact_pooling(f)
+        assert _pools(jax.make_jaxpr(f)(0.7, x).jaxpr) and not _pools(jax.make_jaxpr(g)(0.7, x).jaxpr), name
+
+        def second(h):
+            return jax.jvp(lambda q: jax.jvp(lambda r: h(r, x), (q,), (1.0,))[1], (0.7,), (1.0,))[1]
+
+        want, got = second(f), jax.jit(lambda g=g: second(g))()
+        assert np.abs(np.asarray(f(0.7, x) - g(0.7, x))).max() <= 1e-14, name
+        assert np.abs(np.asarray(got - want)).max() <= 1e-14 * np.abs(np.asarray(want)).max(), name
