@@ -17,7 +17,8 @@ Run from the repository root (BackPACK: ``pip install backpack-for-pytorch``):
   inputs.  fishercore: ``analyze`` — every field, the second order being zero by piecewise
   linearity (read off the traced graph) — against BackPACK's ``DiagGGNExact`` with its module
   converter for the residual additions.  Peak RSS growth of each (``/proc/self/status`` VmHWM,
-  reset before each) beside fishercore's ``memory_budget``.
+  reset before each) beside fishercore's ``memory_budget``; on CUDA, the growth of torch's peak allocated
+  GPU memory instead.
 
 Medians of ``--repeat`` runs after a warm-up.  The largest deviation between the two Fishers is
 printed as a check.  ``--device cuda`` runs both on the GPU (``benchmarks/gpu_check.sh``); where
@@ -52,13 +53,17 @@ def timed(job, repeat, device="cpu"):
     job()
     times, grow, out = [], 0.0, None
     for _ in range(repeat):
-        before = reset_peak()  # the peak starts afresh at the current RSS
         sync()
+        if device == "cuda":  # on the GPU the memory that counts is the device's: its allocator's peak
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            before = reset_peak()  # the peak starts afresh at the current RSS
         t = time.perf_counter()
         out = job()
         sync()
         times.append(time.perf_counter() - t)
-        grow = max(grow, peak() - before)
+        grow = max(grow, (torch.cuda.max_memory_allocated() if device == "cuda" else peak()) - before)
     return statistics.median(times), grow, out
 
 

@@ -6,16 +6,16 @@
 # 1. The GPU tests (`pytest -m gpu`): the hand-written MLP on CuPy arrays, torch CUDA tensors and
 #    JAX GPU arrays, and the torch/JAX adapters on the GPU, each compared with the float64 NumPy
 #    reference on the CPU (1e-10 in float64), including an MNIST-sized 784-512-512-10 network.
-# 2. The MNIST-sized benchmark (benchmarks/speed.py --parts mnist --device gpu --dtypes float64):
+# 2. The CNN benchmark on CUDA (benchmarks/cnn.py --device cuda): the digits CNN, every field in
+#    float64, and the ReLU ResNet-8 in float32 (BackPACK beside them where it is installed).
+# 3. The MNIST-sized benchmark (benchmarks/speed.py --parts mnist --device gpu --dtypes float64):
 #    `analyze` on 60,000 inputs with every GPU backend, time and peak memory (add float32 with
 #    GPU_CHECK_DTYPES=float64,float32).
-# 3. The CNN benchmark on CUDA (benchmarks/cnn.py --device cuda): the digits CNN, every field in
-#    float64, and the ReLU ResNet-8 in float32 (BackPACK beside them where it is installed).
 #
 # Measured on an H200 (an earlier version, float64 and float32): tests 233 s, then about 30 s per
 # benchmark process, over 5 minutes in all; JAX compiling the small test problems dominates.
 #
-# Pure-Python wheels found in .whl/ (array-api-compat, for an offline machine) are installed first.
+# Pure-Python wheels found in .whl/ (array-api-compat, and BackPACK with unfoldNd, for an offline machine) are installed first.
 # Logs and results go to $OUT when it is set (else /tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +33,15 @@ start=$SECONDS
     python3 -c "import numpy, torch, jax, cupy; print('numpy', numpy.__version__, 'torch', torch.__version__, \
 'jax', jax.__version__, jax.devices(), 'cupy', cupy.__version__)"
     # -P: the source folder must not shadow the installed package (fishercore.backends lives in backends/)
+    # every step runs even when one before it fails (a GPU lease is short); the exit status is the first failure's
+    status=0
     FISHERCORE_BACKENDS=numpy,cupy,torch-cuda,jax-gpu python3 -P -m pytest tests -q -p no:cacheprovider \
-        -m gpu --durations=5 "$@"
+        -m gpu --durations=5 "$@" || status=$?
     echo "tests: $((SECONDS - start)) s"
-    python3 -P benchmarks/speed.py --parts mnist --device gpu --dtypes "${GPU_CHECK_DTYPES:-float64}" --out "$out"
-    python3 -P benchmarks/cnn.py --device cuda --repeat 3
+    PYTHONPATH="$PYTHONPATH:benchmarks" python3 -P benchmarks/cnn.py --device cuda --repeat 3 || { s=$?; [ "$status" -ne 0 ] || status=$s; }
+    python3 -P benchmarks/speed.py --parts mnist --device gpu --dtypes "${GPU_CHECK_DTYPES:-float64}" --out "$out" \
+        || { s=$?; [ "$status" -ne 0 ] || status=$s; }
     echo "total: $((SECONDS - start)) s"
+    exit "$status"
 } 2>&1 | tee "$out/gpu_check.log"
 exit "${PIPESTATUS[0]}"
