@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["exact_pooling", "needs_exact_pooling"]
+__all__ = ["bind", "exact_pooling", "needs_exact_pooling"]
 
 _POOLS = {"reduce_window_max": True, "reduce_window_min": False}  # name -> largest
 _INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint"})
@@ -76,6 +76,15 @@ def _pools(jaxpr) -> bool:
     return False
 
 
+def bind(eqn, values) -> list:
+    """Apply one jaxpr equation to ``values``: its results, as a list."""
+    bound = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before JAX 0.10, params since
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+    with eqn.ctx.manager:
+        outs = eqn.primitive.bind(*subfuns, *values, **params)
+    return outs if eqn.primitive.multiple_results else [outs]
+
+
 def _run(jaxpr, consts, args):
     env = {}
 
@@ -92,11 +101,7 @@ def _run(jaxpr, consts, args):
         elif body is not None and _pools(body[0]):
             outs = _run(body[0], body[1], values)
         else:
-            bound = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before JAX 0.10, params since
-            subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-            with eqn.ctx.manager:
-                outs = eqn.primitive.bind(*subfuns, *values, **params)
-            outs = outs if eqn.primitive.multiple_results else [outs]
+            outs = bind(eqn, values)
         for var, value in zip(eqn.outvars, outs):
             env[var] = value
     return [read(v) for v in jaxpr.outvars]

@@ -46,6 +46,7 @@ from fishercore._validation import (
     second_order_within,
 )
 
+from . import _jax_curvature as curvature_rule
 from ._jax_linearity import curved_leaves
 from ._jax_pooling import exact_pooling, needs_exact_pooling
 from .ops import namespace_ops
@@ -364,6 +365,19 @@ def _function_hessian(leaves, X, directions, *, apply_fn, treedef, index):
     return OPS.vmap(one)(X)  # (n, k, C)
 
 
+def _function_curvature(leaves, X, *, apply_fn, treedef, index, chunk):
+    """(n, C, size): the Hessian diagonals of leaf ``index`` operation by operation (:mod:`._jax_curvature`)."""
+    def f(leaves, x):
+        return _single(apply_fn, jax.tree_util.tree_unflatten(treedef, leaves), x).reshape(-1)
+
+    def one(x):
+        program = curvature_rule.trace(f, list(leaves), x)
+        return curvature_rule.group_hessian(program, curvature_rule.group_plan(program, index), [*leaves, x], index,
+                                            chunk=chunk)
+
+    return OPS.vmap(one)(X)
+
+
 def _function_pullback(leaves, X, s, *, apply_fn, treedef):
     params = jax.tree_util.tree_unflatten(treedef, leaves)
     grads = OPS.vmap(lambda x, si: columns.pullback(OPS, lambda p: _single(apply_fn, p, x), params, si))(X, s)
@@ -422,10 +436,31 @@ class JaxFunction:
         # forward over forward through JAX's max pooling is float32-exact only on GPUs: write the pooling out there
         self._hessian_static = {"apply_fn": exact_pooling(apply_fn) if needs_exact_pooling(self.device, self.dtype)
                                 else apply_fn, "treedef": treedef}
-        curved = curved_leaves(apply_fn, params, jnp.zeros((1, *self.input_shape), dtype=in_dtype))
+        example = jnp.zeros((1, *self.input_shape), dtype=in_dtype)
+        curved = curved_leaves(apply_fn, params, example)
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its jaxpr.
         self.linear_groups = tuple(g.name for i, g in enumerate(self.groups) if i not in curved)
-        self.second_order = second_order_within([g for i, g in enumerate(self.groups) if i in curved], max_params)
+        plans = self._plans(apply_fn, treedef, example[0], curved)
+        #: Curved groups whose curved operations are all elementwise right after the group's own conv or dense
+        #: layer: exact second order at any size, no pass per parameter (docs/math.md §14).
+        self.rule_groups = tuple(g.name for i, g in enumerate(self.groups)
+                                 if plans.get(i) is not None and curvature_rule.passes(plans[i]) == 0)
+        # operation by operation where it pays: no pass per parameter, or more parameters than outputs (its
+        # C vector-Jacobian products cost about what forward over forward of the whole function costs for C of them)
+        self._by_operation = frozenset(i for i, g in enumerate(self.groups) if plans.get(i) is not None and (
+            g.name in self.rule_groups or g.size > self.n_outputs))
+        self.second_order = second_order_within(
+            [g for i, g in enumerate(self.groups) if i in curved and g.name not in self.rule_groups], max_params)
+
+    def _plans(self, apply_fn, treedef, x, curved) -> dict:
+        """Per curved leaf, its curved operations (:func:`._jax_curvature.group_plan`); none for a function whose
+        jaxpr the interpreter cannot take (forward over forward of the whole function then)."""
+        try:
+            program = curvature_rule.trace(
+                lambda ls, x: _single(apply_fn, jax.tree_util.tree_unflatten(treedef, ls), x), list(self.leaves), x)
+            return {i: curvature_rule.group_plan(program, i) for i in curved}
+        except Exception:  # noqa: BLE001 - any construct the interpreter does not know: the column rule, exact
+            return {}
 
     def __repr__(self) -> str:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
@@ -448,6 +483,7 @@ class JaxFunction:
         jacobian = OPS.jit(_function_jacobian, ("apply_fn", "treedef", "indices"))
         jac = jacobian(self.leaves, X, eye, indices=indices, **self._static)
         hess = OPS.jit(_function_hessian, ("apply_fn", "treedef", "index"))
+        by_operation = OPS.jit(_function_curvature, ("apply_fn", "treedef", "index", "chunk"))
         blocks = []
         for j, i in enumerate(range(len(self.groups)) if indices is None else indices):
             g = self.groups[i]
@@ -456,10 +492,15 @@ class JaxFunction:
                 E = columns.unit_directions(jnp, g.shape, start, k, dtype=self.dtype, device=self.device)
                 return hess(self.leaves, X, E, index=i, **self._hessian_static)
 
+            def compute(i=i, g=g, chunk=chunk):
+                if i in self._by_operation:
+                    return by_operation(self.leaves, X, index=i, chunk=self.chunk, **self._hessian_static)
+                return columns.chunked(g.size, self.chunk, chunk)
+
             w = columns.group_hessian(jnp, (n, self.n_outputs, g.size), hessian=hessian,
-                                      linear=g.name in self.linear_groups, second_order=self.second_order,
-                                      compute=lambda g=g, chunk=chunk: columns.chunked(g.size, self.chunk, chunk),
-                                      dtype=self.dtype, device=self.device)
+                                      linear=g.name in self.linear_groups,
+                                      second_order=self.second_order or g.name in self.rule_groups,
+                                      compute=compute, dtype=self.dtype, device=self.device)
             blocks.append(ColumnBlock(g.name, jac[j].reshape(n, -1, g.size), w))
         return Derivatives(self.outputs(X), tuple(blocks))
 

@@ -363,3 +363,42 @@ def test_pooling_written_out_has_the_values_and_derivatives_of_jax_pooling(jax_x
         want, got = second(f), jax.jit(lambda g=g: second(g))()
         assert np.abs(np.asarray(f(0.7, x) - g(0.7, x))).max() <= 1e-14, name
         assert np.abs(np.asarray(got - want)).max() <= 1e-14 * np.abs(np.asarray(want)).max(), name
+
+
+def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
+    """The operation-by-operation rule (backends/_jax_curvature.py, docs/math.md §14): the Hessian diagonals of every
+    curved group equal jax.hessian's (1e-10) — activations read right after dense layers (GELU's and SiLU's
+    parts, a custom-jvp softplus, a scale between layer and activation), sequence outputs, LayerNorm, softmax
+    attention, a square.  Groups whose activations all follow their own layer need no pass per parameter, so they
+    keep exact second order at max_params=1."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(2)
+    p = {"W1": jnp.asarray(rng.normal(size=(3, 5))), "b1": jnp.asarray(rng.normal(size=5)),
+         "W2": jnp.asarray(rng.normal(size=(5, 4))), "W3": jnp.asarray(rng.normal(size=(4, 2)))}
+
+    def mlp(p, x):
+        a = jax.nn.gelu(x @ p["W1"] + p["b1"])
+        return jnp.tanh(0.5 * jax.nn.softplus(a @ p["W2"])) @ p["W3"]
+
+    def seq(p, x):  # outputs (n, 2, 2)
+        a = jax.nn.silu(jnp.stack([x, x**2], axis=1) @ p["W1"] + p["b1"])
+        return jnp.tanh(a @ p["W2"]) @ p["W3"]
+
+    cases = {"mlp": (mlp, p, 3), "seq": (seq, p, 3)}
+    cases |= {k: v[:3] for k, v in _linearity_cases().items() if k in ("layernorm", "attention", "square")}
+    X = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)))
+    for name, (fn, params, width) in cases.items():
+        model = fc_jax.from_function(fn, params, input_shape=(width,))
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        assert model._by_operation, name
+        for i, block in enumerate(model.derivatives(X).blocks):
+            want = _hessian_diagonals(fn, leaves, treedef, i, X).reshape(block.diag_hess.shape)
+            got = np.asarray(block.diag_hess)
+            assert np.abs(got - want).max() <= 1e-10 * max(np.abs(want).max(), 1e-300), (name, block.group)
+    for name in ("mlp", "seq"):
+        model = fc_jax.from_function(cases[name][0], p, input_shape=(3,), max_params=1)
+        assert model.rule_groups == ("W2",), name  # W1 and b1 also reach the second activation: a pass each
+        res = fc.analyze(model, X, "gaussian")
+        assert set(res.first_order_only) == {"W1", "b1"}, name

@@ -1,0 +1,367 @@
+r"""Hessian diagonals of any JAX function from first-order quantities, operation by operation (docs/math.md §14).
+
+Along a coordinate θ_i, every value ``y`` of the program moves with a tangent ``ẏ = ∂y/∂θ_i``,
+and the chain rule for second derivatives splits ``w_c = ∂²h_c/∂θ_i²`` over the operations:
+
+.. math::
+
+    w_c(θ_i) = \sum_m \big\langle λ_m[c],\ Q_m \big\rangle, \qquad
+    λ_m = \frac{∂h_c}{∂y_m}, \qquad Q_m = \frac{d^2}{dt^2}\, {\rm op}_m(u_m + t\,\dot u_m)\Big|_{t=0},
+
+over the operations ``m`` curved in the inputs ``u_m`` that move with θ_i.  Everything linear
+(sums, reshapes, pooling, convolutions, products with one moving factor) has ``Q = 0``, and
+which operations are curved is read off the jaxpr as in :mod:`._jax_linearity`.  ``λ`` are C
+vector-Jacobian products per input for all operations at once (their outputs perturbed), as
+in first order.  Then per operation:
+
+* **elementwise** in its one moving input (``tanh``, ``logistic``, ``exp``, ``jax.nn.gelu``'s
+  parts, a custom-jvp ``softplus`` …): ``Q = φ''(u) u̇²``, ``φ''`` once per input, so the term
+  is the engine's curvature rule (:func:`.rules.curvature.tangent_squares`).
+* elementwise **right after a convolution or dense layer of the parameter** (``tanh(conv(x, W)
+  + b)``, the input x not moving with W): ``u̇`` along each weight is the weight's input patch,
+  so the term is :func:`.rules.curvature.conv_direct` (the patches of :mod:`.rules.conv`) or
+  ``Σ K[c, a] x_b²`` — one matrix product for the whole group, no pass per coordinate.
+* anything else (a product of two moving factors, a softmax's normalisation, a control-flow
+  body): ``Q`` by forward over forward of that operation alone, along its inputs' tangents.
+
+``u̇`` for the operations not read directly is one forward-mode pass per coordinate, up to
+those operations.  A group whose curved operations are all read directly costs no pass per
+coordinate at all, so it is exact at any size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._jax_linearity import _kind, _walk
+from ._jax_pooling import bind
+from .rules import conv, curvature
+from .rules.linearity import EMPTY, propagate
+
+__all__ = ["Program", "group_hessian", "group_plan", "passes", "trace"]
+
+_INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint"})
+_ELEMENTWISE = frozenset({
+    "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
+    "cosh", "asinh", "acosh", "atanh", "erf", "erfc", "erf_inv", "lgamma", "digamma", "sqrt", "rsqrt", "cbrt",
+    "integer_pow", "pow", "square", "atan2", "div", "mul", "add", "sub", "neg", "max", "min", "abs", "sign",
+    "select_n", "convert_element_type", "copy", "copy_p", "ne", "eq", "gt", "ge", "lt", "le", "and", "or", "not",
+    "is_finite", "stop_gradient", "clamp", "floor", "ceil", "round", "nextafter", "logaddexp",
+})
+
+
+class _Lit(NamedTuple):
+    val: Any
+
+
+class _Op(NamedTuple):
+    eqn: Any
+    ins: tuple  # value ids (int) or _Lit
+    outs: tuple
+
+
+class Program(NamedTuple):
+    """A jaxpr with its calls inlined: operations over integer value ids."""
+
+    ops: tuple
+    inputs: tuple
+    outputs: tuple
+    consts: dict
+
+
+def _body(eqn):
+    if eqn.primitive.name not in _INLINE:
+        return None
+    for key in ("jaxpr", "call_jaxpr"):
+        sub = eqn.params.get(key)
+        if sub is not None:
+            return (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, ())
+    return None
+
+
+def trace(fn, *args) -> Program:
+    """``fn(*args)``'s jaxpr with ``jit`` and similar calls inlined; inputs are ``args``'s leaves."""
+    closed = jax.make_jaxpr(fn)(*args)
+    ops, consts, ids = [], {}, itertools.count()
+
+    def scope(jaxpr, const_values, arg_ids):
+        env = {}
+
+        def ref(v):
+            return _Lit(v.val) if type(v).__name__ == "Literal" else env[v]
+
+        for v, c in zip(jaxpr.constvars, const_values):
+            env[v] = next(ids)
+            consts[env[v]] = c
+        env.update(zip(jaxpr.invars, arg_ids))
+        for eqn in jaxpr.eqns:
+            ins = tuple(ref(v) for v in eqn.invars)
+            body = _body(eqn)
+            if body is not None and len(body[0].invars) == len(ins):
+                outs = scope(body[0], body[1], ins)
+            else:
+                outs = tuple(next(ids) for _ in eqn.outvars)
+                ops.append(_Op(eqn, ins, outs))
+            env.update(zip(eqn.outvars, outs))
+        return tuple(ref(v) for v in jaxpr.outvars)
+
+    inputs = tuple(next(ids) for _ in closed.jaxpr.invars)
+    outputs = scope(closed.jaxpr, closed.consts, inputs)
+    return Program(tuple(ops), inputs, outputs, consts)
+
+
+def run(program: Program, args, *, perturb=None, replace=None, keep=()):
+    """The outputs, and the values ``keep``; ``perturb`` {op index: array} is added to those operations' results,
+    ``replace`` {value id: array} stands for those values."""
+    env = dict(program.consts)
+    env.update(zip(program.inputs, args))
+    env.update(replace or {})
+
+    def value(a):
+        return a.val if isinstance(a, _Lit) else env[a]
+
+    for j, op in enumerate(program.ops):
+        outs = bind(op.eqn, [value(a) for a in op.ins])
+        if perturb is not None and j in perturb:
+            outs = [outs[0] + perturb[j]]
+        env.update(zip(op.outs, outs))
+        if replace:
+            env.update((o, replace[o]) for o in op.outs if o in replace)
+    return [value(a) for a in program.outputs], [value(a) for a in keep]
+
+
+# -- which operations are curved in one input, and how each is read --------------------------------------------
+class _Node(NamedTuple):
+    op: int
+    moving: tuple  # positions of the inputs that move with the parameter
+    base: Any  # elementwise in one value u (its inputs elementwise functions of u): u's id, so Q = q(u) ⊙ u̇²
+    direct: Any  # the base is the parameter's conv/dense layer's output (plus terms that do not move): (kind, op)
+
+
+def _inexact(v) -> bool:
+    return np.issubdtype(np.dtype(v.aval.dtype), np.inexact)
+
+
+def _elementwise_body(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        sub = eqn.params.get("call_jaxpr") or eqn.params.get("jaxpr")
+        if name in _ELEMENTWISE:
+            continue
+        if name == "broadcast_in_dim" and not eqn.invars[0].aval.shape:
+            continue
+        if sub is not None and _elementwise_body(getattr(sub, "jaxpr", sub)):
+            continue
+        return False
+    return True
+
+
+def _curved(op: _Op, moving) -> bool:
+    """Whether the operation's result is curved in its moving inputs (the rule of :mod:`.rules.linearity`)."""
+    eqn = op.eqn
+    sub = eqn.params.get("call_jaxpr") or eqn.params.get("jaxpr")
+    inputs = [(frozenset({0}) if p in moving else EMPTY, EMPTY) for p in range(len(op.ins))]
+    if sub is not None:
+        body = getattr(sub, "jaxpr", sub)
+        if len(body.invars) == len(op.ins):
+            return any(n for _, n in _walk(body, inputs))
+    return bool(propagate(_kind(eqn.primitive.name), inputs)[1])
+
+
+def _layer(program, producer, value_id, leaf_id, moving_ids):
+    """("conv"|"dense", op) when ``value_id`` is the output of a convolution or dense product of the parameter
+    itself with an input that does not move, plus terms that do not move (a bias of another group)."""
+    while value_id in producer:
+        j = producer[value_id]
+        op = program.ops[j]
+        name = op.eqn.primitive.name
+        if name in ("add", "sub"):
+            moving = [a for a in op.ins if not isinstance(a, _Lit) and a in moving_ids]
+            if len(moving) != 1 or (name == "sub" and op.ins[1] == moving[0]):
+                return None
+            value_id = moving[0]
+            continue
+        if name not in ("conv_general_dilated", "dot_general"):
+            return None
+        lhs, rhs = op.ins[:2]
+        if rhs != leaf_id or isinstance(lhs, _Lit) or lhs in moving_ids:
+            return None
+        p = op.eqn.params
+        if name == "conv_general_dilated":
+            pads = [x for pair in p["padding"] for x in pair]
+            ok = all(d == 1 for d in p["lhs_dilation"]) and p["batch_group_count"] == 1 and min(pads) >= 0
+            return ("conv", j) if ok else None
+        if name == "dot_general":
+            (lc, rc), (lb, rb) = p["dimension_numbers"]
+            lhs_rank = op.eqn.invars[0].aval.ndim
+            ok = (tuple(lc) == (lhs_rank - 1,) and tuple(rc) == (0,) and not lb and not rb
+                  and op.eqn.invars[1].aval.ndim == 2)
+            return ("dense", j) if ok else None
+        return None
+    return None
+
+
+def _elementwise(op: _Op, moving) -> bool:
+    """One result, of the shape of every moving input, each element a function of the same elements of them."""
+    eqn = op.eqn
+    if len(op.outs) != 1 or any(eqn.invars[p].aval.shape != eqn.outvars[0].aval.shape for p in moving):
+        return False
+    sub = eqn.params.get("call_jaxpr") or eqn.params.get("jaxpr")
+    return eqn.primitive.name in _ELEMENTWISE or (sub is not None and _elementwise_body(getattr(sub, "jaxpr", sub)))
+
+
+def group_plan(program: Program, leaf_position: int):
+    """The curved operations along the parameter ``program.inputs[leaf_position]``, as :class:`_Node`; None
+    where one has several results (the column rule then)."""
+    leaf_id = program.inputs[leaf_position]
+    base, producer, nodes = {leaf_id: leaf_id}, {}, []  # every moving value: the value it is elementwise in
+    for j, op in enumerate(program.ops):
+        for o in op.outs:
+            producer[o] = j
+        moving = tuple(p for p, a in enumerate(op.ins) if not isinstance(a, _Lit) and a in base)
+        if not moving or _kind(op.eqn.primitive.name) == "constant":
+            continue
+        bases = {base[op.ins[p]] for p in moving}
+        common = bases.pop() if len(bases) == 1 and _elementwise(op, moving) else None
+        for o, v in zip(op.outs, op.eqn.outvars):
+            if _inexact(v):
+                base[o] = o if common is None else common
+        if not _curved(op, moving):
+            continue
+        if len(op.outs) != 1:
+            return None
+        direct = None if common is None else _layer(program, producer, common, leaf_id, set(base))
+        nodes.append(_Node(j, moving, common, direct))
+    return tuple(nodes)
+
+
+def passes(nodes) -> int:
+    """1 where the plan needs a forward pass per coordinate (an operation not read directly), else 0."""
+    return int(any(n.base is None or not n.direct for n in nodes))
+
+
+# -- the terms ------------------------------------------------------------------------------------------------
+def _second(g, primals, tangents):
+    """d²/dt² g(primals + t·tangents) at t = 0."""
+    return jax.jvp(lambda *p: jax.jvp(g, p, tangents)[1], primals, tangents)[1]
+
+
+def _op_fn(op: _Op, values, moving):
+    """The operation as a function of its moving inputs, the others held at ``values``."""
+    def g(*moved):
+        args = list(values)
+        for p, m in zip(moving, moved):
+            args[p] = m
+        return bind(op.eqn, args)[0]
+    return g
+
+
+def _conv_direct(program, op_index, D, values):
+    """Σ_q D[c, q] (∂z[q]/∂W)² for every weight of a convolution's kernel W, in W's layout: (C, size)."""
+    op = program.ops[op_index]
+    p, eqn = op.eqn.params, op.eqn
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    x = values[op.ins[0]]
+    lhs_shape, rhs_shape, out_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
+    spec = conv.ConvSpec(in_channels=lhs_shape[lhs_spec[1]], out_channels=rhs_shape[rhs_spec[0]],
+                         groups=p["feature_group_count"], kernel=tuple(rhs_shape[d] for d in rhs_spec[2:]),
+                         stride=tuple(p["window_strides"]), padding=tuple(tuple(pair) for pair in p["padding"]),
+                         dilation=tuple(p["rhs_dilation"]), in_spatial=tuple(lhs_shape[d] for d in lhs_spec[2:]),
+                         out_spatial=tuple(out_shape[d] for d in out_spec[2:]))
+    xt = jnp.transpose(x, lhs_spec)  # (N, I, *spatial), N = 1
+    unf = conv.patches(xt, spec, jnp.asarray(conv.patch_index(spec)))
+    C = D.shape[0]
+    Dt = jnp.transpose(D, (0, *(1 + d for d in out_spec)))  # (C, N, O, *out): N = 1
+    w = curvature.conv_direct(jnp.swapaxes(Dt, 0, 1), unf, spec)[0]  # (C, weight_size), (O, I/g, *kernel)
+    w = w.reshape(C, spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
+    order = np.argsort(rhs_spec)  # W's axis a holds the (O, I, *kernel) axis rhs_spec.index(a)
+    return jnp.transpose(w, (0, *(1 + int(o) for o in order))).reshape(C, -1)
+
+
+def _dense_direct(program, op_index, D, values):
+    """Σ_q D[c, q] (∂z[q]/∂W)² for z = x @ W: D[c, …, a] x[…, b]² summed over the leading axes, as W (C, in·out)."""
+    x = values[program.ops[op_index].ins[0]]
+    C, out = D.shape[0], D.shape[-1]
+    return jnp.einsum("cra,rb->cba", D.reshape(C, -1, out), (x * x).reshape(-1, x.shape[-1])).reshape(C, -1)
+
+
+def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: int):
+    """``w`` (C, size) of one input along every coordinate of the parameter ``args[leaf_position]``."""
+    leaf = args[leaf_position]
+    size = math.prod(leaf.shape)
+    keep = sorted({a for n in nodes for a in program.ops[n.op].ins if not isinstance(a, _Lit)}
+                  | {program.ops[n.direct[1]].ins[0] for n in nodes if n.direct}
+                  | {n.base for n in nodes if n.base is not None})
+
+    def perturbed(eps):
+        h, kept = run(program, args, perturb={n.op: e for n, e in zip(nodes, eps)}, keep=keep)
+        return h[0].reshape(-1), kept
+
+    zeros = [jnp.zeros(program.ops[n.op].eqn.outvars[0].aval.shape, dtype=leaf.dtype) for n in nodes]
+    h, pull, kept = jax.vjp(perturbed, zeros, has_aux=True)
+    values = dict(zip(keep, kept))
+    C = h.shape[0]
+    lam = jax.vmap(lambda c: pull(c)[0])(jnp.eye(C, dtype=h.dtype))  # per node (C, *shape)
+    w = jnp.zeros((C, size), dtype=leaf.dtype)
+    # K_u = Σ λ_m ⊙ q_m over the elementwise nodes of each base u, q_m their Q along u̇ = 1
+    by_base = {}
+    for n, lam_m in zip(nodes, lam):
+        if n.base is not None:
+            by_base.setdefault(n.base, []).append((n, lam_m))
+    K = {}
+    for b, members in by_base.items():
+        ids = sorted({program.ops[n.op].ins[p] for n, _ in members for p in n.moving})
+        u = values[b]
+        _, along_ones = jax.jvp(lambda ub, b=b, ids=ids: run(program, args, replace={b: ub}, keep=ids)[1], (u,),
+                                (jnp.ones_like(u),))
+        a = dict(zip(ids, along_ones))
+        for n, lam_m in members:
+            op = program.ops[n.op]
+            ins = [x.val if isinstance(x, _Lit) else values[x] for x in op.ins]
+            q = _second(_op_fn(op, ins, n.moving), tuple(ins[p] for p in n.moving),
+                        tuple(a[op.ins[p]] for p in n.moving))
+            K[b] = K.get(b, 0) + lam_m * q[None]
+    layers = {}
+    for n in nodes:
+        if n.direct:
+            layers.setdefault(n.direct, set()).add(n.base)
+    for (kind, j), bs in layers.items():
+        D = sum(K[b] for b in bs)
+        w = w + (_conv_direct if kind == "conv" else _dense_direct)(program, j, D, values)
+    passed = [(n, lam_m) for n, lam_m in zip(nodes, lam) if n.base is None]
+    bases = sorted({n.base for n in nodes if n.base is not None and not n.direct})
+    if not passed and not bases:
+        return w
+    tangent_ids = sorted({program.ops[n.op].ins[p] for n, _ in passed for p in n.moving} | set(bases))
+    general = [(n, lam_m, [x.val if isinstance(x, _Lit) else values[x] for x in program.ops[n.op].ins])
+               for n, lam_m in passed]
+
+    def forward(p):
+        full = list(args)
+        full[leaf_position] = p
+        return run(program, full, keep=tangent_ids)[1]
+
+    def along(e):
+        _, tangents = jax.jvp(forward, (leaf,), (e.reshape(leaf.shape),))
+        t = dict(zip(tangent_ids, tangents))
+        total = jnp.zeros((C,), dtype=leaf.dtype)
+        for b in bases:
+            total = total + jnp.einsum("c...,...->c", K[b], t[b] * t[b])
+        for n, lam_m, ins in general:
+            op = program.ops[n.op]
+            Q = _second(_op_fn(op, ins, n.moving), tuple(ins[p] for p in n.moving),
+                        tuple(t[op.ins[p]] for p in n.moving))
+            total = total + jnp.einsum("c...,...->c", lam_m, Q)
+        return total
+
+    k = min(chunk, size)
+    starts = jnp.arange(0, size, k)
+    blocks = jax.lax.map(lambda s: jax.vmap(along)(jax.nn.one_hot(s + jnp.arange(k), size, dtype=leaf.dtype)), starts)
+    return w + blocks.reshape(-1, C)[:size].T
+
