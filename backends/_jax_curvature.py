@@ -44,7 +44,7 @@ from ._jax_pooling import bind
 from .rules import conv, curvature
 from .rules.linearity import EMPTY, propagate
 
-__all__ = ["Program", "group_hessian", "group_plan", "passes", "trace"]
+__all__ = ["Program", "first_order_layer", "group_hessian", "group_plan", "jacobian", "passes", "trace"]
 
 _INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint"})
 _ELEMENTWISE = frozenset({
@@ -136,6 +136,34 @@ def run(program: Program, args, *, perturb=None, replace=None, keep=()):
     return [value(a) for a in program.outputs], [value(a) for a in keep]
 
 
+def jacobian(program: Program, args, positions, eye):
+    """Per parameter ``args[i]``, i in ``positions``, its Jacobian rows ``cᵀ ∂h/∂θ`` for the rows c of ``eye``
+    (C, *shape).  A parameter used once, in a layer (:func:`first_order_layer`), takes ``∂h/∂z`` of the layer's
+    output z and the layer's input (:func:`.rules.conv.weight_sums`); the others their vector-Jacobian product.
+    One vjp serves all: per-input gradients of a convolution's kernel are slow to vectorise, ∂h/∂z is not."""
+    layers = {i: first_order_layer(program, i) for i in positions}
+    by_vjp = [i for i in positions if layers[i] is None]
+    by_layer = [i for i in positions if layers[i] is not None]
+    inputs = [program.ops[layers[i]].ins[0] for i in by_layer]
+
+    def h(sel, eps):
+        full = list(args)
+        for i, v in zip(by_vjp, sel):
+            full[i] = v
+        out, kept = run(program, full, perturb={layers[i]: e for i, e in zip(by_layer, eps)}, keep=inputs)
+        return out[0].reshape(-1), kept
+
+    outs = [program.ops[layers[i]].eqn.outvars[0].aval for i in by_layer]
+    zeros = [jnp.zeros(a.shape, dtype=a.dtype) for a in outs]
+    _, pull, kept = jax.vjp(h, [args[i] for i in by_vjp], zeros, has_aux=True)
+    rows_vjp, rows_z = jax.vmap(pull)(eye)
+    C = eye.shape[0]
+    rows = dict(zip(by_vjp, rows_vjp))
+    for i, G, x in zip(by_layer, rows_z, kept):
+        rows[i] = _layer_sums(program.ops[layers[i]], G, x, squared=False).reshape(C, *args[i].shape)
+    return [rows[i] for i in positions]
+
+
 # -- which operations are curved in one input, and how each is read --------------------------------------------
 class _Node(NamedTuple):
     op: int
@@ -192,19 +220,22 @@ def _layer(program, producer, value_id, leaf_id, moving_ids):
         lhs, rhs = op.ins[:2]
         if rhs != leaf_id or isinstance(lhs, _Lit) or lhs in moving_ids:
             return None
-        p = op.eqn.params
-        if name == "conv_general_dilated":
-            pads = [x for pair in p["padding"] for x in pair]
-            ok = all(d == 1 for d in p["lhs_dilation"]) and p["batch_group_count"] == 1 and min(pads) >= 0
-            return ("conv", j) if ok else None
-        if name == "dot_general":
-            (lc, rc), (lb, rb) = p["dimension_numbers"]
-            lhs_rank = op.eqn.invars[0].aval.ndim
-            ok = (tuple(lc) == (lhs_rank - 1,) and tuple(rc) == (0,) and not lb and not rb
-                  and op.eqn.invars[1].aval.ndim == 2)
-            return ("dense", j) if ok else None
-        return None
+        return (name, j) if _layer_op(op) else None
     return None
+
+
+def _layer_op(op: _Op) -> bool:
+    """A convolution the engine's rule takes (no input dilation or batch groups, padding ≥ 0), or a dense product
+    ``x @ W`` (x's last axis against W's first, W two-dimensional)."""
+    p, name = op.eqn.params, op.eqn.primitive.name
+    if name == "conv_general_dilated":
+        pads = [x for pair in p["padding"] for x in pair]
+        return all(d == 1 for d in p["lhs_dilation"]) and p["batch_group_count"] == 1 and min(pads) >= 0
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        return (tuple(lc) == (op.eqn.invars[0].aval.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
+                and op.eqn.invars[1].aval.ndim == 2)
+    return False
 
 
 def _elementwise(op: _Op, moving) -> bool:
@@ -262,33 +293,48 @@ def _op_fn(op: _Op, values, moving):
     return g
 
 
-def _conv_direct(program, op_index, D, values):
-    """Σ_q D[c, q] (∂z[q]/∂W)² for every weight of a convolution's kernel W, in W's layout: (C, size)."""
-    op = program.ops[op_index]
+def _conv_geometry(op: _Op, x):
+    """The engine's geometry (:class:`.rules.conv.ConvSpec`) of a ``conv_general_dilated``, and its input's patches
+    (1, I·K, P) from ``x`` (its input, in the op's layout)."""
     p, eqn = op.eqn.params, op.eqn
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    x = values[op.ins[0]]
     lhs_shape, rhs_shape, out_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
     spec = conv.ConvSpec(in_channels=lhs_shape[lhs_spec[1]], out_channels=rhs_shape[rhs_spec[0]],
                          groups=p["feature_group_count"], kernel=tuple(rhs_shape[d] for d in rhs_spec[2:]),
                          stride=tuple(p["window_strides"]), padding=tuple(tuple(pair) for pair in p["padding"]),
                          dilation=tuple(p["rhs_dilation"]), in_spatial=tuple(lhs_shape[d] for d in lhs_spec[2:]),
                          out_spatial=tuple(out_shape[d] for d in out_spec[2:]))
-    xt = jnp.transpose(x, lhs_spec)  # (N, I, *spatial), N = 1
-    unf = conv.patches(xt, spec, jnp.asarray(conv.patch_index(spec)))
+    return spec, conv.patches(jnp.transpose(x, lhs_spec), spec, jnp.asarray(conv.patch_index(spec)))
+
+
+def _layer_sums(op: _Op, D, x, *, squared: bool):
+    """``Σ_q D[c, q] · v[q]`` (``squared``: ``v[q]²``) for every weight of the layer's parameter, ``v`` its tangent of
+    the layer's output (the weight's input patch, or input): D (C, *output shape), x the layer's input → (C, size)
+    in the parameter's layout.  Convolution: :func:`.rules.conv.weight_sums`; dense ``x @ W``: ``Σ D[c, …, a]
+    x[…, b]``."""
     C = D.shape[0]
-    Dt = jnp.transpose(D, (0, *(1 + d for d in out_spec)))  # (C, N, O, *out): N = 1
-    w = curvature.conv_direct(jnp.swapaxes(Dt, 0, 1), unf, spec)[0]  # (C, weight_size), (O, I/g, *kernel)
+    if op.eqn.primitive.name == "dot_general":
+        rows = x * x if squared else x
+        return jnp.einsum("cra,rb->cba", D.reshape(C, -1, D.shape[-1]), rows.reshape(-1, x.shape[-1])).reshape(C, -1)
+    spec, unf = _conv_geometry(op, x)
+    _, rhs_spec, out_spec = op.eqn.params["dimension_numbers"]
+    Dt = jnp.transpose(D, (0, *(1 + d for d in out_spec)))  # (C, N, O, *out) with N = 1
+    Dt = jnp.swapaxes(Dt, 0, 1)
+    w = (curvature.conv_direct(Dt, unf, spec) if squared else conv.weight_sums(Dt, unf, spec))[0]  # (C, weights)
     w = w.reshape(C, spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
-    order = np.argsort(rhs_spec)  # W's axis a holds the (O, I, *kernel) axis rhs_spec.index(a)
+    order = np.argsort(rhs_spec)  # the parameter's axis a holds the (O, I, *kernel) axis rhs_spec.index(a)
     return jnp.transpose(w, (0, *(1 + int(o) for o in order))).reshape(C, -1)
 
 
-def _dense_direct(program, op_index, D, values):
-    """Σ_q D[c, q] (∂z[q]/∂W)² for z = x @ W: D[c, …, a] x[…, b]² summed over the leading axes, as W (C, in·out)."""
-    x = values[program.ops[op_index].ins[0]]
-    C, out = D.shape[0], D.shape[-1]
-    return jnp.einsum("cra,rb->cba", D.reshape(C, -1, out), (x * x).reshape(-1, x.shape[-1])).reshape(C, -1)
+def first_order_layer(program: Program, leaf_position: int):
+    """The op index of the convolution or dense product ``x @ W`` that is the parameter's only use (its Jacobian rows
+    then come from ``∂h/∂z`` of that layer's output and the layer's input), or None."""
+    leaf_id = program.inputs[leaf_position]
+    uses = [(j, p) for j, op in enumerate(program.ops) for p, a in enumerate(op.ins) if a == leaf_id]
+    if len(uses) != 1 or uses[0][1] != 1:
+        return None
+    j = uses[0][0]
+    return j if _layer_op(program.ops[j]) else None
 
 
 def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: int):
@@ -331,9 +377,9 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
     for n in nodes:
         if n.direct:
             layers.setdefault(n.direct, set()).add(n.base)
-    for (kind, j), bs in layers.items():
-        D = sum(K[b] for b in bs)
-        w = w + (_conv_direct if kind == "conv" else _dense_direct)(program, j, D, values)
+    for (_, j), bs in layers.items():
+        op = program.ops[j]
+        w = w + _layer_sums(op, sum(K[b] for b in bs), values[op.ins[0]], squared=True)
     passed = [(n, lam_m) for n, lam_m in zip(nodes, lam) if n.base is None]
     bases = sorted({n.base for n in nodes if n.base is not None and not n.direct})
     if not passed and not bases:

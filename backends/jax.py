@@ -341,9 +341,19 @@ def _function_outputs(leaves, X, *, apply_fn, treedef):
     return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), X)
 
 
-def _function_jacobian(leaves, X, eye, *, apply_fn, treedef, indices=None):
-    """Per leaf (n, C, *shape): the Jacobian columns of the leaves ``indices`` (all for None), the others held."""
-    chosen = range(len(leaves)) if indices is None else indices
+def _function_jacobian(leaves, X, eye, *, apply_fn, treedef, indices=None, interpret=True):
+    """Per leaf (n, C, *shape): the Jacobian columns of the leaves ``indices`` (all for None), the others held; a leaf
+    used once in a convolution or dense layer by that layer's ``∂h/∂z`` (``interpret``: the function's jaxpr could
+    be traced, :func:`._jax_curvature.jacobian`), the others by vjp."""
+    chosen = tuple(range(len(leaves))) if indices is None else indices
+
+    if interpret:
+        def one(x):
+            program = curvature_rule.trace(lambda ls, x: _single(apply_fn, jax.tree_util.tree_unflatten(treedef, ls),
+                                                                 x).reshape(-1), list(leaves), x)
+            return curvature_rule.jacobian(program, [*leaves, x], chosen, eye)
+
+        return OPS.vmap(one)(X)
 
     def f(sel, x):
         full = list(leaves)
@@ -455,12 +465,15 @@ class JaxFunction:
     def _plans(self, apply_fn, treedef, x, curved) -> dict:
         """Per curved leaf, its curved operations (:func:`._jax_curvature.group_plan`); none for a function whose
         jaxpr the interpreter cannot take (forward over forward of the whole function then)."""
+        self._interpret = False
         try:
             program = curvature_rule.trace(
                 lambda ls, x: _single(apply_fn, jax.tree_util.tree_unflatten(treedef, ls), x), list(self.leaves), x)
-            return {i: curvature_rule.group_plan(program, i) for i in curved}
+            plans = {i: curvature_rule.group_plan(program, i) for i in curved}
         except Exception:  # noqa: BLE001 - any construct the interpreter does not know: the column rule, exact
             return {}
+        self._interpret = True
+        return plans
 
     def __repr__(self) -> str:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
@@ -480,8 +493,8 @@ class JaxFunction:
         n = X.shape[0]
         eye = jnp.eye(self.n_outputs, dtype=self.dtype)
         indices = None if groups is None else tuple(i for i, g in enumerate(self.groups) if g.name in set(groups))
-        jacobian = OPS.jit(_function_jacobian, ("apply_fn", "treedef", "indices"))
-        jac = jacobian(self.leaves, X, eye, indices=indices, **self._static)
+        jacobian = OPS.jit(_function_jacobian, ("apply_fn", "treedef", "indices", "interpret"))
+        jac = jacobian(self.leaves, X, eye, indices=indices, interpret=self._interpret, **self._static)
         hess = OPS.jit(_function_hessian, ("apply_fn", "treedef", "index"))
         by_operation = OPS.jit(_function_curvature, ("apply_fn", "treedef", "index", "chunk"))
         blocks = []

@@ -20,6 +20,8 @@ Run from the repository root (BackPACK: ``pip install backpack-for-pytorch``):
   reset before each) beside fishercore's ``memory_budget``; on CUDA, the growth of torch's peak allocated
   GPU memory instead.
 
+``--jax`` adds the digits CNN written in Flax (:mod:`fishercore.report.cnn`) through JAX's ``from_function``.
+
 Medians of ``--repeat`` runs after a warm-up.  The largest deviation between the two Fishers is
 printed as a check.  ``--device cuda`` runs both on the GPU (``benchmarks/gpu_check.sh``); where
 BackPACK is not installed its columns are "–", and where scikit-learn is not, the digits are
@@ -35,6 +37,7 @@ import statistics
 import time
 import warnings
 
+import numpy as np
 import torch
 from memory import peak, reset_peak  # benchmarks/memory.py, beside this script
 from torch import nn
@@ -138,15 +141,57 @@ def _extensions(*names):
     return make
 
 
-def digits(repeat, device):
+def _digits():
     try:
         from sklearn.datasets import load_digits
 
         data = load_digits()
-        X, y = torch.as_tensor(data.data / 16.0), torch.as_tensor(data.target)
+        return torch.as_tensor(data.data / 16.0), torch.as_tensor(data.target)
     except ImportError:
         gen = torch.Generator().manual_seed(0)
-        X, y = torch.rand(1797, 64, dtype=torch.float64, generator=gen), torch.randint(0, 10, (1797,), generator=gen)
+        return torch.rand(1797, 64, dtype=torch.float64, generator=gen), torch.randint(0, 10, (1797,), generator=gen)
+
+
+def digits_jax(repeat, device):
+    """The digits CNN as the Flax module of fishercore.report.cnn through JAX's from_function, float64: seconds with
+    compilation (first call), then the median of ``repeat`` calls; the Fisher's deviation from torch's."""
+    import jax
+    import jax.numpy as jnp
+
+    from fishercore.backends import jax as fc_jax
+
+    jax.config.update("jax_enable_x64", True)
+    dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+    X, _ = _digits()
+    config = cnn.Config()
+    params = cnn.init_params(config, 0)
+    with jax.default_device(dev):
+        variables = jax.tree_util.tree_map(jnp.asarray, cnn.flax_variables(config, params))
+        fn, flax_params = cnn.flax_function(config, variables)
+        Xj = jnp.asarray(X.numpy().reshape(-1, 1, 8, 8))
+        model = fc_jax.from_function(fn, flax_params, input_shape=(1, 8, 8))
+        t = time.perf_counter()
+        res = jax.block_until_ready(fc.analyze(model, Xj).v2)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            res = fc.analyze(model, Xj)
+            jax.block_until_ready(res.v2)
+            times.append(time.perf_counter() - t)
+    net = cnn.torch_model(config, params, dtype=torch.float64)
+    ref = fc.analyze(fc_torch.from_module(net, input_shape=(1, 8, 8)), X.reshape(-1, 1, 8, 8))
+    order = [n for n, _ in config.names_and_shapes()]
+    values = np.asarray(res.fisher)
+    by_name = dict(cnn.torch_layout(g.name, values[g.offset:g.offset + g.size], g.shape) for g in res.groups)
+    err = float(np.abs(np.concatenate([by_name[n] for n in order]) - ref.fisher.numpy()).max() / ref.fisher.abs().max())
+    print(f"| digits CNN in Flax, JAX from_function, float64, {X.shape[0]} inputs, {device} | "
+          f"{statistics.median(times):.2f} s ({first:.1f} s with compilation) | – | – | – | – | – | "
+          f"{err:.1e} vs torch |", flush=True)
+
+
+def digits(repeat, device):
+    X, y = _digits()
     config = cnn.Config()
     net = cnn.torch_model(config, cnn.init_params(config, 0), dtype=torch.float64).to(device)
     X, y = X.reshape(-1, 1, 8, 8).to(device), y.to(device)
@@ -180,6 +225,7 @@ def main():
     p.add_argument("--only", choices=("digits", "resnet"))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--jax", action="store_true", help="also the digits CNN in Flax through JAX's from_function")
     args = p.parse_args()
     warnings.simplefilter("ignore")  # BackPACK's full-backward-hook notices
     print("| network | fishercore, every field | BackPACK DiagGGNExact | BackPACK DiagGGNExact + DiagHessian | "
@@ -188,6 +234,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     if args.only in (None, "digits"):
         digits(args.repeat, args.device)
+        if args.jax:
+            digits_jax(args.repeat, args.device)
     if args.only in (None, "resnet"):
         resnet(args.repeat, args.device)
 

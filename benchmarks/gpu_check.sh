@@ -6,8 +6,9 @@
 # 1. The GPU tests (`pytest -m gpu`): the hand-written MLP on CuPy arrays, torch CUDA tensors and
 #    JAX GPU arrays, and the torch/JAX adapters on the GPU, each compared with the float64 NumPy
 #    reference on the CPU (1e-10 in float64), including an MNIST-sized 784-512-512-10 network.
-# 2. The CNN benchmark on CUDA (benchmarks/cnn.py --device cuda): the digits CNN, every field in
-#    float64, and the ReLU ResNet-8 in float32 (BackPACK beside them where it is installed).
+# 2. The CNN benchmark on CUDA (benchmarks/cnn.py --device cuda --jax): the digits CNN, every field in
+#    float64, in torch and in Flax through JAX, and the ReLU ResNet-8 in float32 (BackPACK beside them
+#    where it is installed).
 # 3. The MNIST-sized benchmark (benchmarks/speed.py --parts mnist --device gpu --dtypes float64):
 #    `analyze` on 60,000 inputs with every GPU backend, time and peak memory (add float32 with
 #    GPU_CHECK_DTYPES=float64,float32).
@@ -38,7 +39,8 @@ start=$SECONDS
     FISHERCORE_BACKENDS=numpy,cupy,torch-cuda,jax-gpu python3 -P -m pytest tests -q -p no:cacheprovider \
         -m gpu --durations=5 "$@" || status=$?
     echo "tests: $((SECONDS - start)) s"
-    PYTHONPATH="$PYTHONPATH:benchmarks" python3 -P benchmarks/cnn.py --device cuda --repeat 3 || { s=$?; [ "$status" -ne 0 ] || status=$s; }
+    PYTHONPATH="$PYTHONPATH:benchmarks" python3 -P benchmarks/cnn.py --device cuda --repeat 3 --jax \
+        || { s=$?; [ "$status" -ne 0 ] || status=$s; }
     python3 -P benchmarks/speed.py --parts mnist --device gpu --dtypes "${GPU_CHECK_DTYPES:-float64}" --out "$out" \
         || { s=$?; [ "$status" -ne 0 ] || status=$s; }
     echo "total: $((SECONDS - start)) s"

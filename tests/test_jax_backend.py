@@ -402,3 +402,42 @@ def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
         assert model.rule_groups == ("W2",), name  # W1 and b1 also reach the second activation: a pass each
         res = fc.analyze(model, X, "gaussian")
         assert set(res.first_order_only) == {"W1", "b1"}, name
+
+
+def test_conv_layers_in_any_layout_match_brute_force(jax_x64):
+    """First order by the layer's ∂h/∂z and second order by conv_direct (backends/_jax_curvature.py) for convolutions
+    in PyTorch's layout (NCHW, OIHW) with groups, strides, dilation and uneven padding, and in Flax's (NHWC, HWIO)
+    with a 1-D kernel: Jacobian rows and Hessian diagonals of every group equal jax.jacrev's and jax.hessian's
+    (1e-10), and the kernels read right after their activations need no pass per parameter."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    rng = np.random.default_rng(5)
+    params = {"k1": jnp.asarray(rng.normal(size=(4, 1, 2, 3))), "b1": jnp.asarray(rng.normal(size=4)),
+              "k2": jnp.asarray(rng.normal(size=(2, 4, 2))), "head": jnp.asarray(rng.normal(size=(10, 3)))}
+
+    def fn(p, x):  # x: (n, 2, 5, 6)
+        z = lax.conv_general_dilated(x, p["k1"], (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2),
+                                     feature_group_count=2, dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        a = jnp.tanh(z + p["b1"][None, :, None, None])  # (n, 4, 3, 5)
+        a = jnp.transpose(a, (0, 2, 3, 1)).reshape(a.shape[0], 15, 4)  # NWC, width 15
+        z2 = lax.conv_general_dilated(a, p["k2"], (3,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
+        return jax.nn.softplus(z2).reshape(a.shape[0], -1) @ p["head"]  # (n, 3)
+
+    X = jnp.asarray(rng.normal(size=(4, 2, 5, 6)))
+    model = fc_jax.from_function(fn, params, input_shape=(2, 5, 6))
+    assert set(model.rule_groups) == {"k2"}  # k1 also reaches the softplus: one pass per weight
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    blocks = model.derivatives(X).blocks
+    for i, block in enumerate(blocks):
+        def h(v, x, i=i):
+            ls = list(leaves)
+            ls[i] = v.reshape(leaves[i].shape)
+            return fn(jax.tree_util.tree_unflatten(treedef, ls), x[None])[0]
+
+        J = jax.vmap(lambda x, i=i: jax.jacrev(h)(leaves[i].reshape(-1), x))(X)
+        assert np.abs(np.asarray(block.jac) - np.asarray(J)).max() <= 1e-10 * np.abs(np.asarray(J)).max(), block.group
+        want = _hessian_diagonals(fn, leaves, treedef, i, X)
+        got = np.asarray(block.diag_hess)
+        assert np.abs(got - want).max() <= 1e-10 * max(np.abs(want).max(), 1e-300), block.group

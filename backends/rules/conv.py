@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 from array_api_compat import array_namespace, device
 
-__all__ = ["ConvSpec", "bias_directions", "patch_index", "patches", "weight_directions"]
+__all__ = ["ConvSpec", "bias_directions", "patch_index", "patches", "weight_directions", "weight_sums"]
 
 
 class ConvSpec(NamedTuple):
@@ -92,6 +92,22 @@ def patches(x, spec: ConvSpec, index):
     flat = xp.reshape(x, (n, -1))
     rows, P = index.shape
     return xp.reshape(xp.take(flat, xp.reshape(index, (-1,)), axis=1), (n, rows, P))
+
+
+def weight_sums(D, rows, spec: ConvSpec):
+    """``Σ_p D[c, o, p] · rows[n, row(o, i, k), p]`` for every weight: ``D`` ``(n, C, O, *out_spatial)``, ``rows``
+    (n, I·K, P) → (n, C, weights) in the weight's layout ``(O, I/g, *kernel)``.
+
+    With ``D = ∂h/∂z`` and the patches as ``rows`` these are the weights' Jacobian rows, ``u``; with the
+    curvature rule's ``K`` and the squared patches, their Hessian diagonals (:func:`.curvature.conv_direct`).
+    One matrix product per group of channels: ``D (O/g × P) @ rowsᵀ (P × I/g·K)``.
+    """
+    xp = array_namespace(D, rows)
+    n, C = D.shape[:2]
+    g, P = spec.groups, spec.positions
+    r = xp.reshape(rows, (n, 1, g, -1, P))  # (n, 1, g, I/g·K, P)
+    Dg = xp.reshape(D, (n, C, g, spec.out_channels // g, P))
+    return xp.reshape(xp.matmul(Dg, xp.matrix_transpose(r)), (n, C, spec.weight_size))
 
 
 def weight_layout(spec: ConvSpec):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace
 
-from .conv import ConvSpec
+from .conv import ConvSpec, weight_sums
 
 __all__ = ["conv_bias_direct", "conv_direct", "factors", "tangent_squares"]
 
@@ -47,17 +47,9 @@ def tangent_squares(K, T):
 
 def conv_direct(D, unf, spec: ConvSpec):
     """``Σ_p D[c, o, p] · x_unf[row(o, i, k), p]²`` for every weight: ``D`` ``(n, C, O, *out_spatial)`` the summed
-    ``K`` of the activations that read the layer's output, ``unf`` (n, I·K, P) its patches → (n, C, weights).
-
-    One matrix product per group of channels: ``D (O/g × P) @ (x_unf²)ᵀ (P × I/g·K)``, laid out as the
-    framework stores the weight, ``(O, I/g, *kernel)``.
-    """
-    xp = array_namespace(D, unf)
-    n, C = D.shape[:2]
-    g, P = spec.groups, spec.positions
-    sq = xp.reshape(unf * unf, (n, 1, g, -1, P))  # (n, 1, g, I/g·K, P)
-    Dg = xp.reshape(D, (n, C, g, spec.out_channels // g, P))
-    return xp.reshape(xp.matmul(Dg, xp.matrix_transpose(sq)), (n, C, spec.weight_size))
+    ``K`` of the activations that read the layer's output, ``unf`` (n, I·K, P) its patches → (n, C, weights),
+    laid out as the framework stores the weight, ``(O, I/g, *kernel)`` (:func:`.conv.weight_sums`)."""
+    return weight_sums(D, unf * unf, spec)
 
 
 def conv_bias_direct(D):
