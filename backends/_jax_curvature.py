@@ -14,13 +14,16 @@ which operations are curved is read off the jaxpr as in :mod:`._jax_linearity`. 
 vector-Jacobian products per input for all operations at once (their outputs perturbed), as
 in first order.  Then per operation:
 
-* **elementwise** in its one moving input (``tanh``, ``logistic``, ``exp``, ``jax.nn.gelu``'s
-  parts, a custom-jvp ``softplus`` …): ``Q = φ''(u) u̇²``, ``φ''`` once per input, so the term
-  is the engine's curvature rule (:func:`.rules.curvature.tangent_squares`).
-* elementwise **right after a convolution or dense layer of the parameter** (``tanh(conv(x, W)
-  + b)``, the input x not moving with W): ``u̇`` along each weight is the weight's input patch,
-  so the term is :func:`.rules.curvature.conv_direct` (the patches of :mod:`.rules.conv`) or
-  ``Σ K[c, a] x_b²`` — one matrix product for the whole group, no pass per coordinate.
+* **elementwise regions**: a value computed elementwise from one value ``u`` (``tanh``,
+  ``logistic``, ``jax.nn.gelu``'s ``x·tanh(…x³…)``, ``silu``'s ``x·σ(x)``, a custom-jvp
+  ``softplus``, a scale between a layer and its activation) has input tangents ``a ⊙ u̇``, so
+  ``Q = q ⊙ u̇²`` with ``q`` computed once per input, and the region's terms are the engine's
+  curvature rule ``Σ_q K_u[c, q] u̇[q]²``.
+* a region whose ``u`` is **the output of the parameter's own convolution or dense layer**
+  (``tanh(conv(x, W) + b)``, the input x not moving with W): ``u̇`` along each weight is the
+  weight's input patch, so the term is :func:`.rules.curvature.conv_direct` (the patches of
+  :mod:`.rules.conv`) or ``Σ K[c, …, a] x[…, b]²`` — one matrix product for the whole group, no
+  pass per coordinate.
 * anything else (a product of two moving factors, a softmax's normalisation, a control-flow
   body): ``Q`` by forward over forward of that operation alone, along its inputs' tangents.
 
@@ -40,13 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._jax_linearity import _kind, _walk
-from ._jax_pooling import bind
+from ._jax_pooling import _body, bind
 from .rules import conv, curvature
 from .rules.linearity import EMPTY, propagate
 
 __all__ = ["Program", "first_order_layer", "group_hessian", "group_plan", "jacobian", "passes", "trace"]
 
-_INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint"})
 _ELEMENTWISE = frozenset({
     "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
     "cosh", "asinh", "acosh", "atanh", "erf", "erfc", "erf_inv", "lgamma", "digamma", "sqrt", "rsqrt", "cbrt",
@@ -73,16 +75,6 @@ class Program(NamedTuple):
     inputs: tuple
     outputs: tuple
     consts: dict
-
-
-def _body(eqn):
-    if eqn.primitive.name not in _INLINE:
-        return None
-    for key in ("jaxpr", "call_jaxpr"):
-        sub = eqn.params.get(key)
-        if sub is not None:
-            return (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, ())
-    return None
 
 
 def trace(fn, *args) -> Program:
