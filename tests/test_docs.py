@@ -30,7 +30,7 @@ def test_readme_example_runs_as_printed(tmp_path):
 def test_readme_starts_with_install_and_test_commands():
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
     assert blocks[0].strip().startswith("python3 -m pip install")
-    assert blocks[1].strip() == "python3 -m pip install tox && python3 -m tox"
+    assert blocks[1].strip() == "python3 -m pip install tox && python3 -m tox -p auto"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "README.md" in ci  # .ci/run takes the test command from the README itself
 
