@@ -47,7 +47,8 @@ from ._jax_pooling import _body, bind
 from .rules import conv, curvature
 from .rules.linearity import EMPTY, propagate
 
-__all__ = ["Program", "first_order_layer", "group_hessian", "group_plan", "jacobian", "passes", "trace"]
+__all__ = ["Program", "first_order_layer", "group_hessian", "group_plan", "jacobian", "passes", "per_neuron",
+           "trace"]
 
 _ELEMENTWISE = frozenset({
     "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
@@ -269,6 +270,16 @@ def passes(nodes) -> int:
     return int(any(n.base is None or not n.direct for n in nodes))
 
 
+def per_neuron(program: Program, leaf_position: int):
+    """The op index of the dense product ``x @ W`` that is W's only use, when x is one row (an MLP's layer on one
+    input): then the tangents along ``W[a, b]`` are ``x_b`` times those along the output ``z[a]``, and a pass per
+    output neuron serves all its weights.  Else None."""
+    j = first_order_layer(program, leaf_position)
+    if j is None or program.ops[j].eqn.primitive.name != "dot_general":
+        return None
+    return j if math.prod(program.ops[j].eqn.invars[0].aval.shape[:-1]) == 1 else None
+
+
 # -- the terms ------------------------------------------------------------------------------------------------
 def _second(g, primals, tangents):
     """d²/dt² g(primals + t·tangents) at t = 0."""
@@ -333,8 +344,10 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
     """``w`` (C, size) of one input along every coordinate of the parameter ``args[leaf_position]``."""
     leaf = args[leaf_position]
     size = math.prod(leaf.shape)
+    neuron = per_neuron(program, leaf_position)
     keep = sorted({a for n in nodes for a in program.ops[n.op].ins if not isinstance(a, _Lit)}
                   | {program.ops[n.direct[1]].ins[0] for n in nodes if n.direct}
+                  | ({program.ops[neuron].ins[0]} if neuron is not None else set())
                   | {n.base for n in nodes if n.base is not None})
 
     def perturbed(eps):
@@ -380,13 +393,22 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
     general = [(n, lam_m, [x.val if isinstance(x, _Lit) else values[x] for x in program.ops[n.op].ins])
                for n, lam_m in passed]
 
-    def forward(p):
-        full = list(args)
-        full[leaf_position] = p
-        return run(program, full, keep=tangent_ids)[1]
+    if neuron is not None:  # tangents along z[a] of x @ W; W[a, b]'s are x_b times them, and Q is quadratic
+        z = program.ops[neuron].eqn.outvars[0].aval
+        zero = jnp.zeros(z.shape, dtype=z.dtype)
+
+        def forward(e):
+            return run(program, args, perturb={neuron: e}, keep=tangent_ids)[1]
+    else:
+        zero = leaf
+
+        def forward(p):
+            full = list(args)
+            full[leaf_position] = p
+            return run(program, full, keep=tangent_ids)[1]
 
     def along(e):
-        _, tangents = jax.jvp(forward, (leaf,), (e.reshape(leaf.shape),))
+        _, tangents = jax.jvp(forward, (zero,), (e.reshape(zero.shape),))
         t = dict(zip(tangent_ids, tangents))
         total = jnp.zeros((C,), dtype=leaf.dtype)
         for b in bases:
@@ -398,8 +420,13 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
             total = total + jnp.einsum("c...,...->c", lam_m, Q)
         return total
 
-    k = min(chunk, size)
-    starts = jnp.arange(0, size, k)
-    blocks = jax.lax.map(lambda s: jax.vmap(along)(jax.nn.one_hot(s + jnp.arange(k), size, dtype=leaf.dtype)), starts)
-    return w + blocks.reshape(-1, C)[:size].T
+    count = math.prod(zero.shape)
+    k = min(chunk, count)
+    starts = jnp.arange(0, count, k)
+    blocks = jax.lax.map(lambda s: jax.vmap(along)(jax.nn.one_hot(s + jnp.arange(k), count, dtype=leaf.dtype)), starts)
+    per = blocks.reshape(-1, C)[:count].T  # (C, count)
+    if neuron is None:
+        return w + per
+    x = values[program.ops[neuron].ins[0]].reshape(-1)  # the layer's one input row
+    return w + (per[:, None, :] * (x * x)[None, :, None]).reshape(C, -1)
 
