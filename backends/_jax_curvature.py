@@ -47,8 +47,8 @@ from ._jax_pooling import _body, bind
 from .rules import conv, curvature
 from .rules.linearity import EMPTY, propagate
 
-__all__ = ["Program", "first_order_layer", "group_hessian", "group_plan", "jacobian", "passes", "per_neuron",
-           "trace"]
+__all__ = ["Program", "first_order_layer", "forward_blocked", "group_hessian", "group_plan", "jacobian", "passes",
+           "per_neuron", "trace"]
 
 _ELEMENTWISE = frozenset({
     "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
@@ -268,6 +268,18 @@ def group_plan(program: Program, leaf_position: int):
 def passes(nodes) -> int:
     """1 where the plan needs a forward pass per coordinate (an operation not read directly), else 0."""
     return int(any(n.base is None or not n.direct for n in nodes))
+
+
+def forward_blocked(program: Program, leaf_position: int) -> bool:
+    """Whether a ``custom_vjp`` function lies between the parameter and the outputs: forward mode cannot pass it, so
+    no second order along the parameter (reverse mode, the first order, can)."""
+    moving = {program.inputs[leaf_position]}
+    for op in program.ops:
+        if any(not isinstance(a, _Lit) and a in moving for a in op.ins):
+            if op.eqn.primitive.name.startswith("custom_vjp"):
+                return True
+            moving.update(op.outs)
+    return False
 
 
 def per_neuron(program: Program, leaf_position: int):

@@ -450,33 +450,39 @@ class JaxFunction:
         curved = curved_leaves(apply_fn, params, example)
         #: Groups the function is piecewise linear in (w = 0 exactly, any size): read off its jaxpr.
         self.linear_groups = tuple(g.name for i, g in enumerate(self.groups) if i not in curved)
-        plans, neurons = self._plans(apply_fn, treedef, example[0], curved)
+        plans, neurons, blocked = self._plans(apply_fn, treedef, example[0], curved)
+        #: Curved groups behind a custom_vjp function, which forward mode cannot pass: second order not computed.
+        self.blocked_groups = tuple(g.name for i, g in enumerate(self.groups) if i in blocked)
         #: Curved groups with exact second order at any size (docs/math.md §14): their curved operations are all
         #: elementwise right after the group's own conv or dense layer (no pass per parameter), or the group is a
         #: dense W applied to one input row (a pass per output neuron, not per weight).
-        self.rule_groups = tuple(g.name for i, g in enumerate(self.groups) if plans.get(i) is not None and (
-            i in neurons or curvature_rule.passes(plans[i]) == 0))
+        self.rule_groups = tuple(g.name for i, g in enumerate(self.groups) if plans.get(i) is not None
+                                 and i not in blocked and (i in neurons or curvature_rule.passes(plans[i]) == 0))
         # operation by operation where it pays: no pass per parameter, or more parameters than outputs (its
         # C vector-Jacobian products cost about what forward over forward of the whole function costs for C of them)
         self._by_operation = frozenset(i for i, g in enumerate(self.groups) if plans.get(i) is not None and (
             g.name in self.rule_groups or g.size > self.n_outputs))
         self.second_order = second_order_within(
             [g for i, g in enumerate(self.groups) if i in curved and g.name not in self.rule_groups], max_params)
+        if blocked:
+            self.second_order = False
 
     def _plans(self, apply_fn, treedef, x, curved) -> dict:
-        """Per curved leaf, its curved operations (:func:`._jax_curvature.group_plan`), and the leaves that are a
-        dense W applied to one row (:func:`._jax_curvature.per_neuron`); none for a function whose jaxpr the
-        interpreter cannot take (forward over forward of the whole function then)."""
+        """Per curved leaf, its curved operations (:func:`._jax_curvature.group_plan`); the leaves that are a dense
+        W applied to one row (:func:`._jax_curvature.per_neuron`), and those behind a custom_vjp function
+        (:func:`._jax_curvature.forward_blocked`); none for a function whose jaxpr the interpreter cannot take
+        (forward over forward of the whole function then)."""
         self._interpret = False
         try:
             program = curvature_rule.trace(
                 lambda ls, x: _single(apply_fn, jax.tree_util.tree_unflatten(treedef, ls), x), list(self.leaves), x)
             plans = {i: curvature_rule.group_plan(program, i) for i in curved}
             neurons = frozenset(i for i in curved if curvature_rule.per_neuron(program, i) is not None)
+            blocked = frozenset(i for i in curved if curvature_rule.forward_blocked(program, i))
         except Exception:  # noqa: BLE001 - any construct the interpreter does not know: the column rule, exact
-            return {}, frozenset()
+            return {}, frozenset(), frozenset()
         self._interpret = True
-        return plans, neurons
+        return plans, neurons, blocked
 
     def __repr__(self) -> str:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"

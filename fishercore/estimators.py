@@ -292,8 +292,9 @@ def _check_hessians(blocks) -> None:
     missing = [g for b in blocks if b.diag_hess is None for g in block_groups(b)]
     if missing:
         raise ValueError(f"estimator: Î2 needs per-sample Hessian diagonals, which the model does not compute for "
-                         f"the groups {missing} (a generic model with more parameters than its max_params); build "
-                         "it with a larger max_params, or use estimator='i1'")
+                         f"the groups {missing} (a generic model with more parameters than its max_params, or a JAX "
+                         "function with a custom_vjp between them and the outputs, which forward mode cannot "
+                         "differentiate); build it with a larger max_params, or use estimator='i1'")
 
 
 def _draw_bytes(n_outputs: int, width: int, size: int) -> int:

@@ -133,8 +133,9 @@ class FisherAnalysis(NamedTuple):
 
         Their entries of ``v2``, ``c12``, ``v2_lower`` and ``v2_upper`` are NaN — not a number
         because there is none: the model supplied no Hessian diagonals for them (a generic
-        model above its ``max_params``).  Everything first-order (Fisher, v1, ``var_x``, v1's
-        bounds, Î1's sample sizes) is exact for every group.
+        model above its ``max_params``, or a JAX function with a ``custom_vjp`` in the way).
+        Everything first-order (Fisher, v1, ``var_x``, v1's bounds, Î1's sample sizes) is exact
+        for every group.
         """
         xp = array_namespace(self.sums.v2)
         return tuple(g.name for g in self.groups
@@ -145,9 +146,10 @@ class FisherAnalysis(NamedTuple):
         if missing:
             raise ValueError(f"{what} needs second-order statistics (v2, c12), which were not computed for the "
                              f"groups {list(missing)}: the model supplied no Hessian diagonals for them (a generic "
-                             "model with more parameters than its max_params). Build the model with a larger "
-                             "max_params, or through an adapter with a layer rule for those layers "
-                             "(docs/models.md); Î1 and every first-order field are exact as they are")
+                             "model with more parameters than its max_params, or a JAX function with a custom_vjp "
+                             "between them and the outputs, which forward mode cannot differentiate). Build the "
+                             "model with a larger max_params, or through an adapter with a layer rule for those "
+                             "layers (docs/models.md); Î1 and every first-order field are exact as they are")
 
     # -- the optimal combination (docs/math.md §6, beyond the paper) ----------
     def alpha(self) -> Array:

@@ -443,3 +443,40 @@ def test_conv_layers_in_any_layout_match_brute_force(jax_x64):
         want = _hessian_diagonals(fn, leaves, treedef, i, X)
         got = np.asarray(block.diag_hess)
         assert np.abs(got - want).max() <= 1e-10 * max(np.abs(want).max(), 1e-300), block.group
+
+
+def test_a_custom_vjp_function_gets_exact_first_order_and_second_order_marked(jax_x64):
+    """Forward mode cannot pass a jax.custom_vjp function: the groups before one get their second order marked as not
+    computed (NaN, first_order_only, Î2 refused with the reason), and their first order stays exact (reverse
+    mode: the Fisher against jax.jacrev's moments)."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
+    rng = np.random.default_rng(0)
+    p = {"W": jnp.asarray(rng.normal(size=(3, 4))), "V": jnp.asarray(rng.normal(size=(4, 2)))}
+    X = jnp.asarray(rng.normal(size=(6, 3)))
+
+    def fn(p, x):
+        return act(x @ p["W"]) @ p["V"]
+
+    model = fc_jax.from_function(fn, p, input_shape=(3,))
+    assert model.blocked_groups == ("W",)
+    res = fc.analyze(model, X)
+    assert res.first_order_only == ("W",)
+    leaves, treedef = jax.tree_util.tree_flatten(p)
+    J = jax.vmap(lambda x: jax.jacrev(lambda ls: fn(jax.tree_util.tree_unflatten(treedef, ls), x[None])[0])(leaves))(X)
+    prob = jax.nn.softmax(fn(p, X), -1)
+    fisher = []
+    for Jl in J:
+        u = Jl.reshape(X.shape[0], 2, -1)
+        d = u - jnp.einsum("nc,ncp->np", prob, u)[:, None]
+        fisher.append(jnp.einsum("nc,ncp->p", prob, d * d) / X.shape[0])
+    want = np.asarray(jnp.concatenate(fisher))
+    assert np.abs(np.asarray(res.fisher) - want).max() <= 1e-10 * np.abs(want).max()
+    with pytest.raises(ValueError, match="^estimator: Î2 needs .*custom_vjp"):
+        fc.estimate(model, X, estimator="i2", seed=0)
