@@ -310,7 +310,7 @@ def _op_fn(op: _Op, values, moving):
 
 def _conv_geometry(op: _Op, x):
     """The engine's geometry (:class:`.rules.conv.ConvSpec`) of a ``conv_general_dilated``, and its input's patches
-    (1, I·K, P) from ``x`` (its input, in the op's layout)."""
+    (N, I·K, P) from ``x`` (its input, in the op's layout)."""
     p, eqn = op.eqn.params, op.eqn
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     lhs_shape, rhs_shape, out_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
@@ -333,9 +333,10 @@ def _layer_sums(op: _Op, D, x, *, squared: bool):
         return jnp.einsum("cra,rb->cba", D.reshape(C, -1, D.shape[-1]), rows.reshape(-1, x.shape[-1])).reshape(C, -1)
     spec, unf = _conv_geometry(op, x)
     _, rhs_spec, out_spec = op.eqn.params["dimension_numbers"]
-    Dt = jnp.transpose(D, (0, *(1 + d for d in out_spec)))  # (C, N, O, *out) with N = 1
-    Dt = jnp.swapaxes(Dt, 0, 1)
-    w = (curvature.conv_direct(Dt, unf, spec) if squared else conv.weight_sums(Dt, unf, spec))[0]  # (C, weights)
+    # (N, C, O, *out): N the convolution's own batch (1, or more where the function folds an input into several)
+    Dt = jnp.swapaxes(jnp.transpose(D, (0, *(1 + d for d in out_spec))), 0, 1)
+    sums = curvature.conv_direct(Dt, unf, spec) if squared else conv.weight_sums(Dt, unf, spec)
+    w = jnp.sum(sums, axis=0)  # the kernel is shared by the batch: (C, weights) in (O, I/g, *kernel)
     w = w.reshape(C, spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
     order = np.argsort(rhs_spec)  # the parameter's axis a holds the (O, I, *kernel) axis rhs_spec.index(a)
     return jnp.transpose(w, (0, *(1 + int(o) for o in order))).reshape(C, -1)

@@ -408,22 +408,26 @@ def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
 
 def test_conv_layers_in_any_layout_match_brute_force(jax_x64):
     """First order by the layer's ∂h/∂z and second order by conv_direct (backends/_jax_curvature.py) for convolutions
-    in PyTorch's layout (NCHW, OIHW) with groups, strides, dilation and uneven padding, and in Flax's (NHWC, HWIO)
-    with a 1-D kernel: Jacobian rows and Hessian diagonals of every group equal jax.jacrev's and jax.hessian's
-    (1e-10), and the kernels read right after their activations need no pass per parameter."""
+    in PyTorch's layout (NCHW, OIHW) with groups, strides, dilation and uneven padding, applied to two halves of
+    each input as a batch of its own, and in Flax's (NWC, WIO) with a 1-D kernel: Jacobian rows and Hessian
+    diagonals of every group equal jax.jacrev's and jax.hessian's (1e-10), and the kernels read right after their
+    activations need no pass per parameter."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
     rng = np.random.default_rng(5)
     params = {"k1": jnp.asarray(rng.normal(size=(4, 1, 2, 3))), "b1": jnp.asarray(rng.normal(size=4)),
-              "k2": jnp.asarray(rng.normal(size=(2, 4, 2))), "head": jnp.asarray(rng.normal(size=(10, 3)))}
+              "k2": jnp.asarray(rng.normal(size=(2, 4, 2))), "head": jnp.asarray(rng.normal(size=(14, 3)))}
 
-    def fn(p, x):  # x: (n, 2, 5, 6)
-        z = lax.conv_general_dilated(x, p["k1"], (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2),
+    def fn(p, x):  # x: (n, 2, 5, 6); the first convolution sees each input as two, its halves, which share k1
+        n = x.shape[0]
+        halves = jnp.concatenate([x[:, :, :3], x[:, :, 2:]], axis=0)  # (2n, 2, 3, 6)
+        z = lax.conv_general_dilated(halves, p["k1"], (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2),
                                      feature_group_count=2, dimension_numbers=("NCHW", "OIHW", "NCHW"))
-        a = jnp.tanh(z + p["b1"][None, :, None, None])  # (n, 4, 3, 5)
-        a = jnp.transpose(a, (0, 2, 3, 1)).reshape(a.shape[0], 15, 4)  # NWC, width 15
+        z = jnp.concatenate([z[:n], z[n:]], axis=2)  # (n, 4, 4, 5)
+        a = jnp.tanh(z + p["b1"][None, :, None, None])  # (n, 4, 4, 5)
+        a = jnp.transpose(a, (0, 2, 3, 1)).reshape(a.shape[0], 20, 4)  # NWC, width 20
         z2 = lax.conv_general_dilated(a, p["k2"], (3,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
         return jax.nn.softplus(z2).reshape(a.shape[0], -1) @ p["head"]  # (n, 3)
 
