@@ -34,7 +34,6 @@ coordinate at all, so it is exact at any size.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -43,12 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._jax_linearity import _kind, _walk
-from ._jax_pooling import _body, bind
+from ._jax_program import Lit as _Lit
+from ._jax_program import Op as _Op
+from ._jax_program import Program, bind, run
 from .rules import conv, curvature
 from .rules.linearity import EMPTY, propagate
 
-__all__ = ["Program", "first_order_layer", "forward_blocked", "group_hessian", "group_plan", "jacobian", "passes",
-           "per_neuron", "trace"]
+__all__ = ["first_order_layer", "forward_blocked", "group_hessian", "group_plan", "jacobian", "passes", "per_neuron"]
 
 _ELEMENTWISE = frozenset({
     "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
@@ -57,76 +57,6 @@ _ELEMENTWISE = frozenset({
     "select_n", "convert_element_type", "copy", "copy_p", "ne", "eq", "gt", "ge", "lt", "le", "and", "or", "not",
     "is_finite", "stop_gradient", "clamp", "floor", "ceil", "round", "nextafter", "logaddexp",
 })
-
-
-class _Lit(NamedTuple):
-    val: Any
-
-
-class _Op(NamedTuple):
-    eqn: Any
-    ins: tuple  # value ids (int) or _Lit
-    outs: tuple
-
-
-class Program(NamedTuple):
-    """A jaxpr with its calls inlined: operations over integer value ids."""
-
-    ops: tuple
-    inputs: tuple
-    outputs: tuple
-    consts: dict
-
-
-def trace(fn, *args) -> Program:
-    """``fn(*args)``'s jaxpr with ``jit`` and similar calls inlined; inputs are ``args``'s leaves."""
-    closed = jax.make_jaxpr(fn)(*args)
-    ops, consts, ids = [], {}, itertools.count()
-
-    def scope(jaxpr, const_values, arg_ids):
-        env = {}
-
-        def ref(v):
-            return _Lit(v.val) if type(v).__name__ == "Literal" else env[v]
-
-        for v, c in zip(jaxpr.constvars, const_values):
-            env[v] = next(ids)
-            consts[env[v]] = c
-        env.update(zip(jaxpr.invars, arg_ids))
-        for eqn in jaxpr.eqns:
-            ins = tuple(ref(v) for v in eqn.invars)
-            body = _body(eqn)
-            if body is not None and len(body[0].invars) == len(ins):
-                outs = scope(body[0], body[1], ins)
-            else:
-                outs = tuple(next(ids) for _ in eqn.outvars)
-                ops.append(_Op(eqn, ins, outs))
-            env.update(zip(eqn.outvars, outs))
-        return tuple(ref(v) for v in jaxpr.outvars)
-
-    inputs = tuple(next(ids) for _ in closed.jaxpr.invars)
-    outputs = scope(closed.jaxpr, closed.consts, inputs)
-    return Program(tuple(ops), inputs, outputs, consts)
-
-
-def run(program: Program, args, *, perturb=None, replace=None, keep=()):
-    """The outputs, and the values ``keep``; ``perturb`` {op index: array} is added to those operations' results,
-    ``replace`` {value id: array} stands for those values."""
-    env = dict(program.consts)
-    env.update(zip(program.inputs, args))
-    env.update(replace or {})
-
-    def value(a):
-        return a.val if isinstance(a, _Lit) else env[a]
-
-    for j, op in enumerate(program.ops):
-        outs = bind(op.eqn, [value(a) for a in op.ins])
-        if perturb is not None and j in perturb:
-            outs = [outs[0] + perturb[j]]
-        env.update(zip(op.outs, outs))
-        if replace:
-            env.update((o, replace[o]) for o in op.outs if o in replace)
-    return [value(a) for a in program.outputs], [value(a) for a in keep]
 
 
 def jacobian(program: Program, args, positions, eye):
@@ -196,25 +126,20 @@ def _curved(op: _Op, moving) -> bool:
 
 
 def _layer(program, producer, value_id, leaf_id, moving_ids):
-    """("conv"|"dense", op) when ``value_id`` is the output of a convolution or dense product of the parameter
-    itself with an input that does not move, plus terms that do not move (a bias of another group)."""
-    while value_id in producer:
-        j = producer[value_id]
-        op = program.ops[j]
-        name = op.eqn.primitive.name
-        if name in ("add", "sub"):
-            moving = [a for a in op.ins if not isinstance(a, _Lit) and a in moving_ids]
-            if len(moving) != 1 or (name == "sub" and op.ins[1] == moving[0]):
-                return None
-            value_id = moving[0]
-            continue
-        if name not in ("conv_general_dilated", "dot_general"):
-            return None
-        lhs, rhs = op.ins[:2]
-        if rhs != leaf_id or isinstance(lhs, _Lit) or lhs in moving_ids:
-            return None
-        return (name, j) if _layer_op(op) else None
-    return None
+    """("conv_general_dilated"|"dot_general", op) when ``value_id`` is the output of a convolution or dense product of
+    the parameter itself with an input that does not move, else None.  (A bias added after it is part of the
+    elementwise region whose base this value is.)"""
+    j = producer.get(value_id)
+    if j is None:
+        return None
+    op = program.ops[j]
+    name = op.eqn.primitive.name
+    if name not in ("conv_general_dilated", "dot_general"):
+        return None
+    lhs, rhs = op.ins[:2]
+    if rhs != leaf_id or isinstance(lhs, _Lit) or lhs in moving_ids:
+        return None
+    return (name, j) if _layer_op(op) else None
 
 
 def _layer_op(op: _Op) -> bool:

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["bind", "exact_pooling", "needs_exact_pooling"]
+from ._jax_program import bind, body, flatten, run
+
+__all__ = ["exact_pooling", "needs_exact_pooling"]
 
 _POOLS = {"reduce_window_max": True, "reduce_window_min": False}  # name -> largest
-_INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint"})
 
 
 def needs_exact_pooling(device, dtype) -> bool:
@@ -54,57 +55,25 @@ def _window_extreme(x, *, window_dimensions, window_strides, padding, base_dilat
     return jnp.take_along_axis(stacked, pick[None], axis=0)[0]
 
 
-def _body(eqn):
-    """(jaxpr, consts) of an inlinable call's body, or None."""
-    if eqn.primitive.name not in _INLINE:
-        return None
-    for key in ("jaxpr", "call_jaxpr"):
-        sub = eqn.params.get(key)
-        if sub is not None:
-            return (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, ())
-    return None
+def _pooling(eqn) -> bool:
+    """A max or min pooling of floats."""
+    return eqn.primitive.name in _POOLS and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.inexact)
 
 
 def _pools(jaxpr) -> bool:
     """Whether ``jaxpr`` pools floats with max or min, directly or inside an inlinable call."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _POOLS and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.inexact):
-            return True
-        body = _body(eqn)
-        if body is not None and _pools(body[0]):
+        inner = body(eqn)
+        if _pooling(eqn) or (inner is not None and _pools(inner[0])):
             return True
     return False
 
 
-def bind(eqn, values) -> list:
-    """Apply one jaxpr equation to ``values``: its results, as a list."""
-    bound = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before JAX 0.10, params since
-    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-    with eqn.ctx.manager:
-        outs = eqn.primitive.bind(*subfuns, *values, **params)
-    return outs if eqn.primitive.multiple_results else [outs]
-
-
-def _run(jaxpr, consts, args):
-    env = {}
-
-    def read(v):
-        return v.val if type(v).__name__ == "Literal" else env[v]
-
-    for var, value in itertools.chain(zip(jaxpr.constvars, consts), zip(jaxpr.invars, args)):
-        env[var] = value
-    for eqn in jaxpr.eqns:
-        values = [read(v) for v in eqn.invars]
-        name, body = eqn.primitive.name, _body(eqn)
-        if name in _POOLS and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.inexact):
-            outs = [_window_extreme(values[0], largest=_POOLS[name], **eqn.params)]
-        elif body is not None and _pools(body[0]):
-            outs = _run(body[0], body[1], values)
-        else:
-            outs = bind(eqn, values)
-        for var, value in zip(eqn.outvars, outs):
-            env[var] = value
-    return [read(v) for v in jaxpr.outvars]
+def _apply(eqn, values) -> list:
+    """One equation's results, with float max/min pooling written out."""
+    if _pooling(eqn):
+        return [_window_extreme(values[0], largest=_POOLS[eqn.primitive.name], **eqn.params)]
+    return bind(eqn, values)
 
 
 class exact_pooling:  # noqa: N801 (a function wrapper, named as one)
@@ -118,7 +87,7 @@ class exact_pooling:  # noqa: N801 (a function wrapper, named as one)
         closed, shape = jax.make_jaxpr(self.apply_fn, return_shape=True)(*args)
         if not _pools(closed.jaxpr):
             return self.apply_fn(*args)
-        outs = _run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+        outs = run(flatten(closed), jax.tree_util.tree_leaves(args), apply=_apply)[0]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
 
     def __eq__(self, other):
