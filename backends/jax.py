@@ -47,6 +47,7 @@ from fishercore._validation import (
 )
 
 from . import _jax_curvature as curvature_rule
+from . import _jax_program as jax_program
 from ._jax_linearity import curved_leaves
 from ._jax_pooling import exact_pooling, needs_exact_pooling
 from .ops import namespace_ops
@@ -337,6 +338,13 @@ def _single(apply_fn, params, x):
     return apply_fn(params, x[None])[0]
 
 
+def _program(apply_fn, treedef, leaves, x):
+    """The flat program (:mod:`._jax_program`) of one input's flattened outputs as a function of the leaves and x;
+    its inputs are the leaves, then x."""
+    return jax_program.trace(lambda ls, x: _single(apply_fn, jax.tree_util.tree_unflatten(treedef, ls), x).reshape(-1),
+                             list(leaves), x)
+
+
 def _function_outputs(leaves, X, *, apply_fn, treedef):
     return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), X)
 
@@ -348,12 +356,8 @@ def _function_jacobian(leaves, X, eye, *, apply_fn, treedef, indices=None, inter
     chosen = tuple(range(len(leaves))) if indices is None else indices
 
     if interpret:
-        def one(x):
-            program = curvature_rule.trace(lambda ls, x: _single(apply_fn, jax.tree_util.tree_unflatten(treedef, ls),
-                                                                 x).reshape(-1), list(leaves), x)
-            return curvature_rule.jacobian(program, [*leaves, x], chosen, eye)
-
-        return OPS.vmap(one)(X)
+        return OPS.vmap(lambda x: curvature_rule.jacobian(_program(apply_fn, treedef, leaves, x), [*leaves, x], chosen,
+                                                          eye))(X)
 
     def f(sel, x):
         full = list(leaves)
@@ -377,11 +381,8 @@ def _function_hessian(leaves, X, directions, *, apply_fn, treedef, index):
 
 def _function_curvature(leaves, X, *, apply_fn, treedef, index, chunk):
     """(n, C, size): the Hessian diagonals of leaf ``index`` operation by operation (:mod:`._jax_curvature`)."""
-    def f(leaves, x):
-        return _single(apply_fn, jax.tree_util.tree_unflatten(treedef, leaves), x).reshape(-1)
-
     def one(x):
-        program = curvature_rule.trace(f, list(leaves), x)
+        program = _program(apply_fn, treedef, leaves, x)
         return curvature_rule.group_hessian(program, curvature_rule.group_plan(program, index), [*leaves, x], index,
                                             chunk=chunk)
 
@@ -464,8 +465,6 @@ class JaxFunction:
             g.name in self.rule_groups or g.size > self.n_outputs))
         self.second_order = second_order_within(
             [g for i, g in enumerate(self.groups) if i in curved and g.name not in self.rule_groups], max_params)
-        if blocked:
-            self.second_order = False
 
     def _plans(self, apply_fn, treedef, x, curved) -> dict:
         """Per curved leaf, its curved operations (:func:`._jax_curvature.group_plan`); the leaves that are a dense
@@ -474,8 +473,7 @@ class JaxFunction:
         (forward over forward of the whole function then)."""
         self._interpret = False
         try:
-            program = curvature_rule.trace(
-                lambda ls, x: _single(apply_fn, jax.tree_util.tree_unflatten(treedef, ls), x), list(self.leaves), x)
+            program = _program(apply_fn, treedef, self.leaves, x)
             plans = {i: curvature_rule.group_plan(program, i) for i in curved}
             neurons = frozenset(i for i in curved if curvature_rule.per_neuron(program, i) is not None)
             blocked = frozenset(i for i in curved if curvature_rule.forward_blocked(program, i))
@@ -521,7 +519,8 @@ class JaxFunction:
 
             w = columns.group_hessian(jnp, (n, self.n_outputs, g.size), hessian=hessian,
                                       linear=g.name in self.linear_groups,
-                                      second_order=self.second_order or g.name in self.rule_groups,
+                                      second_order=(self.second_order and g.name not in self.blocked_groups)
+                                      or g.name in self.rule_groups,
                                       compute=compute, dtype=self.dtype, device=self.device)
             blocks.append(ColumnBlock(g.name, jac[j].reshape(n, -1, g.size), w))
         return Derivatives(self.outputs(X), tuple(blocks))

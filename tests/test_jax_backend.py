@@ -451,8 +451,8 @@ def test_conv_layers_in_any_layout_match_brute_force(jax_x64):
 
 def test_a_custom_vjp_function_gets_exact_first_order_and_second_order_marked(jax_x64):
     """Forward mode cannot pass a jax.custom_vjp function: the groups before one get their second order marked as not
-    computed (NaN, first_order_only, Î2 refused with the reason), and their first order stays exact (reverse
-    mode: the Fisher against jax.jacrev's moments)."""
+    computed (NaN, first_order_only, Î2 refused with the reason), the others keep theirs, and the first order
+    stays exact (reverse mode: the Fisher against jax.jacrev's moments)."""
     import jax
     import jax.numpy as jnp
 
@@ -462,11 +462,12 @@ def test_a_custom_vjp_function_gets_exact_first_order_and_second_order_marked(ja
 
     act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
     rng = np.random.default_rng(0)
-    p = {"W": jnp.asarray(rng.normal(size=(3, 4))), "V": jnp.asarray(rng.normal(size=(4, 2)))}
+    p = {"W": jnp.asarray(rng.normal(size=(3, 4))), "V": jnp.asarray(rng.normal(size=(4, 2))),
+         "U": jnp.asarray(rng.normal(size=(3, 2)))}
     X = jnp.asarray(rng.normal(size=(6, 3)))
 
-    def fn(p, x):
-        return act(x @ p["W"]) @ p["V"]
+    def fn(p, x):  # U's curvature (tanh) does not pass the custom_vjp: its second order is computed
+        return act(x @ p["W"]) @ p["V"] + jnp.tanh(x @ p["U"])
 
     model = fc_jax.from_function(fn, p, input_shape=(3,))
     assert model.blocked_groups == ("W",)
