@@ -122,17 +122,6 @@ def test_from_module_equals_full_columns_of_the_same_module(family):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
 
 
-class TiedChain(torch.nn.Module):
-    """Linear, tanh, the same Linear again: a chain of calls, but one weight used twice (not a dense chain)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.lin(torch.tanh(self.lin(x)))
-
-
 def _chains():
     seq = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 5), torch.nn.SiLU(), torch.nn.Dropout(0.2),
                               torch.nn.Linear(5, 4), torch.nn.LeakyReLU(0.1), torch.nn.Tanh(), torch.nn.Linear(4, 3))
@@ -162,10 +151,10 @@ def test_dense_chains_take_the_dense_rule_and_nothing_else_does():
                                        fc.estimate(ref_model, X, estimator=est, seed=2, n_draws=2),
                                        rtol=1e-12, atol=1e-15)
     w = {"w": torch.randn(3, 4, dtype=F64), "v": torch.randn(4, 2, dtype=F64)}
-    for model in (fc_torch.from_module(Skip().to(F64)), fc_torch.from_module(TiedChain().to(F64)),
+    for model in (fc_torch.from_module(Skip().to(F64)), fc_torch.from_module(Twice().to(F64)),
                   fc_torch.from_function(lambda p, x: torch.tanh(x @ p["w"]) @ p["v"], w, input_shape=(3,))):
         assert model._chain is None
-    res = fc.analyze(fc_torch.from_module(TiedChain().to(F64)), X[:, 0, :].repeat(1, 2)[:, :4])
+    res = fc.analyze(fc_torch.from_module(Twice().to(F64)), X[:, 0, :])
     assert not res.first_order_only
 
 
