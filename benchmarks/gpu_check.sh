@@ -36,13 +36,12 @@ start=$SECONDS
     # -P: the source folder must not shadow the installed package (fishercore.backends lives in backends/)
     # every step runs even when one before it fails (a GPU lease is short); the exit status is the first failure's
     status=0
-    FISHERCORE_BACKENDS=numpy,cupy,torch-cuda,jax-gpu python3 -P -m pytest tests -q -p no:cacheprovider \
-        -m gpu --durations=5 "$@" || status=$?
+    step() { "$@" || { s=$?; [ "$status" -ne 0 ] || status=$s; }; }
+    step env FISHERCORE_BACKENDS=numpy,cupy,torch-cuda,jax-gpu python3 -P -m pytest tests -q -p no:cacheprovider \
+        -m gpu --durations=5 "$@"
     echo "tests: $((SECONDS - start)) s"
-    PYTHONPATH="$PYTHONPATH:benchmarks" python3 -P benchmarks/cnn.py --device cuda --repeat 3 --jax \
-        || { s=$?; [ "$status" -ne 0 ] || status=$s; }
-    python3 -P benchmarks/speed.py --parts mnist --device gpu --dtypes "${GPU_CHECK_DTYPES:-float64}" --out "$out" \
-        || { s=$?; [ "$status" -ne 0 ] || status=$s; }
+    step env PYTHONPATH="$PYTHONPATH:benchmarks" python3 -P benchmarks/cnn.py --device cuda --repeat 3 --jax
+    step python3 -P benchmarks/speed.py --parts mnist --device gpu --dtypes "${GPU_CHECK_DTYPES:-float64}" --out "$out"
     echo "total: $((SECONDS - start)) s"
     exit "$status"
 } 2>&1 | tee "$out/gpu_check.log"
