@@ -236,7 +236,7 @@ class Perturbed:
     def workspace_per_input(self, hessian: bool = True) -> int:
         """Bytes per input the vmapped transforms hold beyond the blocks (used to size batches).
 
-        C cotangents through every dense layer and the column groups' gradients; the per-neuron
+        C cotangents through every dense layer (the column groups' gradients are their blocks); the per-neuron
         Hessian pass: one forward-over-forward per neuron of the widest layer, each holding every
         layer's values three times (primal and two tangents); the curvature rule's cotangents and
         factors of every activation (2 C values each) and ``chunk`` tangents of them; the conv rule's
@@ -249,13 +249,12 @@ class Perturbed:
         outs = [d.out for d in self.dense] or [0]
         per_pass = sum(outs) + sum(d.in_ for d in self.dense)
         second = 3 * max(outs) * per_pass if hessian else 0
-        columns_ = sum(g.size for g in self.column_groups)
         if hessian and self.activation_groups:
             acts = sum(self.activation_sizes)
             second += (2 * self.n_outputs + 2 * self.chunk) * acts
         if hessian and self.convs:
             second += 3 * self.chunk * max(c.spec.out_channels * c.spec.positions for c in self.convs)
-        return (2 * self.n_outputs * (per_pass + columns_) + second) * self.dtype.itemsize
+        return (2 * self.n_outputs * per_pass + second) * self.dtype.itemsize
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         return self.derivatives_of(X, None, hessian=hessian)

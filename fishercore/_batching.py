@@ -201,8 +201,9 @@ def group_plan(model, itemsize: int, budget: float):
     (:class:`~fishercore.SupportsGroupSelection`).  A group costs, per input, its columns and
     their Hessian diagonals, two arrays of (C, size) (the core's temporaries are a few columns at
     a time, within a chunk's share of the budget); consecutive groups are taken together while
-    their cost fits the rest of the budget.  A group that alone does not fit raises ValueError
-    naming ``memory_budget``.
+    their cost fits the rest of the budget beside the model's declared workspace
+    (:class:`~fishercore.DeclaresWorkspace`), which every call holds.  A group that alone does
+    not fit raises ValueError naming ``memory_budget``.
     """
     from ._protocol import SupportsGroupSelection
 
@@ -216,11 +217,13 @@ def group_plan(model, itemsize: int, budget: float):
     if sum(cost.values()) + workspace <= free:
         return None
     plan, chunk, used = [], [], 0
+    free -= workspace
     for g in model.groups:
         if cost[g.name] > free:
+            held = f" beside the model's workspace ({_mib(workspace)})" if workspace else ""
             raise ValueError(f"memory_budget: {_mib(budget)} cannot hold the columns of group {g.name!r} for one "
-                             f"input ({_mib(cost[g.name])}); give at least "
-                             f"{math.ceil(cost[g.name] / (1 - CHUNK_SHARE)):,} bytes")
+                             f"input ({_mib(cost[g.name])}){held}; give at least "
+                             f"{math.ceil((cost[g.name] + workspace) / (1 - CHUNK_SHARE)):,} bytes")
         if chunk and used + cost[g.name] > free:
             plan.append(tuple(chunk))
             chunk, used = [], 0
