@@ -48,7 +48,8 @@ from ._jax_program import Program, bind, run
 from .rules import conv, curvature
 from .rules.linearity import EMPTY, propagate
 
-__all__ = ["first_order_layer", "forward_blocked", "group_hessian", "group_plan", "jacobian", "passes", "per_neuron"]
+__all__ = ["first_order_layer", "forward_blocked", "group_hessian", "group_plan", "jacobian", "passes", "per_neuron",
+           "plan_size", "value_sizes"]
 
 _ELEMENTWISE = frozenset({
     "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
@@ -59,11 +60,12 @@ _ELEMENTWISE = frozenset({
 })
 
 
-def jacobian(program: Program, args, positions, eye):
+def jacobian(program: Program, args, positions, eye, chunk: int | None = None):
     """Per parameter ``args[i]``, i in ``positions``, its Jacobian rows ``cᵀ ∂h/∂θ`` for the rows c of ``eye``
     (C, *shape).  A parameter used once, in a layer (:func:`first_order_layer`), takes ``∂h/∂z`` of the layer's
     output z and the layer's input (:func:`.rules.conv.weight_sums`); the others their vector-Jacobian product.
-    One vjp serves all: per-input gradients of a convolution's kernel are slow to vectorise, ∂h/∂z is not."""
+    One vjp serves all: per-input gradients of a convolution's kernel are slow to vectorise, ∂h/∂z is not.
+    The rows are taken ``chunk`` at a time (:func:`by_rows`), so that only that many ``∂h/∂z`` are held."""
     layers = {i: first_order_layer(program, i) for i in positions}
     by_vjp = [i for i in positions if layers[i] is None]
     by_layer = [i for i in positions if layers[i] is not None]
@@ -79,12 +81,28 @@ def jacobian(program: Program, args, positions, eye):
     outs = [program.ops[layers[i]].eqn.outvars[0].aval for i in by_layer]
     zeros = [jnp.zeros(a.shape, dtype=a.dtype) for a in outs]
     _, pull, kept = jax.vjp(h, [args[i] for i in by_vjp], zeros, has_aux=True)
-    rows_vjp, rows_z = jax.vmap(pull)(eye)
+
+    def of(E):
+        rows_vjp, rows_z = jax.vmap(pull)(E)
+        rows = dict(zip(by_vjp, rows_vjp))
+        for i, G, x in zip(by_layer, rows_z, kept):
+            rows[i] = _layer_sums(program.ops[layers[i]], G, x, squared=False).reshape(E.shape[0], *args[i].shape)
+        return [rows[i] for i in positions]
+
+    return by_rows(of, eye, chunk)
+
+
+def by_rows(f, eye, chunk: int | None):
+    """``f(eye)`` — arrays whose first axis follows the rows of ``eye`` — computed ``chunk`` rows at a time (one at a
+    time through ``jax.lax.map``, the last piece filled up with zero rows), or at once for ``chunk=None`` or no more
+    rows than that."""
     C = eye.shape[0]
-    rows = dict(zip(by_vjp, rows_vjp))
-    for i, G, x in zip(by_layer, rows_z, kept):
-        rows[i] = _layer_sums(program.ops[layers[i]], G, x, squared=False).reshape(C, *args[i].shape)
-    return [rows[i] for i in positions]
+    if chunk is None or C <= chunk:
+        return f(eye)
+    pieces = -(-C // chunk)
+    E = jnp.concatenate([eye, jnp.zeros((pieces * chunk - C, *eye.shape[1:]), dtype=eye.dtype)])
+    out = jax.lax.map(f, E.reshape(pieces, chunk, *eye.shape[1:]))
+    return jax.tree_util.tree_map(lambda a: a.reshape(pieces * chunk, *a.shape[2:])[:C], out)
 
 
 # -- which operations are curved in one input, and how each is read --------------------------------------------
@@ -190,6 +208,19 @@ def group_plan(program: Program, leaf_position: int):
     return tuple(nodes)
 
 
+def value_sizes(program: Program) -> tuple:
+    """``(S, M)``: the numbers of every operation's inexact results in one pass over the program (the residuals a
+    vector-Jacobian product keeps), and of the largest one (a pass's cotangents or tangents live a few at a time)."""
+    sizes = [math.prod(v.aval.shape) for op in program.ops for v in op.eqn.outvars if _inexact(v)]
+    return sum(sizes), max(sizes, default=0)
+
+
+def plan_size(program: Program, nodes) -> int:
+    """Numbers of the results of a plan's curved operations: :func:`group_hessian` holds C cotangents ``λ`` of each,
+    and at most as many factors ``K`` of their bases."""
+    return sum(math.prod(program.ops[n.op].eqn.outvars[0].aval.shape) for n in nodes)
+
+
 def passes(nodes) -> int:
     """1 where the plan needs a forward pass per coordinate (an operation not read directly), else 0."""
     return int(any(n.base is None or not n.direct for n in nodes))
@@ -279,7 +310,9 @@ def first_order_layer(program: Program, leaf_position: int):
 
 
 def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: int):
-    """``w`` (C, size) of one input along every coordinate of the parameter ``args[leaf_position]``."""
+    """``w`` (C, size) of one input along every coordinate of the parameter ``args[leaf_position]``.  The outputs are
+    taken ``chunk`` at a time (:func:`by_rows`): the cotangents ``λ`` and factors ``K`` of C outputs can outgrow
+    everything else (a sequence model's T·C outputs, each with a cotangent of every curved value)."""
     leaf = args[leaf_position]
     size = math.prod(leaf.shape)
     neuron = per_neuron(program, leaf_position)
@@ -296,41 +329,31 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
     h, pull, kept = jax.vjp(perturbed, zeros, has_aux=True)
     values = dict(zip(keep, kept))
     C = h.shape[0]
-    lam = jax.vmap(lambda c: pull(c)[0])(jnp.eye(C, dtype=h.dtype))  # per node (C, *shape)
-    w = jnp.zeros((C, size), dtype=leaf.dtype)
-    # K_u = Σ λ_m ⊙ q_m over the elementwise nodes of each base u, q_m their Q along u̇ = 1
+    # q_m of each elementwise node along u̇ = 1 of its base u: K_u = Σ λ_m ⊙ q_m
     by_base = {}
-    for n, lam_m in zip(nodes, lam):
+    for n in nodes:
         if n.base is not None:
-            by_base.setdefault(n.base, []).append((n, lam_m))
-    K = {}
+            by_base.setdefault(n.base, []).append(n)
+    q = {}
     for b, members in by_base.items():
-        ids = sorted({program.ops[n.op].ins[p] for n, _ in members for p in n.moving})
+        ids = sorted({program.ops[n.op].ins[p] for n in members for p in n.moving})
         u = values[b]
         _, along_ones = jax.jvp(lambda ub, b=b, ids=ids: run(program, args, replace={b: ub}, keep=ids)[1], (u,),
                                 (jnp.ones_like(u),))
         a = dict(zip(ids, along_ones))
-        for n, lam_m in members:
+        for n in members:
             op = program.ops[n.op]
             ins = [x.val if isinstance(x, _Lit) else values[x] for x in op.ins]
-            q = _second(_op_fn(op, ins, n.moving), tuple(ins[p] for p in n.moving),
-                        tuple(a[op.ins[p]] for p in n.moving))
-            K[b] = K.get(b, 0) + lam_m * q[None]
+            q[n.op] = _second(_op_fn(op, ins, n.moving), tuple(ins[p] for p in n.moving),
+                              tuple(a[op.ins[p]] for p in n.moving))
     layers = {}
     for n in nodes:
         if n.direct:
             layers.setdefault(n.direct, set()).add(n.base)
-    for (_, j), bs in layers.items():
-        op = program.ops[j]
-        w = w + _layer_sums(op, sum(K[b] for b in bs), values[op.ins[0]], squared=True)
-    passed = [(n, lam_m) for n, lam_m in zip(nodes, lam) if n.base is None]
+    passed = [n for n in nodes if n.base is None]
     bases = sorted({n.base for n in nodes if n.base is not None and not n.direct})
-    if not passed and not bases:
-        return w
-    tangent_ids = sorted({program.ops[n.op].ins[p] for n, _ in passed for p in n.moving} | set(bases))
-    general = [(n, lam_m, [x.val if isinstance(x, _Lit) else values[x] for x in program.ops[n.op].ins])
-               for n, lam_m in passed]
-
+    tangent_ids = sorted({program.ops[n.op].ins[p] for n in passed for p in n.moving} | set(bases))
+    general = [(n, [x.val if isinstance(x, _Lit) else values[x] for x in program.ops[n.op].ins]) for n in passed]
     if neuron is not None:  # tangents along z[a] of x @ W; W[a, b]'s are x_b times them, and Q is quadratic
         z = program.ops[neuron].eqn.outvars[0].aval
         zero = jnp.zeros(z.shape, dtype=z.dtype)
@@ -344,27 +367,44 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
             full = list(args)
             full[leaf_position] = p
             return run(program, full, keep=tangent_ids)[1]
-
-    def along(e):
-        _, tangents = jax.jvp(forward, (zero,), (e.reshape(zero.shape),))
-        t = dict(zip(tangent_ids, tangents))
-        total = jnp.zeros((C,), dtype=leaf.dtype)
-        for b in bases:
-            total = total + jnp.einsum("c...,...->c", K[b], t[b] * t[b])
-        for n, lam_m, ins in general:
-            op = program.ops[n.op]
-            Q = _second(_op_fn(op, ins, n.moving), tuple(ins[p] for p in n.moving),
-                        tuple(t[op.ins[p]] for p in n.moving))
-            total = total + jnp.einsum("c...,...->c", lam_m, Q)
-        return total
-
     count = math.prod(zero.shape)
-    k = min(chunk, count)
-    starts = jnp.arange(0, count, k)
-    blocks = jax.lax.map(lambda s: jax.vmap(along)(jax.nn.one_hot(s + jnp.arange(k), count, dtype=leaf.dtype)), starts)
-    per = blocks.reshape(-1, C)[:count].T  # (C, count)
-    if neuron is None:
-        return w + per
-    x = values[program.ops[neuron].ins[0]].reshape(-1)  # the layer's one input row
-    return w + (per[:, None, :] * (x * x)[None, :, None]).reshape(C, -1)
 
+    def rows(E):
+        """w (r, size) for the outputs E (r, C) picks."""
+        r = E.shape[0]
+        lam = dict(zip([n.op for n in nodes], jax.vmap(lambda c: pull(c)[0])(E)))  # per node (r, *shape)
+        K = {}
+        for b, members in by_base.items():
+            for n in members:
+                K[b] = K.get(b, 0) + lam[n.op] * q[n.op][None]
+        w = jnp.zeros((r, size), dtype=leaf.dtype)
+        for (_, j), bs in layers.items():
+            op = program.ops[j]
+            w = w + _layer_sums(op, sum(K[b] for b in bs), values[op.ins[0]], squared=True)
+        if not passed and not bases:
+            return w
+
+        def along(e):
+            _, tangents = jax.jvp(forward, (zero,), (e.reshape(zero.shape),))
+            t = dict(zip(tangent_ids, tangents))
+            total = jnp.zeros((r,), dtype=leaf.dtype)
+            for b in bases:
+                total = total + jnp.einsum("c...,...->c", K[b], t[b] * t[b])
+            for n, ins in general:
+                op = program.ops[n.op]
+                Q = _second(_op_fn(op, ins, n.moving), tuple(ins[p] for p in n.moving),
+                            tuple(t[op.ins[p]] for p in n.moving))
+                total = total + jnp.einsum("c...,...->c", lam[n.op], Q)
+            return total
+
+        k = min(chunk, count)
+        starts = jnp.arange(0, count, k)
+        blocks = jax.lax.map(lambda s: jax.vmap(along)(jax.nn.one_hot(s + jnp.arange(k), count, dtype=leaf.dtype)),
+                             starts)
+        per = blocks.reshape(-1, r)[:count].T  # (r, count)
+        if neuron is None:
+            return w + per
+        x = values[program.ops[neuron].ins[0]].reshape(-1)  # the layer's one input row
+        return w + (per[:, None, :] * (x * x)[None, :, None]).reshape(r, -1)
+
+    return by_rows(rows, jnp.eye(C, dtype=h.dtype), chunk)

@@ -5,6 +5,7 @@ Run from the repository root:
     python benchmarks/memory.py                         # issue 13's case: 784-512-512-10, 20,000 inputs, 64 MiB
     python benchmarks/memory.py --n 2000 --budget 64    # quicker
     python benchmarks/memory.py --job estimate --n-draws 400000 --n 100
+    python benchmarks/memory.py --model sequence --backends jax --n 8 --budget 400   # JAX from_function, T = 64
 
 Each case runs in a fresh process.  After the model and the inputs exist (and, for JAX, after
 one call on a few inputs has compiled the code, which is XLA's memory, not the budget's), the
@@ -45,9 +46,34 @@ def peak():
     return _status("VmHWM")
 
 
-def build(backend, widths, n, seed=0):
+def sequence_function(n, seed=0):
+    """A JAX ``from_function`` model with sequence outputs: a tanh layer of width 512 and a dense 512 → 10 at each
+    of 64 positions (T·C = 640 outputs, 13,824 parameters), float64; the first layer's kernel and bias take the
+    operation-by-operation rule, whose cotangents of every curved value outgrow the columns."""
+    import jax
+    import numpy as np
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from fishercore.backends import jax as fj
+
+    rng = np.random.default_rng(seed)
+    params = {"W1": jnp.asarray(rng.normal(size=(16, 512)) / 4), "b1": jnp.asarray(0.1 * rng.normal(size=512)),
+              "W2": jnp.asarray(rng.normal(size=(512, 10)) / 16)}
+
+    def f(p, x):  # (n, 64, 16) → (n, 64, 10)
+        return jnp.tanh(x @ p["W1"] + p["b1"]) @ p["W2"]
+
+    return fj.from_function(f, params, input_shape=(64, 16)), jnp.asarray(rng.normal(size=(n, 64, 16)))
+
+
+def build(backend, widths, n, seed=0, model="mlp"):
     import numpy as np
 
+    if model == "sequence":
+        if backend != "jax":
+            raise ValueError("--model sequence: JAX only")
+        return sequence_function(n, seed)
     rng = np.random.default_rng(seed)
     layers = [(rng.normal(size=(o, i)) / np.sqrt(i), 0.1 * rng.normal(size=o)) for i, o in zip(widths[:-1], widths[1:])]
     X = rng.normal(size=(n, widths[0]))
@@ -73,7 +99,7 @@ def build(backend, widths, n, seed=0):
 def child(args):
     import fishercore as fc
 
-    model, X = build(args.backend, args.widths, args.n)
+    model, X = build(args.backend, args.widths, args.n, model=args.model)
     budget = args.budget * MIB
 
     def job(X):
@@ -86,8 +112,12 @@ def child(args):
     small, Xs = build(args.backend, [8, 4, 3], 64)
     fc.analyze(small, Xs)
     del small, Xs
-    if args.compile_first:  # and compile for this model's shapes: the first call measured is the second
-        job(X)
+    try:
+        if args.compile_first:  # and compile for this model's shapes: the first call measured is the second
+            job(X)
+    except ValueError as e:  # refused: the budget cannot hold one input
+        print(json.dumps({"backend": args.backend, "job": args.job, "refused": str(e)}))
+        return
     grown = []
     for _ in range(1 if args.compile_first else 2):  # the first call compiles (JAX), the second runs compiled code
         before = reset_peak()
@@ -110,11 +140,14 @@ def main():
     p.add_argument("--estimator", default="i1")
     p.add_argument("--n-draws", type=int, default=1)
     p.add_argument("--compile-first", action="store_true", help="one call before the measured ones")
+    p.add_argument("--model", choices=["mlp", "sequence"], default="mlp",
+                   help="mlp: --widths, tanh; sequence: sequence_function (JAX)")
     p.add_argument("--backend", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.backend:
         return child(args)
-    print(f"{args.job} {'-'.join(map(str, args.widths))}, n = {args.n:,}"
+    name = "sequence_function (JAX)" if args.model == "sequence" else "-".join(map(str, args.widths))
+    print(f"{args.job} {name}, n = {args.n:,}"
           + (f", {args.estimator}, n_draws = {args.n_draws:,}" if args.job == "estimate" else "")
           + f", memory_budget = {args.budget:g} MiB\n")
     print("| backend | growth, first call (MiB) | of it, the result (MiB) | (growth − result) ÷ budget | "
@@ -122,12 +155,16 @@ def main():
     for backend in args.backends:
         cmd = [sys.executable, __file__, "--backend", backend, "--job", args.job, "--n", str(args.n),
                "--budget", str(args.budget), "--estimator", args.estimator, "--n-draws", str(args.n_draws),
-               "--widths", *map(str, args.widths)] + (["--compile-first"] if args.compile_first else [])
+               "--widths", *map(str, args.widths), "--model", args.model] + (
+                   ["--compile-first"] if args.compile_first else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             print(f"| {backend} | failed: {r.stderr.strip().splitlines()[-1]} | | | |")
             continue
         res = json.loads(r.stdout.strip().splitlines()[-1])
+        if "refused" in res:
+            print(f"| {backend} | refused: {res['refused']} | | | |")
+            continue
         print(f"| {backend} | {res['first_mib']:.0f} | {res['result_mib']:.0f} | "
               f"{(res['first_mib'] - res['result_mib']) / args.budget:.2f} | {res['second_mib']:.0f} |")
 

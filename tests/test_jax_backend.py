@@ -370,7 +370,9 @@ def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
     curved group equal jax.hessian's (1e-10) — activations read right after dense layers (GELU's and SiLU's
     parts, a custom-jvp softplus, a scale between layer and activation), sequence outputs, LayerNorm, softmax
     attention, a square.  Groups whose activations all follow their own layer need no pass per parameter, and a
-    dense W applied to one row a pass per output neuron, so they keep exact second order at max_params=1."""
+    dense W applied to one row a pass per output neuron, so they keep exact second order at max_params=1.  With
+    ``chunk=3`` the outputs are taken three at a time (the last piece filled up with zero rows), in first order and
+    in the rule: the same Jacobian rows and Hessian diagonals."""
     import jax
     import jax.numpy as jnp
 
@@ -393,10 +395,14 @@ def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
         model = fc_jax.from_function(fn, params, input_shape=(width,))
         leaves, treedef = jax.tree_util.tree_flatten(params)
         assert model._by_operation, name
-        for i, block in enumerate(model.derivatives(X).blocks):
+        whole = model.derivatives(X).blocks
+        pieces = fc_jax.from_function(fn, params, input_shape=(width,), chunk=3).derivatives(X).blocks
+        for i, (block, piece) in enumerate(zip(whole, pieces)):
             want = _hessian_diagonals(fn, leaves, treedef, i, X).reshape(block.diag_hess.shape)
-            got = np.asarray(block.diag_hess)
-            assert np.abs(got - want).max() <= 1e-10 * max(np.abs(want).max(), 1e-300), (name, block.group)
+            for got in (block.diag_hess, piece.diag_hess):
+                assert np.abs(np.asarray(got) - want).max() <= 1e-10 * max(np.abs(want).max(), 1e-300), \
+                    (name, block.group)
+            np.testing.assert_allclose(np.asarray(piece.jac), np.asarray(block.jac), rtol=1e-12, atol=1e-14)
     # W2: its activations follow it directly.  W1 also reaches the second activation: in the MLP a pass per neuron
     # of x @ W1 (x one row) serves all its weights; in the sequence model (x two rows) a pass per weight
     for name, rule in (("mlp", ("W1", "W2")), ("seq", ("W2",))):

@@ -63,3 +63,16 @@ def test_estimate_chunks_its_draws_to_the_budget(backend):
     res = measure(backend, "--job", "estimate", "--n", "2", "--n-draws", "100000", "--budget", str(budget),
                   "--widths", "64", "256", "256", "10", *(["--compile-first"] if backend == "jax" else []))
     assert res["first_mib"] <= budget + res["result_mib"] + ALLOCATOR_SLACK, res
+
+
+@pytest.mark.backends("jax")
+def test_jax_function_declares_its_workspace():
+    """A JAX from_function model with sequence outputs (``benchmarks/memory.py --model sequence``): the cotangents of
+    its curved values (640 outputs × 64 positions × 512) outgrow its columns.  Before the model declared them, the
+    call grew by 400 MiB at a 256 MiB budget; now it is refused there, and keeps to the budget it asks for."""
+    pytest.importorskip("jax")
+    refused = measure("jax", "--model", "sequence", "--n", "8", "--budget", "256", "--compile-first")
+    assert "memory_budget: 256 MiB cannot hold" in refused["refused"] and "workspace" in refused["refused"]
+    asked = int(refused["refused"].split("give at least ")[1].split(" bytes")[0].replace(",", "")) / MIB
+    res = measure("jax", "--model", "sequence", "--n", "8", "--budget", f"{asked:.6f}", "--compile-first")
+    assert res["first_mib"] <= asked + res["result_mib"] + ALLOCATOR_SLACK, res
