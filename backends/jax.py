@@ -46,6 +46,7 @@ from fishercore._validation import (
     second_order_within,
 )
 
+from . import _jax_chain as jax_chain
 from . import _jax_curvature as curvature_rule
 from . import _jax_program as jax_program
 from ._jax_linearity import curved_leaves
@@ -412,6 +413,40 @@ def _pass_size(jaxpr) -> tuple:
     return total, largest
 
 
+def _chain_arrays(chain, leaves):
+    """``(weights (out, in), biases, activations)`` of a dense chain's layers (:func:`._jax_chain.dense_chain`), or
+    three Nones where the shapes are not those of dense layers."""
+    weights, biases, acts = [], [], []
+    for layer in chain:
+        W = leaves[layer.weight].T if layer.transposed else leaves[layer.weight]
+        b = None if layer.bias is None else leaves[layer.bias]
+        if (b is not None and tuple(b.shape) != (W.shape[0],)) or (weights and weights[-1].shape[0] != W.shape[1]):
+            return None, None, None
+        weights.append(W)
+        biases.append(b)
+        acts.append(None if layer.activation is None else
+                    Autodiff(jax_chain.activation_fn(layer.activation), OPS, layer.activation[2]))
+    return tuple(weights), tuple(biases), tuple(acts)
+
+
+def _chain_layers(apply_fn, treedef, leaves, x):
+    """The dense chain's arrays (:func:`_chain_arrays`), read off the function's program for one input x."""
+    return _chain_arrays(jax_chain.dense_chain(_program(apply_fn, treedef, leaves, x), len(leaves)), leaves)
+
+
+def _chain_derivatives(leaves, X, *, apply_fn, treedef, hessian):
+    """``(h, inputs, ∂h/∂z, diag ∂²h/∂z²)`` of a dense chain by the dense-chain rule (docs/math.md §8)."""
+    weights, biases, acts = _chain_layers(apply_fn, treedef, leaves, X[0])
+    return dense.derivatives(weights, biases, X.reshape(X.shape[0], -1), activations=acts, hessian=hessian)
+
+
+def _chain_pullback(leaves, X, s, *, apply_fn, treedef):
+    """``(inputs, sᵀ ∂h/∂z)`` of a dense chain for the scores s (n, M, C): the rule's backpropagation."""
+    weights, biases, acts = _chain_layers(apply_fn, treedef, leaves, X[0])
+    _, inputs, d1, _ = dense.forward(weights, biases, X.reshape(X.shape[0], -1), activations=acts, order=1)
+    return inputs, dense.backpropagate(weights, d1, s)[0]
+
+
 class _Flat:
     """``apply_fn`` with sequence outputs (n, T, C) flattened to (n, T·C), position-major; hashable like
     ``apply_fn`` (compiled code takes it as a static argument)."""
@@ -474,12 +509,14 @@ class JaxFunction:
         #: Curved groups with exact second order at any size (docs/math.md §14): their curved operations are all
         #: elementwise right after the group's own conv or dense layer (no pass per parameter), or the group is a
         #: dense W applied to one input row (a pass per output neuron, not per weight).
-        self.rule_groups = tuple(g.name for i, g in enumerate(self.groups) if plans.get(i) is not None
-                                 and i not in blocked and (i in neurons or curvature_rule.passes(plans[i]) == 0))
+        #: A dense chain (:mod:`._jax_chain`) has all its groups by the dense-chain rule (docs/math.md §8).
+        self.rule_groups = tuple(g.name for i, g in enumerate(self.groups) if i in curved and (
+            self._chain is not None or (plans.get(i) is not None and i not in blocked
+                                        and (i in neurons or curvature_rule.passes(plans[i]) == 0))))
         # operation by operation where it pays: no pass per parameter, or more parameters than outputs (its
         # C vector-Jacobian products cost about what forward over forward of the whole function costs for C of them)
         self._by_operation = frozenset(i for i, g in enumerate(self.groups) if plans.get(i) is not None and (
-            g.name in self.rule_groups or g.size > self.n_outputs))
+            g.name in self.rule_groups or g.size > self.n_outputs) and self._chain is None)
         self.second_order = second_order_within(
             [g for i, g in enumerate(self.groups) if i in curved and g.name not in self.rule_groups], max_params)
 
@@ -488,7 +525,7 @@ class JaxFunction:
         W applied to one row (:func:`._jax_curvature.per_neuron`), and those behind a custom_vjp function
         (:func:`._jax_curvature.forward_blocked`); none for a function whose jaxpr the interpreter cannot take
         (forward over forward of the whole function then)."""
-        self._interpret, self._plan_sizes, self._layer_outputs = False, {}, 0
+        self._interpret, self._plan_sizes, self._layer_outputs, self._chain = False, {}, 0, None
         try:
             program = _program(apply_fn, treedef, self.leaves, x)
             #: Numbers in one pass over the function for one input (and below, in the curved results of each plan,
@@ -499,6 +536,7 @@ class JaxFunction:
             plans = {i: curvature_rule.group_plan(program, i) for i in curved}
             neurons = frozenset(i for i in curved if curvature_rule.per_neuron(program, i) is not None)
             blocked = frozenset(i for i in curved if curvature_rule.forward_blocked(program, i))
+            chain = jax_chain.dense_chain(program, len(self.leaves))
         except Exception:  # noqa: BLE001 - any construct the interpreter does not know: the column rule, exact
             self._pass_size = _pass_size(jax.make_jaxpr(lambda ls: _single(
                 apply_fn, jax.tree_util.tree_unflatten(treedef, ls), x))(list(self.leaves)).jaxpr)
@@ -507,7 +545,21 @@ class JaxFunction:
         self._plan_sizes = {i: curvature_rule.plan_size(program, p) for i, p in plans.items() if p is not None}
         self._passes = {i: curvature_rule.passes(p) for i, p in plans.items() if p is not None}
         self._interpret = True
+        self._chain = None if chain is None else self._chain_of(chain)
         return plans, neurons, blocked
+
+    def _chain_of(self, chain):
+        """``(layout, widths, curved)`` of the dense chain's layers — per layer its groups and weight layout, its
+        output width, whether its activation is curved — or None where the shapes are not those of dense layers (a
+        bias that is not one per output).  The layers themselves are read again inside the compiled code
+        (:func:`_chain_layers`), which is keyed by ``apply_fn`` as the general rules are."""
+        weights, _, acts = _chain_arrays(chain, self.leaves)
+        if weights is None:
+            return None
+        layout = tuple((self.groups[layer.weight].name, None if layer.bias is None else self.groups[layer.bias].name,
+                        layer.transposed) for layer in chain)
+        return layout, tuple(int(W.shape[0]) for W in weights), tuple(a is not None and not a.piecewise_linear
+                                                                      for a in acts)
 
     def workspace_per_input(self, hessian: bool = True) -> int:
         """Bytes per input the compiled derivatives hold beyond the blocks (used to size batches and to split the
@@ -528,6 +580,9 @@ class JaxFunction:
         Measured against it (a tanh layer at each of 64 positions, H = 512, C = 640, float64): 115 of 193 MiB for
         the first layer's kernel, 55 of 128 MiB for its bias.
         """
+        if self._chain is not None:
+            _, widths, curved = self._chain
+            return dense.workspace(list(widths), list(curved), jnp.dtype(self.dtype).itemsize, hessian)
         (S, M), C = self._pass_size, self.n_outputs
         R = min(C, self.chunk)
         need = S + R * (M + self._layer_outputs)
@@ -556,8 +611,15 @@ class JaxFunction:
         return self.derivatives_of(X, None, hessian=hessian)
 
     def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
-        """The blocks of the named ``groups`` (all for None), compiled once per choice of groups."""
+        """The blocks of the named ``groups`` (all for None), compiled once per choice of groups; a dense chain's
+        layers whole, by the dense-chain rule."""
         n = X.shape[0]
+        if self._chain is not None:
+            h, inputs, jac, hess = OPS.jit(_chain_derivatives, ("apply_fn", "treedef", "hessian"))(
+                self.leaves, X, hessian=hessian, **self._static)
+            blocks = dense.dense_blocks(self._chain[0], inputs, jac, hess)
+            chosen = None if groups is None else set(groups)
+            return Derivatives(h, tuple(b for b in blocks if chosen is None or {b.weight, b.bias} & chosen))
         eye = jnp.eye(self.n_outputs, dtype=self.dtype)
         indices = None if groups is None else tuple(i for i, g in enumerate(self.groups) if g.name in set(groups))
         jacobian = OPS.jit(_function_jacobian, ("apply_fn", "treedef", "indices", "interpret", "chunk"))
@@ -587,6 +649,11 @@ class JaxFunction:
         return Derivatives(self.outputs(X), tuple(blocks))
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
+        if self._chain is not None:  # the dense-chain rule's backpropagation of the scores
+            h = self.outputs(X)
+            inputs, grads = OPS.jit(_chain_pullback, ("apply_fn", "treedef"))(
+                self.leaves, X, jnp.swapaxes(cotangent_fn(h), 0, 1), **self._static)
+            return Derivatives(h, dense.dense_blocks(self._chain[0], inputs, grads, [None] * len(grads)))
         h = self.outputs(X)
         s = jnp.swapaxes(cotangent_fn(h), 0, 1)  # (n, M, C)
         grads = OPS.jit(_function_pullback, ("apply_fn", "treedef"))(self.leaves, X, s, **self._static)

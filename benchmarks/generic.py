@@ -10,10 +10,9 @@ Same network, same inputs, float64, torch on the CPU, side by side in one proces
 ``from_sequential`` computes every field by the dense-chain rule; ``from_module`` every field
 by per-neuron perturbations of each Linear; ``from_function`` above its ``max_params`` every
 first-order field (the second-order ones are not computed), and its output layer's second order
-(w = 0, read off the traced graph).  ``--jax`` adds JAX's ``from_function`` (every field: its
-kernels by the per-neuron and direct rules of docs/math.md §14, the biases along every parameter
-within ``max_params``) against ``from_mlp`` (the dense-chain rule).  Medians of ``--repeat`` runs
-after a warm-up.
+(w = 0, read off the traced graph).  ``--jax`` adds JAX's ``from_function`` (every field: the
+function is recognised as a dense chain and gets the dense-chain rule, docs/math.md §8) against
+``from_mlp`` (the same rule).  Medians of ``--repeat`` runs after a warm-up.
 Benchmarks are not tests: nothing here asserts a time.
 """
 

@@ -380,9 +380,9 @@ def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
     p = {"W1": jnp.asarray(rng.normal(size=(3, 5))), "b1": jnp.asarray(rng.normal(size=5)),
          "W2": jnp.asarray(rng.normal(size=(5, 4))), "W3": jnp.asarray(rng.normal(size=(4, 2)))}
 
-    def mlp(p, x):
+    def mlp(p, x):  # the input added to the outputs: not a dense chain, whose rule would take it
         a = jax.nn.gelu(x @ p["W1"] + p["b1"])
-        return jnp.tanh(0.5 * jax.nn.softplus(a @ p["W2"])) @ p["W3"]
+        return jnp.tanh(0.5 * jax.nn.softplus(a @ p["W2"])) @ p["W3"] + x[:, :2]
 
     def seq(p, x):  # outputs (n, 2, 2)
         a = jax.nn.silu(jnp.stack([x, x**2], axis=1) @ p["W1"] + p["b1"])
@@ -410,6 +410,78 @@ def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
         assert model.rule_groups == rule, name
         res = fc.analyze(model, X, "gaussian")
         assert set(res.first_order_only) == {"W1", "W2", "b1"} - set(rule), name
+
+
+def test_dense_chains_take_the_dense_rule(jax_x64):
+    """A function that is a dense chain (backends/_jax_chain.py) — a Flax MLP with tanh, GELU and ReLU, a hand-written
+    ``x @ W.T + b`` — is analysed by the dense-chain rule, at any size: its Jacobian rows and Hessian diagonals equal
+    jax.jacrev's and jax.hessian's (1e-10), and every field is computed at max_params=1.  A skip connection, a
+    weight used twice, a log-softmax on the outputs, a layer applied at several rows are not chains."""
+    import flax.linen as nn
+    import jax
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            x = nn.tanh(nn.Dense(5)(x))
+            x = nn.relu(nn.Dense(3)(nn.gelu(nn.Dense(4)(x))))
+            return nn.Dense(3)(x)
+
+    rng = np.random.default_rng(3)
+    flax_params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
+                                         MLP().init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 3))))
+    hand = {"W1": jnp.asarray(rng.normal(size=(4, 6))), "b1": jnp.asarray(rng.normal(size=4)),
+            "W2": jnp.asarray(rng.normal(size=(4, 2)))}
+
+    def by_hand(p, x):
+        return jax.nn.softplus(x @ p["W1"].T + p["b1"]) @ p["W2"]
+
+    X = jnp.asarray(rng.normal(size=(5, 6)))
+    for fn, params, shape in ((MLP().apply, flax_params, (2, 3)), (by_hand, hand, (6,))):
+        Xs = X.reshape(-1, *shape)
+        model = fc_jax.from_function(fn, params, input_shape=shape, max_params=1)
+        assert model._chain is not None
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        names = [g.name for g in model.groups]
+
+        def h(ls, x, fn=fn, treedef=treedef):
+            return fn(jax.tree_util.tree_unflatten(treedef, ls), x[None])[0]
+
+        jac = jax.vmap(jax.jacrev(h), in_axes=(None, 0))(leaves, Xs)
+        d = model.derivatives(Xs)
+        for block in d.blocks:  # u(W[a, b]) = ∂h/∂z_a x_b and w(W[a, b]) = diag ∂²h/∂z²_a x_b², in W's own layout
+            i = names.index(block.weight)
+            layout = "ncio" if block.transposed else "ncoi"  # stored (in, out), or (out, in)
+            rows = np.einsum(f"nco,ni->{layout}", np.asarray(block.jac), np.asarray(block.inputs))
+            np.testing.assert_allclose(rows, np.asarray(jac[i]), rtol=1e-10, atol=1e-12)
+            got = np.einsum(f"nco,ni->{layout}", np.asarray(block.diag_hess), np.asarray(block.inputs) ** 2)
+            want = _hessian_diagonals(fn, leaves, treedef, i, Xs).reshape(got.shape)
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+            if block.bias is not None:  # u(b_a) = ∂h/∂z_a, w(b_a) = diag ∂²h/∂z²_a
+                j = names.index(block.bias)
+                np.testing.assert_allclose(np.asarray(block.jac), np.asarray(jac[j]), rtol=1e-10, atol=1e-12)
+                want = _hessian_diagonals(fn, leaves, treedef, j, Xs)
+                np.testing.assert_allclose(np.asarray(block.diag_hess), want, rtol=1e-10,
+                                           atol=1e-12 * np.abs(want).max())
+        res = fc.analyze(model, Xs)
+        assert not res.first_order_only and bool(jnp.all(jnp.isfinite(res.v2)))
+
+    def skip(p, x):
+        return jnp.tanh(x @ p["W1"]) @ p["W2"] + x[:, :2]
+
+    def twice(p, x):
+        return jnp.tanh(jnp.tanh(x @ p["W1"]) @ p["W1"]) @ p["W2"]
+
+    def log_softmax(p, x):
+        return jax.nn.log_softmax(jnp.tanh(x @ p["W1"]) @ p["W2"])
+
+    def rows(p, x):  # each input two rows: the layer is applied at both
+        return (jnp.tanh(x.reshape(-1, 2, 3) @ p["W1"]) @ p["W2"]).reshape(x.shape[0], -1)
+
+    square = {"W1": jnp.asarray(rng.normal(size=(3, 3))), "W2": jnp.asarray(rng.normal(size=(3, 2)))}
+    for fn, shape in ((skip, (3,)), (twice, (3,)), (log_softmax, (3,)), (rows, (6,))):
+        assert fc_jax.from_function(fn, square, input_shape=shape)._chain is None, fn.__name__
 
 
 def test_conv_layers_in_any_layout_match_brute_force(jax_x64):
