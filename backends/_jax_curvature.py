@@ -24,6 +24,9 @@ in first order.  Then per operation:
   weight's input patch, so the term is :func:`.rules.curvature.conv_direct` (the patches of
   :mod:`.rules.conv`) or ``Σ K[c, …, a] x[…, b]²`` — one matrix product for the whole group, no
   pass per coordinate.
+* a region whose ``u`` is **the parameter copied** (a bias broadcast to a layer's output): ``u̇`` is 1
+  at its copies and 0 elsewhere, so the term is the copying's transpose applied to ``K_u`` — again no
+  pass per coordinate.
 * anything else (a product of two moving factors, a softmax's normalisation, a control-flow
   body): ``Q`` by forward over forward of that operation alone, along its inputs' tangents.
 
@@ -143,10 +146,35 @@ def _curved(op: _Op, moving) -> bool:
     return bool(propagate(_kind(eqn.primitive.name), inputs)[1])
 
 
+#: Operations that copy their one input's elements (each result element one input element, as it is): along a
+#: coordinate of the parameter, the tangents of their results are 1 at its copies and 0 elsewhere.
+_COPIES = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose"})
+
+
+def _copies(program, producer, value_id, leaf_id):
+    """The op indices, in order, of a chain of copying operations (:data:`_COPIES`) from the parameter to
+    ``value_id`` (a bias broadcast over a layer's output; none for the parameter itself), or None."""
+    chain = []
+    while value_id != leaf_id:
+        j = producer.get(value_id)
+        if j is None:
+            return None
+        op = program.ops[j]
+        ins = [a for a in op.ins if not isinstance(a, _Lit)]
+        if op.eqn.primitive.name not in _COPIES or len(ins) != 1 or len(op.outs) != 1:
+            return None
+        chain.append(j)
+        value_id = ins[0]
+    return tuple(reversed(chain))
+
+
 def _layer(program, producer, value_id, leaf_id, moving_ids):
     """("conv_general_dilated"|"dot_general", op) when ``value_id`` is the output of a convolution or dense product of
-    the parameter itself with an input that does not move, else None.  (A bias added after it is part of the
-    elementwise region whose base this value is.)"""
+    the parameter itself with an input that does not move; ("copies", ops) when it is the parameter copied
+    (:func:`_copies`: a bias, which the elementwise region adds to a layer's output); else None."""
+    copies = _copies(program, producer, value_id, leaf_id)
+    if copies is not None:
+        return ("copies", copies)
     j = producer.get(value_id)
     if j is None:
         return None
@@ -298,6 +326,20 @@ def _layer_sums(op: _Op, D, x, *, squared: bool):
     return jnp.transpose(w, (0, *(1 + int(o) for o in order))).reshape(C, -1)
 
 
+def _copied_sums(program: Program, chain, D, leaf):
+    """``Σ_q D[c, q] u̇[q]²`` for every coordinate of a parameter copied to the shape of D's rows by the operations
+    ``chain`` (:func:`_copies`), where u̇ is 1 at its copies and 0 elsewhere: the transpose of the copying applied to
+    each row of D (r, *shape) → (r, size)."""
+    def copy(p):
+        for j in chain:
+            op = program.ops[j]
+            p = bind(op.eqn, [a.val if isinstance(a, _Lit) else p for a in op.ins])[0]
+        return p
+
+    _, pull = jax.vjp(copy, leaf)
+    return jax.vmap(lambda d: pull(d)[0])(D).reshape(D.shape[0], -1)
+
+
 def first_order_layer(program: Program, leaf_position: int):
     """The op index of the convolution or dense product ``x @ W`` that is the parameter's only use (its Jacobian rows
     then come from ``∂h/∂z`` of that layer's output and the layer's input), or None."""
@@ -317,7 +359,7 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
     size = math.prod(leaf.shape)
     neuron = per_neuron(program, leaf_position)
     keep = sorted({a for n in nodes for a in program.ops[n.op].ins if not isinstance(a, _Lit)}
-                  | {program.ops[n.direct[1]].ins[0] for n in nodes if n.direct}
+                  | {program.ops[n.direct[1]].ins[0] for n in nodes if n.direct and n.direct[0] != "copies"}
                   | ({program.ops[neuron].ins[0]} if neuron is not None else set())
                   | {n.base for n in nodes if n.base is not None})
 
@@ -378,9 +420,13 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
             for n in members:
                 K[b] = K.get(b, 0) + lam[n.op] * q[n.op][None]
         w = jnp.zeros((r, size), dtype=leaf.dtype)
-        for (_, j), bs in layers.items():
-            op = program.ops[j]
-            w = w + _layer_sums(op, sum(K[b] for b in bs), values[op.ins[0]], squared=True)
+        for (kind, j), bs in layers.items():
+            D = sum(K[b] for b in bs)
+            if kind == "copies":  # u̇ is 1 at the parameter's copies, 0 elsewhere: the copying's transpose of D
+                w = w + _copied_sums(program, j, D, leaf)
+            else:
+                op = program.ops[j]
+                w = w + _layer_sums(op, D, values[op.ins[0]], squared=True)
         if not passed and not bases:
             return w
 

@@ -384,11 +384,14 @@ def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
         a = jax.nn.gelu(x @ p["W1"] + p["b1"])
         return jnp.tanh(0.5 * jax.nn.softplus(a @ p["W2"])) @ p["W3"] + x[:, :2]
 
+    def one(p, x):  # a layer and its activation, then a dense map: every curved operation right after its group's own
+        return jnp.tanh(x @ p["W1"] + p["b1"]) @ p["W2"] + x[:, :1]  # layer, or a copy of the bias (not a chain)
+
     def seq(p, x):  # outputs (n, 2, 2)
         a = jax.nn.silu(jnp.stack([x, x**2], axis=1) @ p["W1"] + p["b1"])
         return jnp.tanh(a @ p["W2"]) @ p["W3"]
 
-    cases = {"mlp": (mlp, p, 3), "seq": (seq, p, 3)}
+    cases = {"mlp": (mlp, p, 3), "seq": (seq, p, 3), "one": (one, {k: p[k] for k in ("W1", "b1", "W2")}, 3)}
     cases |= {k: v[:3] for k, v in _linearity_cases().items() if k in ("layernorm", "attention", "square")}
     X = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)))
     for name, (fn, params, width) in cases.items():
@@ -404,12 +407,14 @@ def test_second_order_operation_by_operation_equals_jax_hessian(jax_x64):
                     (name, block.group)
             np.testing.assert_allclose(np.asarray(piece.jac), np.asarray(block.jac), rtol=1e-12, atol=1e-14)
     # W2: its activations follow it directly.  W1 also reaches the second activation: in the MLP a pass per neuron
-    # of x @ W1 (x one row) serves all its weights; in the sequence model (x two rows) a pass per weight
-    for name, rule in (("mlp", ("W1", "W2")), ("seq", ("W2",))):
-        model = fc_jax.from_function(cases[name][0], p, input_shape=(3,), max_params=1)
+    # of x @ W1 (x one row) serves all its weights; in the sequence model (x two rows) a pass per weight.  In the
+    # one-layer model W1's and b1's only curved operation reads their layer's output (b1: its copies)
+    for name, rule in (("mlp", ("W1", "W2")), ("seq", ("W2",)), ("one", ("W1", "b1"))):
+        fn, params, width = cases[name]
+        model = fc_jax.from_function(fn, params, input_shape=(width,), max_params=1)
         assert model.rule_groups == rule, name
         res = fc.analyze(model, X, "gaussian")
-        assert set(res.first_order_only) == {"W1", "W2", "b1"} - set(rule), name
+        assert set(res.first_order_only) == set(params) - set(model.linear_groups) - set(rule), name
 
 
 def test_dense_chains_take_the_dense_rule(jax_x64):
