@@ -49,7 +49,7 @@ from ._torch_linearity import curved_params
 from .rules import columns, conv, curvature, dense
 from .rules.activations import Autodiff
 
-__all__ = ["DenseLayer", "Perturbed", "TorchModule", "chain_derivatives", "chain_pullback"]
+__all__ = ["DenseLayer", "Perturbed", "TorchModule", "chain_derivatives", "chain_pullback", "largest_value"]
 
 #: Parameters (of groups the module is curved in, outside dense layers) above which from_module and
 #: from_function leave second order out: forward over forward costs one pass per parameter and input.
@@ -77,6 +77,12 @@ class ConvLayer(NamedTuple):
     bias: str | None
     spec: conv.ConvSpec
     index: torch.Tensor
+
+
+def largest_value(log: CallLog, n: int) -> int:
+    """Numbers per input of the largest tensor a model computed (its calls on a batch of n, in ``log``): what one
+    of the cotangents of a backward pass holds, per output."""
+    return max((out.numel() // n for *_, out in log.calls if out.ndim and out.shape[0] == n), default=0)
 
 
 def conv_spec(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> conv.ConvSpec | None:
@@ -236,7 +242,8 @@ class Perturbed:
     def workspace_per_input(self, hessian: bool = True) -> int:
         """Bytes per input the vmapped transforms hold beyond the blocks (used to size batches).
 
-        C cotangents through every dense layer (the column groups' gradients are their blocks); the per-neuron
+        C cotangents through every dense layer, and where there are column groups (their gradients are their
+        blocks) of two of the model's values at a time, the largest (``largest_value``); the per-neuron
         Hessian pass: one forward-over-forward per neuron of the widest layer, each holding every
         layer's values three times (primal and two tangents); the curvature rule's cotangents and
         factors of every activation (2 C values each) and ``chunk`` tangents of them; the conv rule's
@@ -254,7 +261,8 @@ class Perturbed:
             second += (2 * self.n_outputs + 2 * self.chunk) * acts
         if hessian and self.convs:
             second += 3 * self.chunk * max(c.spec.out_channels * c.spec.positions for c in self.convs)
-        return (2 * self.n_outputs * per_pass + second) * self.dtype.itemsize
+        through = self._value_size if self.column_groups else 0
+        return (2 * self.n_outputs * (per_pass + through) + second) * self.dtype.itemsize
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         return self.derivatives_of(X, None, hessian=hessian)
@@ -517,14 +525,16 @@ class TorchModule(Perturbed, TorchModel):
         all_convs = [(name, m) for name, m in module.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
         conv_calls: dict = {}
         watch = _LinearCalls(params=self.params)  # counts where each parameter is used
+        log = CallLog()
         try:
-            with MODULE_LOCK, torch.no_grad(), watch:
+            with MODULE_LOCK, torch.no_grad(), watch, log:
                 h = self._call(probe, record=record, linears=all_linears, convs=all_convs, conv_calls=conv_calls)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"input_shape: the module cannot run on inputs of shape {probe_shape} ({e}); "
                              "pass input_shape=, the shape of one input without the batch axis") from e
         self.output_shape = outputs_shape(h, "module")
         self.n_outputs = math.prod(self.output_shape)
+        self._value_size = largest_value(log, probe.shape[0])
 
         def own(name, attr, layer):
             """The layer's parameter's group name, if it is a group used by this layer alone (else False)."""

@@ -38,6 +38,7 @@ from fishercore._validation import (
     second_order_within,
 )
 
+from ._torch_activations import CallLog
 from ._torch_base import (
     MODULE_LOCK,
     OPS,
@@ -55,6 +56,7 @@ from ._torch_module import (
     _LinearCalls,
     chain_derivatives,
     chain_pullback,
+    largest_value,
 )
 from .rules import dense
 from .rules.activations import Autodiff
@@ -289,15 +291,16 @@ class TorchFunction(Perturbed):
         self.input_dtype = check_input_dtype(input_dtype, OPS.xp)
         self.n_tokens = check_n_tokens(n_tokens, self.input_dtype, required=True)
         probe = torch.zeros((2, *self.input_shape), dtype=input_dtype or self.dtype, device=self.device)
-        watch = _LinearCalls(params=self.params)
+        watch, log = _LinearCalls(params=self.params), CallLog()
         try:
-            with torch.no_grad(), watch:
+            with torch.no_grad(), watch, log:
                 h = fn(self.params, probe)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             raise ValueError(f"input_shape: fn cannot run on one input of shape {self.input_shape} ({e})") from e
         #: (C,), or (T, C) for sequence outputs, which the core sees flattened (n, T·C)
         self.output_shape = outputs_shape(h, "fn")
         self.n_outputs = math.prod(self.output_shape)
+        self._value_size = largest_value(log, probe.shape[0])
         self.dense = [DenseLayer(w, w, b if b is not None and watch.seen.get(b) == 1 else None, t, out.shape[1],
                                  x.shape[1])
                       for w, x, b, t, out in watch.calls
