@@ -57,7 +57,8 @@ def dense_chain(program: Program, n_leaves: int):
     leaves = {program.inputs[i]: i for i in range(n_leaves)}
     const = set(program.consts)  # values that depend on neither x nor a parameter
     const_ops = []
-    param = {v: (i, False) for v, i in leaves.items()}  # a parameter, reshaped or transposed: (position, transposed)
+    # a parameter, transposed or reshaped: (position, transposed, reshaped); a weight may be transposed, a bias reshaped
+    param = {v: (i, False, False) for v, i in leaves.items()}
     used: set = set()
     layers: list = []  # [weight, bias, transposed, base, (region ops, its last value)]
     row = program.inputs[n_leaves]  # before the first layer: x, reshaped to a row
@@ -71,11 +72,11 @@ def dense_chain(program: Program, n_leaves: int):
             const.update(op.outs)
             const_ops.append(op)
         elif len(ids) == 1 and ids[0] in param:  # a parameter reshaped or transposed
-            i, t = param[ids[0]]
+            i, t, r = param[ids[0]]
             if _reshapes(op, ids[0]):
-                param[op.outs[0]] = (i, t)
+                param[op.outs[0]] = (i, t, r or eqn.outvars[0].aval.shape != eqn.invars[0].aval.shape)
             elif name == "transpose" and eqn.invars[0].aval.ndim == 2 and tuple(eqn.params["permutation"]) == (1, 0):
-                param[op.outs[0]] = (i, not t)
+                param[op.outs[0]] = (i, not t, r)
             else:
                 return None
         elif row is not None and _reshapes(op, row):
@@ -83,7 +84,7 @@ def dense_chain(program: Program, n_leaves: int):
         elif name == "dot_general":
             lhs, rhs = op.ins
             a, w = eqn.invars
-            if (lhs != row and lhs not in values) or rhs not in param or param[rhs][0] in used:
+            if (lhs != row and lhs not in values) or rhs not in param or param[rhs][0] in used or param[rhs][2]:
                 return None
             if (tuple(map(tuple, eqn.params["dimension_numbers"][0])) != ((a.aval.ndim - 1,), (0,))
                     or tuple(map(tuple, eqn.params["dimension_numbers"][1])) != ((), ()) or w.aval.ndim != 2
@@ -91,7 +92,7 @@ def dense_chain(program: Program, n_leaves: int):
                 return None
             if layers:
                 layers[-1][4] = (ops, lhs)
-            i, t = param[rhs]
+            i, t, _ = param[rhs]
             used.add(i)
             # used as is, the weight is stored (in, out): the dense rule's "transposed" layout
             layers.append([i, None, not t, op.outs[0], None])
@@ -101,7 +102,7 @@ def dense_chain(program: Program, n_leaves: int):
         elif (name == "add" and not ops and layers[-1][1] is None and len(ids) == 2 and layers[-1][3] in ids
               and all(a in param or a == layers[-1][3] for a in ids)):  # the bias, right after the product
             other = ids[1] if ids[0] == layers[-1][3] else ids[0]
-            i, t = param[other]
+            i, t, _ = param[other]
             if i in used or t or eqn.invars[op.ins.index(other)].aval.shape != eqn.outvars[0].aval.shape:
                 return None
             used.add(i)

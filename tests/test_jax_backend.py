@@ -484,8 +484,11 @@ def test_dense_chains_take_the_dense_rule(jax_x64):
     def rows(p, x):  # each input two rows: the layer is applied at both
         return (jnp.tanh(x.reshape(-1, 2, 3) @ p["W1"]) @ p["W2"]).reshape(x.shape[0], -1)
 
+    def reshaped(p, x):  # a weight used after reshapes (which may lay it out anew): not taken for a stored one
+        return jnp.tanh(x @ p["W1"].reshape(1, 9).reshape(3, 3)) @ p["W2"]
+
     square = {"W1": jnp.asarray(rng.normal(size=(3, 3))), "W2": jnp.asarray(rng.normal(size=(3, 2)))}
-    for fn, shape in ((skip, (3,)), (twice, (3,)), (log_softmax, (3,)), (rows, (6,))):
+    for fn, shape in ((skip, (3,)), (twice, (3,)), (log_softmax, (3,)), (rows, (6,)), (reshaped, (3,))):
         assert fc_jax.from_function(fn, square, input_shape=shape)._chain is None, fn.__name__
 
 
