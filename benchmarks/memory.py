@@ -6,6 +6,7 @@ Run from the repository root:
     python benchmarks/memory.py --n 2000 --budget 64    # quicker
     python benchmarks/memory.py --job estimate --n-draws 400000 --n 100
     python benchmarks/memory.py --model sequence --backends jax --n 8 --budget 400   # JAX from_function, T = 64
+    python benchmarks/memory.py --model transformer --backends torch --n 8 --budget 512   # torch from_module
 
 Each case runs in a fresh process.  After the model and the inputs exist (and, for JAX, after
 one call on a few inputs has compiled the code, which is XLA's memory, not the budget's), the
@@ -67,9 +68,30 @@ def sequence_function(n, seed=0):
     return fj.from_function(f, params, input_shape=(64, 16)), jnp.asarray(rng.normal(size=(n, 64, 16)))
 
 
+def transformer_module(n, seed=0):
+    """torch ``from_module`` of :class:`fishercore.report.transformer.CharTransformer` (width 64, one block, MLP width
+    256, T = 32, 55 characters: 59,255 parameters, T·C = 1,760 outputs), float32, on n random sequences: its
+    backward passes hold 1,760 cotangents of its values, 32 × 256 numbers each for the MLP's."""
+    import numpy as np
+    import torch
+
+    from fishercore.backends import torch as ft
+    from fishercore.report import transformer as tr
+
+    torch.set_num_threads(os.cpu_count())
+    cfg = tr.Config(context=32, width=64, heads=2, depth=1, hidden=256)
+    net = tr.torch_model(cfg, tr.init_params(cfg, seed, perturb=0.1), dtype=torch.float32)
+    X = torch.as_tensor(np.random.default_rng(seed + 1).integers(0, cfg.vocab, size=(n, cfg.context)))
+    return ft.from_module(net, input_shape=(cfg.context,), input_dtype=torch.long, max_params=1), X
+
+
 def build(backend, widths, n, seed=0, model="mlp"):
     import numpy as np
 
+    if model == "transformer":
+        if backend != "torch":
+            raise ValueError("--model transformer: torch only")
+        return transformer_module(n, seed)
     if model == "sequence":
         if backend != "jax":
             raise ValueError("--model sequence: JAX only")
@@ -140,13 +162,15 @@ def main():
     p.add_argument("--estimator", default="i1")
     p.add_argument("--n-draws", type=int, default=1)
     p.add_argument("--compile-first", action="store_true", help="one call before the measured ones")
-    p.add_argument("--model", choices=["mlp", "sequence"], default="mlp",
-                   help="mlp: --widths, tanh; sequence: sequence_function (JAX)")
+    p.add_argument("--model", choices=["mlp", "sequence", "transformer"], default="mlp",
+                   help="mlp: --widths, tanh; sequence: sequence_function (JAX); transformer: transformer_module "
+                        "(torch)")
     p.add_argument("--backend", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.backend:
         return child(args)
-    name = "sequence_function (JAX)" if args.model == "sequence" else "-".join(map(str, args.widths))
+    name = {"sequence": "sequence_function (JAX)", "transformer": "transformer_module (torch)"}.get(
+        args.model, "-".join(map(str, args.widths)))
     print(f"{args.job} {name}, n = {args.n:,}"
           + (f", {args.estimator}, n_draws = {args.n_draws:,}" if args.job == "estimate" else "")
           + f", memory_budget = {args.budget:g} MiB\n")
