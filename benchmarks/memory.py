@@ -68,7 +68,7 @@ def sequence_function(n, seed=0):
     return fj.from_function(f, params, input_shape=(64, 16)), jnp.asarray(rng.normal(size=(n, 64, 16)))
 
 
-def transformer_module(n, seed=0):
+def transformer_module(n, seed=0, width=64, hidden=256):
     """torch ``from_module`` of :class:`fishercore.report.transformer.CharTransformer` (width 64, one block, MLP width
     256, T = 32, 55 characters: 59,255 parameters, T·C = 1,760 outputs), float32, on n random sequences: its
     backward passes hold 1,760 cotangents of its values, 32 × 256 numbers each for the MLP's."""
@@ -79,7 +79,7 @@ def transformer_module(n, seed=0):
     from fishercore.report import transformer as tr
 
     torch.set_num_threads(os.cpu_count())
-    cfg = tr.Config(context=32, width=64, heads=2, depth=1, hidden=256)
+    cfg = tr.Config(context=32, width=width, heads=2, depth=1, hidden=hidden)
     net = tr.torch_model(cfg, tr.init_params(cfg, seed, perturb=0.1), dtype=torch.float32)
     X = torch.as_tensor(np.random.default_rng(seed + 1).integers(0, cfg.vocab, size=(n, cfg.context)))
     return ft.from_module(net, input_shape=(cfg.context,), input_dtype=torch.long, max_params=1), X
@@ -133,6 +133,10 @@ def child(args):
     # call's working memory; compiling for this model (JAX) is measured with the call
     small, Xs = build(args.backend, [8, 4, 3], 64)
     fc.analyze(small, Xs)
+    if args.model == "transformer":  # and the libraries' transforms on a model of the same kind, 2 sequences
+        tiny, Xt = transformer_module(2, seed=1, width=8, hidden=16)
+        fc.analyze(tiny, Xt)
+        del tiny, Xt
     del small, Xs
     try:
         if args.compile_first:  # and compile for this model's shapes: the first call measured is the second
