@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._jax_linearity import _kind, _walk
+from ._jax_linearity import _body, _inexact, _kind, _walk
 from ._jax_program import Lit as _Lit
 from ._jax_program import Op as _Op
 from ._jax_program import Program, bind, run
@@ -116,19 +116,15 @@ class _Node(NamedTuple):
     direct: Any  # the base is the parameter's conv/dense layer's output (plus terms that do not move): (kind, op)
 
 
-def _inexact(v) -> bool:
-    return np.issubdtype(np.dtype(v.aval.dtype), np.inexact)
-
-
 def _elementwise_body(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        sub = eqn.params.get("call_jaxpr") or eqn.params.get("jaxpr")
         if name in _ELEMENTWISE:
             continue
         if name == "broadcast_in_dim" and not eqn.invars[0].aval.shape:
             continue
-        if sub is not None and _elementwise_body(getattr(sub, "jaxpr", sub)):
+        inner = _body(eqn)
+        if inner is not None and _elementwise_body(inner):
             continue
         return False
     return True
@@ -137,12 +133,10 @@ def _elementwise_body(jaxpr) -> bool:
 def _curved(op: _Op, moving) -> bool:
     """Whether the operation's result is curved in its moving inputs (the rule of :mod:`.rules.linearity`)."""
     eqn = op.eqn
-    sub = eqn.params.get("call_jaxpr") or eqn.params.get("jaxpr")
     inputs = [(frozenset({0}) if p in moving else EMPTY, EMPTY) for p in range(len(op.ins))]
-    if sub is not None:
-        body = getattr(sub, "jaxpr", sub)
-        if len(body.invars) == len(op.ins):
-            return any(n for _, n in _walk(body, inputs))
+    body = _body(eqn)
+    if body is not None:
+        return any(n for _, n in _walk(body, inputs))
     return bool(propagate(_kind(eqn.primitive.name), inputs)[1])
 
 
@@ -207,8 +201,8 @@ def _elementwise(op: _Op, moving) -> bool:
     eqn = op.eqn
     if len(op.outs) != 1 or any(eqn.invars[p].aval.shape != eqn.outvars[0].aval.shape for p in moving):
         return False
-    sub = eqn.params.get("call_jaxpr") or eqn.params.get("jaxpr")
-    return eqn.primitive.name in _ELEMENTWISE or (sub is not None and _elementwise_body(getattr(sub, "jaxpr", sub)))
+    inner = _body(eqn)
+    return eqn.primitive.name in _ELEMENTWISE or (inner is not None and _elementwise_body(inner))
 
 
 def group_plan(program: Program, leaf_position: int):
