@@ -445,11 +445,11 @@ def _chain_derivatives(leaves, X, *, apply_fn, treedef, hessian):
     return dense.derivatives(weights, biases, X.reshape(X.shape[0], -1), activations=acts, hessian=hessian)
 
 
-def _chain_pullback(leaves, X, s, *, apply_fn, treedef):
-    """``(inputs, sᵀ ∂h/∂z)`` of a dense chain for the scores s (n, M, C): the rule's backpropagation."""
+def _chain_forward(leaves, X, *, apply_fn, treedef):
+    """``(h, inputs, φ'(z), weights)`` of a dense chain's forward pass, what its backpropagation of scores needs."""
     weights, biases, acts = _chain_layers(apply_fn, treedef, leaves, X[0])
-    _, inputs, d1, _ = dense.forward(weights, biases, X.reshape(X.shape[0], -1), activations=acts, order=1)
-    return inputs, dense.backpropagate(weights, d1, s)[0]
+    h, inputs, d1, _ = dense.forward(weights, biases, X.reshape(X.shape[0], -1), activations=acts, order=1)
+    return h, inputs, d1, weights
 
 
 class _Flat:
@@ -592,8 +592,7 @@ class JaxFunction:
         R = min(C, self.chunk)
         need = S + R * (M + self._layer_outputs)
         for i, g in enumerate(self.groups) if hessian else ():
-            computed = (self.second_order and g.name not in self.blocked_groups) or g.name in self.rule_groups
-            if g.name in self.linear_groups or not computed:
+            if g.name in self.linear_groups or not self._second_order_of(g.name):
                 continue
             if i in self._by_operation:
                 L = self._plan_sizes[i]
@@ -601,6 +600,11 @@ class JaxFunction:
             else:
                 need = max(need, S + 2 * self.chunk * M)
         return need * jnp.dtype(self.dtype).itemsize
+
+    def _second_order_of(self, name: str) -> bool:
+        """Whether the group's Hessian diagonals are computed: by a rule at any size, or within ``max_params`` and
+        not behind a custom_vjp."""
+        return (self.second_order and name not in self.blocked_groups) or name in self.rule_groups
 
     def __repr__(self) -> str:
         return f"JaxFunction(P={sum(g.size for g in self.groups)}, {self.dtype})"
@@ -646,18 +650,15 @@ class JaxFunction:
                 return columns.chunked(g.size, self.chunk, chunk)
 
             w = columns.group_hessian(jnp, (n, self.n_outputs, g.size), hessian=hessian,
-                                      linear=g.name in self.linear_groups,
-                                      second_order=(self.second_order and g.name not in self.blocked_groups)
-                                      or g.name in self.rule_groups,
+                                      linear=g.name in self.linear_groups, second_order=self._second_order_of(g.name),
                                       compute=compute, dtype=self.dtype, device=self.device)
             blocks.append(ColumnBlock(g.name, jac[j].reshape(n, -1, g.size), w))
         return Derivatives(self.outputs(X), tuple(blocks))
 
     def pullback(self, X, cotangent_fn) -> Derivatives:
-        if self._chain is not None:  # the dense-chain rule's backpropagation of the scores
-            h = self.outputs(X)
-            inputs, grads = OPS.jit(_chain_pullback, ("apply_fn", "treedef"))(
-                self.leaves, X, jnp.swapaxes(cotangent_fn(h), 0, 1), **self._static)
+        if self._chain is not None:  # the dense-chain rule's backpropagation of the scores, as from_mlp's
+            h, inputs, d1, weights = OPS.jit(_chain_forward, ("apply_fn", "treedef"))(self.leaves, X, **self._static)
+            grads = OPS.jit(dense.backpropagate)(weights, d1, jnp.swapaxes(cotangent_fn(h), 0, 1))[0]
             return Derivatives(h, dense.dense_blocks(self._chain[0], inputs, grads, [None] * len(grads)))
         h = self.outputs(X)
         s = jnp.swapaxes(cotangent_fn(h), 0, 1)  # (n, M, C)
