@@ -69,9 +69,9 @@ def sequence_function(n, seed=0):
 
 
 def transformer_module(n, seed=0, width=64, hidden=256):
-    """torch ``from_module`` of :class:`fishercore.report.transformer.CharTransformer` (width 64, one block, MLP width
-    256, T = 32, 55 characters: 59,255 parameters, T·C = 1,760 outputs), float32, on n random sequences: its
-    backward passes hold 1,760 cotangents of its values, 32 × 256 numbers each for the MLP's."""
+    """torch ``from_module`` of :class:`fishercore.report.transformer.CharTransformer` (by default width 64, one block,
+    MLP width 256, T = 32, 55 characters: 59,255 parameters, T·C = 1,760 outputs), float32, on n random sequences:
+    its backward passes hold 1,760 cotangents of its values, 32 × 256 numbers each for the MLP's."""
     import numpy as np
     import torch
 
