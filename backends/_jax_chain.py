@@ -60,7 +60,8 @@ def dense_chain(program: Program, n_leaves: int):
     # a parameter, transposed or reshaped: (position, transposed, reshaped); a weight may be transposed, a bias reshaped
     param = {v: (i, False, False) for v, i in leaves.items()}
     used: set = set()
-    layers: list = []  # [weight, bias, transposed, base, (region ops, its last value)]
+    # [weight, bias, transposed, base, (region ops, its last value), the product's shape (the base's, a bias added)]
+    layers: list = []
     row = program.inputs[n_leaves]  # before the first layer: x, reshaped to a row
     ops, values = [], set()  # after a layer: the operations of its activation region and their values
     for op in program.ops:
@@ -95,7 +96,7 @@ def dense_chain(program: Program, n_leaves: int):
             i, t, _ = param[rhs]
             used.add(i)
             # used as is, the weight is stored (in, out): the dense rule's "transposed" layout
-            layers.append([i, None, not t, op.outs[0], None])
+            layers.append([i, None, not t, op.outs[0], None, tuple(eqn.outvars[0].aval.shape)])
             row, ops, values = None, [], {op.outs[0]}
         elif not layers:
             return None
@@ -119,22 +120,15 @@ def dense_chain(program: Program, n_leaves: int):
         return None
     layers[-1][4] = (ops, program.outputs[0])
     chain = []
-    for i, b, transposed, base, (region, last) in layers:
+    for i, b, transposed, base, (region, last), shape in layers:
         act = None
         if any(not _reshapes(op, op.ins[0]) for op in region):  # more than a reshape: an activation
             sub = Program(tuple(const_ops) + tuple(region), (base,), (last,), program.consts)
             curved = any(_curved(op, tuple(p for p, a in enumerate(op.ins) if not isinstance(a, Lit)
                                            and a not in const)) for op in region)
-            act = (sub, _base_shape(program, base), not curved)
+            act = (sub, shape, not curved)
         chain.append(ChainLayer(i, b, transposed, act))
     return tuple(chain)
-
-
-def _base_shape(program: Program, base) -> tuple:
-    for op in program.ops:
-        if base in op.outs:
-            return tuple(op.eqn.outvars[op.outs.index(base)].aval.shape)
-    raise KeyError(base)
 
 
 def activation_fn(activation):
