@@ -79,6 +79,22 @@ class ConvLayer(NamedTuple):
     index: torch.Tensor
 
 
+class ConvSite(NamedTuple):
+    """How the tangents of a conv layer's output reach the activations after it (found when the model is built,
+    docs/math.md §13): which read the output unchanged (``readers``, their terms are direct) and which others are
+    called after it (``others``).  With ``via``, a later conv layer that every other activation's tangent passes
+    through channel by channel — the ones before it (``pre``) see a tangent in the channel it started in, and the
+    ones after it see ``via``'s tangent from that channel alone (``post_readers`` read ``via``'s output unchanged,
+    ``post_others`` need a pass from there) — so one pass carries every output channel's tangents at once."""
+
+    readers: tuple
+    others: tuple
+    via: int | None = None
+    pre: tuple = ()
+    post_readers: tuple = ()
+    post_others: tuple = ()
+
+
 def largest_value(log: CallLog, n: int) -> int:
     """Numbers per input of the largest tensor a model computed (its calls on a batch of n, in ``log``): what one
     of the cotangents of a backward pass holds, per output."""
@@ -319,22 +335,30 @@ class Perturbed:
         self._outputs(x[None], acts=watch, **site)
         return tuple(z[0] for _, z in watch.calls)
 
-    def _by_activations(self, X, K, run, zero, size, directions, direct=None):
+    def _readers(self, X, run, zero):
+        """The activations that read a site unchanged (their input's tangent along a random tangent there is that
+        tangent), and those that it reaches: ``run(x, d)`` as in :meth:`_by_activations`."""
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        V = torch.randn((X.shape[0], *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
+        probe = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
+        readers = [m for m, t in enumerate(probe) if t.shape == V.shape and bool(torch.equal(t, V))]
+        return readers, [m for m, t in enumerate(probe) if m not in readers and bool((t != 0).any())]
+
+    def _by_activations(self, X, K, run, zero, size, directions, direct=None, split=None):
         """w (n, C, size) by the curvature rule, at a site where ``run(x, d)`` gives the activations' inputs with
         ``d`` (shaped like ``zero``) added; ``directions(start, k)`` → (n, k, *zero.shape) the tangents there of
         ``size`` parameters; ``direct(D)`` → (n, C, size) the terms of the activations that read the site
         unchanged (D their summed factors, (n, C, *zero.shape)), or None to push every activation forward.
-        ``K``: the activations' factors (n, C, n_m), from the first-order pass.
+        ``K``: the activations' factors (n, C, n_m), from the first-order pass.  ``split``: (readers, others)
+        known beforehand (a :class:`ConvSite`'s), else found on X (:meth:`_readers`).
         """
         n = X.shape[0]
-        if direct is None:
+        if split is not None:
+            readers, others = split
+        elif direct is None:
             readers, others = [], list(range(len(K)))
         else:
-            gen = torch.Generator(device=self.device).manual_seed(0)
-            V = torch.randn((n, *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
-            probe = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
-            readers = [m for m, t in enumerate(probe) if t.shape == V.shape and bool(torch.equal(t, V))]
-            others = [m for m, t in enumerate(probe) if m not in readers and bool((t != 0).any())]
+            readers, others = self._readers(X, run, zero)
         total = None
         if readers:
             D = sum(K[m] for m in readers).reshape(n, self.n_outputs, *zero.shape)
@@ -567,6 +591,11 @@ class TorchModule(Perturbed, TorchModel):
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
         self.second_order = second_order_within(
             [g for g in self.column_groups if g.name in curved and g.name not in self._rule_groups()], max_params)
+        if self.input_dtype is None:  # a random probe: the sites' checks hold along it for any input
+            probe = torch.rand(probe.shape, generator=torch.Generator(device=self.device).manual_seed(0),
+                               dtype=self.dtype, device=self.device)
+        with MODULE_LOCK, composites():
+            self._conv_sites = self._find_conv_sites(probe)
 
     def _lock(self):
         return MODULE_LOCK  # the hooks live on the module: one call at a time
@@ -603,8 +632,11 @@ class TorchModule(Perturbed, TorchModel):
 
         if K is not None and group.name in self.activation_groups:
             direct = (curvature.conv_bias_direct if is_bias else lambda D: curvature.conv_direct(D, unf, spec))
-            return self._by_activations(
-                X, K, lambda x, d: self._activation_inputs(x, shift=(k, d[None])), zero, size, tangents, direct)
+            site = self._conv_sites[k]
+            split = (site.readers, () if site.via is not None else site.others)
+            w = self._by_activations(X, K, lambda x, d: self._activation_inputs(x, shift=(k, d[None])), zero, size,
+                                     tangents, direct, split=split)
+            return w if site.via is None else w + self._through_conv(X, K, k, unf)
 
         def along(x, V):
             """d²h/dt² along each direction (k, O, *spatial) added to the layer's output for one input x: (k, C)."""
@@ -612,6 +644,144 @@ class TorchModule(Perturbed, TorchModel):
                 OPS, lambda d: flat_outputs(self._call(x[None], shift=(k, d[None])))[0], zero, V)
 
         return columns.chunked(size, self.chunk, lambda start, size_: OPS.vmap(along)(X, tangents(start, size_)))
+
+    def _through_conv(self, X, K, k, unf=None):
+        """The terms of conv layer k's ``others`` by way of its site's ``via`` (:class:`ConvSite`), (n, C, size):
+        its weights' tangents (patches ``unf``; the bias's for None) batched as one tangent per row of the patches,
+        every output channel o carrying its own weight's; pushed forward to ``via``'s input, where each channel is
+        still one weight's tangent, then through ``via`` channel by channel (:func:`.rules.conv.channel_outputs`)."""
+        site, spec = self._conv_sites[k], self.convs[k].spec
+        via = self.convs[site.via]
+        n, C, O = X.shape[0], self.n_outputs, spec.out_channels
+        if unf is None:  # the bias: ones over each channel
+            B = torch.ones((n, 1, O, *spec.out_spatial), dtype=self.dtype, device=self.device)
+        else:  # weight (o, j) has row rows[o, j] of the patches, j over (input channel in its group, kernel position)
+            rows = torch.as_tensor(conv.weight_layout(spec)[1], device=self.device)
+            B = unf.index_select(1, rows).reshape(n, O, -1, *spec.out_spatial).transpose(1, 2)
+        zero = torch.zeros((O, *spec.out_spatial), dtype=self.dtype, device=self.device)
+        K_pre = [K[m].reshape(n, C, O, -1) for m in site.pre]
+        D = sum(K[m] for m in site.post_readers) if site.post_readers else None
+        zero_via = torch.zeros((via.spec.out_channels, *via.spec.out_spatial), dtype=self.dtype, device=self.device)
+
+        def run(x, d):
+            """The ``pre`` activations' inputs and ``via``'s input, for one input x with d added to layer k's output."""
+            watch, calls = Activations(), {}
+            self._outputs(x[None], acts=watch, shift=(k, d[None]), conv_calls=calls)
+            return tuple(watch.calls[m][1][0] for m in site.pre), calls[site.via][0][0][0]
+
+        def part(start, J):
+            T_pre, U = OPS.vmap(lambda x, V: OPS.vmap(lambda v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(V))(
+                X, B[:, start:start + J])
+            J = U.shape[1]
+            out = torch.zeros((n, C, O, J), dtype=self.dtype, device=self.device)
+            for Km, T in zip(K_pre, T_pre):
+                out += curvature.channel_tangent_squares(Km, T.reshape(n, J, O, -1))
+            T_via = conv.channel_outputs(U.reshape(n * J, *U.shape[2:]), self.params[via.weight], via.spec, via.index)
+            T_via = T_via.reshape(n, J * O, -1)  # (n, (j, o), O_via · P_via)
+            if D is not None:
+                out += curvature.tangent_squares(D, T_via).reshape(n, C, J, O).transpose(2, 3)
+            if site.post_others:
+                dirs = T_via.reshape(n, J * O, *zero_via.shape)
+                w = self._by_activations(
+                    X, K, lambda x, d: self._activation_inputs(x, shift=(site.via, d[None])), zero_via, J * O,
+                    lambda s, m: dirs[:, s:s + m], split=((), site.post_others))
+                out += w.reshape(n, C, J, O).transpose(2, 3)
+            return out
+
+        J = B.shape[1]
+        step = max(1, self.chunk // O)
+        return torch.cat([part(s, step) for s in range(0, J, step)], dim=3).reshape(n, C, O * J)
+
+    def _find_conv_sites(self, X):
+        """A :class:`ConvSite` for each conv layer whose groups the curvature rule takes, read off ``X``: the
+        activations called after the layer, those that read its output unchanged, and a ``via`` where one holds —
+        the first later conv layer with as many input channels, such that a tangent in one channel of the layer's
+        output stays in that channel up to ``via``'s input and in the ``pre`` activations' (checked along one
+        random tangent per channel), and every later activation's tangent is ``via``'s own along ``via``'s map of
+        it (checked along a random tangent, to rounding)."""
+        watch, at, order = Activations(), {}, []
+
+        def seen(k):
+            def hook(m, inputs, out):
+                at.setdefault(k, len(watch.calls))  # activations called before layer k's output exists
+                order.append(k)
+            return hook
+
+        handles = [c.module.register_forward_hook(seen(k)) for k, c in enumerate(self.convs)]
+        try:
+            with torch.no_grad(), watch:
+                self._call(X)
+        finally:
+            for h in handles:
+                h.remove()
+        n_acts, sites, readers = len(watch.calls), {}, {}
+
+        def zero_of(k):
+            spec = self.convs[k].spec
+            return torch.zeros((spec.out_channels, *spec.out_spatial), dtype=self.dtype, device=self.device)
+
+        def readers_of(k):
+            if k not in readers:
+                readers[k] = tuple(self._readers(
+                    X, lambda x, d: self._activation_inputs(x, shift=(k, d[None])), zero_of(k))[0])
+            return readers[k]
+
+        with torch.no_grad():
+            for k, layer in enumerate(self.convs):
+                if not {layer.weight, layer.bias} & self.activation_groups:
+                    continue
+                own = readers_of(k)
+                others = tuple(m for m in range(at[k], n_acts) if m not in own)
+                site = ConvSite(own, others)
+                spec = layer.spec
+                later = [b for b in order[order.index(k) + 1:] if self.convs[b].spec.in_channels == spec.out_channels
+                         and len(self.convs[b].spec.kernel) == len(spec.kernel)]
+                if others and later:
+                    b = later[0]
+                    pre = tuple(m for m in others if m < at[b])
+                    post = tuple(m for m in others if m >= at[b])
+                    if self._channel_path(X, k, b, pre, post, zero_of(k), zero_of(b)):
+                        rb = readers_of(b)
+                        site = site._replace(via=b, pre=pre, post_readers=tuple(m for m in post if m in rb),
+                                             post_others=tuple(m for m in post if m not in rb))
+                sites[k] = site
+        return sites
+
+    def _channel_path(self, X, k, b, pre, post, zero, zero_b) -> bool:
+        """Whether conv layer b can be layer k's site's ``via`` (:meth:`_find_conv_sites`)."""
+        gen = torch.Generator(device=self.device).manual_seed(1)
+        n, O = X.shape[0], zero.shape[0]
+
+        def run(x, d):
+            watch, calls = Activations(), {}
+            self._outputs(x[None], acts=watch, shift=(k, d[None]), conv_calls=calls)
+            return tuple(watch.calls[m][1][0] for m in (*pre, *post)), calls[b][0][0][0]
+
+        eye = torch.eye(O, dtype=self.dtype, device=self.device)
+        E = torch.randn((O, *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
+        E = E * eye.reshape(O, O, *([1] * (zero.ndim - 1)))  # direction o lives in channel o
+        E = E[None].expand(n, *E.shape)
+        T_acts, U = OPS.vmap(lambda x, V: OPS.vmap(lambda v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(V))(X, E)
+        for T in (U, *T_acts[:len(pre)]):
+            if T.ndim < 3 or T.shape[2] != O:
+                return False
+            off = T * (1 - eye).reshape(1, O, O, *([1] * (T.ndim - 3)))
+            if bool((off != 0).any()):
+                return False
+        if not post:
+            return True
+        V = torch.randn((n, *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
+        T_acts, U = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
+        spec = self.convs[b].spec
+        W = conv.channel_outputs(U, self.params[self.convs[b].weight], spec, self.convs[b].index).sum(dim=1)
+        via = OPS.vmap(lambda x, v: OPS.jvp(lambda d: self._activation_inputs(x, shift=(b, d[None])), (zero_b,),
+                                             (v,))[1])(X, W.reshape(n, *zero_b.shape))
+        tol = 10 * torch.finfo(self.dtype).eps ** 0.5
+        for t, m in zip(T_acts[len(pre):], post):
+            scale = float(t.abs().max()) if t.numel() else 0.0
+            if not torch.allclose(t, via[m], rtol=tol, atol=tol * scale):
+                return False
+        return True
 
     # -- the perturbed network f(x, δ, θ') ----------------------------------------
     def _call(self, x, deltas=None, params=None, record=None, linears=None, convs=None, conv_calls=None,

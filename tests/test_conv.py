@@ -249,3 +249,58 @@ def test_threads_share_a_model_safely():
             together = list(pool.map(lambda X, m=model: fc.analyze(m, X).v2, inputs))
         for a, b in zip(alone, together):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class Bypass(nn.Module):
+    """conv0's output reaches the last activation both through conv1 and around it (a skip): no channel-by-channel
+    path through conv1 holds, so conv0 pushes each weight's tangent on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), \
+            nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.conv0(x))
+        return self.head(torch.tanh(self.conv1(a) + a).flatten(1))
+
+
+def test_channel_by_channel_path_through_the_next_conv():
+    """A conv layer's weights whose tangents stay in their own channel up to the next conv (through pooling, eval
+    BatchNorm and activations on the way) are pushed forward one row of patches at a time, every output channel at
+    once, and through that conv channel by channel (docs/math.md §13): the path each layer takes is as stated, and
+    every field equals brute force, also in pieces of one direction (chunk=1).  Where the output also reaches a
+    later activation around that conv, it does not take this path.  The per-channel map itself, with groups,
+    stride and dilation, sums to the convolution and equals it on each channel alone."""
+    from fishercore.backends.rules import conv
+
+    pre = lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.BatchNorm2d(3),  # noqa: E731
+                                nn.Sigmoid(), nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3))
+    cases = {"pre": (pre, (1, 4, 4), {0: (1, (1,), (2,), ())}),
+             "three-convs": (CASES["three-convs"][0], (1, 4, 4), {0: (1, (), (1,), (2,)), 1: (2, (), (2,), ())}),
+             "bypass": (Bypass, (1, 4, 4), {0: (None, (), (), ())})}
+    for name, (make, shape, want) in cases.items():
+        net = _build(make, seed=3)
+        X = torch.randn(4, *shape, dtype=F64, generator=torch.Generator().manual_seed(5))
+        for chunk in (256, 1):
+            model = fc_torch.from_module(net, input_shape=shape, chunk=chunk)
+            got = {k: (s.via, s.pre, s.post_readers, s.post_others) for k, s in model._conv_sites.items()}
+            assert {k: got[k] for k in want} == want, (name, got)
+            _assert_exact(net, X, fc.analyze(model, X), f"channel path {name}, chunk {chunk}")
+
+    gen = torch.Generator().manual_seed(0)
+    for groups, stride, dilation in ((1, 1, 1), (2, 2, 1), (4, 1, 2)):
+        layer = nn.Conv2d(4, 6 if groups != 4 else 4, 3, stride=stride, padding=1, dilation=dilation, groups=groups,
+                          bias=False).to(F64)
+        U = torch.randn(3, 4, 7, 7, dtype=F64, generator=gen)
+        out = layer(U)
+        spec = conv.ConvSpec(4, layer.out_channels, groups, (3, 3), (stride,) * 2, ((1, 1),) * 2, (dilation,) * 2,
+                             (7, 7), tuple(out.shape[2:]))
+        index = torch.as_tensor(conv.patch_index(spec))
+        per = conv.channel_outputs(U, layer.weight.detach(), spec, index)  # (3, I, O, P)
+        torch.testing.assert_close(per.sum(1), out.detach().reshape(3, layer.out_channels, -1), rtol=1e-12, atol=1e-12)
+        for i in range(4):
+            alone = torch.zeros_like(U)
+            alone[:, i] = U[:, i]
+            torch.testing.assert_close(per[:, i], layer(alone).detach().reshape(3, layer.out_channels, -1),
+                                       rtol=1e-12, atol=1e-12)

@@ -33,7 +33,8 @@ from typing import NamedTuple
 import numpy as np
 from array_api_compat import array_namespace, device
 
-__all__ = ["ConvSpec", "bias_directions", "patch_index", "patches", "weight_directions", "weight_sums"]
+__all__ = ["ConvSpec", "bias_directions", "channel_outputs", "patch_index", "patches", "weight_directions",
+           "weight_sums"]
 
 
 class ConvSpec(NamedTuple):
@@ -144,3 +145,27 @@ def bias_directions(xp, spec: ConvSpec, start: int, k: int, *, dtype, dev):
     eye = xp.eye(k, spec.out_channels, k=start, dtype=dtype, device=dev)
     ones = xp.ones((1, 1, spec.positions), dtype=dtype, device=dev)
     return xp.reshape(eye[:, :, None] * ones, (k, spec.out_channels, *spec.out_spatial))
+
+
+def channel_outputs(U, weight, spec: ConvSpec, index):
+    """The layer's output from each input channel alone, without bias: ``U`` (m, I, *in_spatial) (tangents of
+    its input) → (m, I, O, P), ``Σ_k W[o, i, k] · U_unf[i, k, p]``, whose sum over I is the layer's linear map.
+
+    A tangent that lives in one channel of the input until here (it came from one output channel of an earlier
+    layer, through channel-wise operations) is mapped by this layer along that channel's weights alone; so one
+    tangent per (input row, kernel position) of the earlier layer, every channel of it at once, gives the tangents
+    of all its weights at this layer's output (docs/math.md §13).  With ``groups`` > 1 an input channel reaches
+    its group's outputs only: the weight is laid out densely with zeros across groups.
+    """
+    xp = array_namespace(U, weight)
+    m, g = U.shape[0], spec.groups
+    I, O, K, P = spec.in_channels, spec.out_channels, math.prod(spec.kernel), spec.positions
+    W = xp.reshape(weight, (g, O // g, I // g, K))
+    if g > 1:
+        zero = xp.zeros((O // g, I // g, K), dtype=weight.dtype, device=device(weight))
+        rows = [xp.concat([W[a] if b == a else zero for b in range(g)], axis=1) for a in range(g)]
+        W = xp.concat(rows, axis=0)  # (O, I, K)
+    W = xp.permute_dims(xp.reshape(W, (O, I, K)), (1, 0, 2))  # (I, O, K)
+    unf = xp.permute_dims(xp.reshape(patches(U, spec, index), (m, I, K, P)), (1, 2, 0, 3))  # (I, K, m, P)
+    out = xp.matmul(W, xp.reshape(unf, (I, K, m * P)))  # one product per channel, not m·I small ones
+    return xp.permute_dims(xp.reshape(out, (I, O, m, P)), (2, 0, 1, 3))

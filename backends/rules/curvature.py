@@ -29,7 +29,7 @@ from array_api_compat import array_namespace
 
 from .conv import ConvSpec, weight_sums
 
-__all__ = ["conv_bias_direct", "conv_direct", "factors", "tangent_squares"]
+__all__ = ["channel_tangent_squares", "conv_bias_direct", "conv_direct", "factors", "tangent_squares"]
 
 
 def factors(d2, cotangent):
@@ -43,6 +43,14 @@ def tangent_squares(K, T):
     """``Σ_q K[c, q] T[k, q]²`` per input: ``K`` (n, C, Q), tangents ``T`` (n, k, Q) → (n, C, k)."""
     xp = array_namespace(K, T)
     return xp.matmul(K, xp.matrix_transpose(T * T))
+
+
+def channel_tangent_squares(K, T):
+    """``Σ_q K[c, o, q] T[j, o, q]²`` per input and channel: ``K`` (n, C, O, Q) the factors of an activation whose
+    input has O channels, ``T`` (n, J, O, Q) tangents of it that each live in one channel o → (n, C, O, J)."""
+    xp = array_namespace(K, T)
+    out = xp.matmul(xp.permute_dims(K, (0, 2, 1, 3)), xp.permute_dims(T * T, (0, 2, 3, 1)))  # (n, O, C, J)
+    return xp.permute_dims(out, (0, 2, 1, 3))
 
 
 def conv_direct(D, unf, spec: ConvSpec):
