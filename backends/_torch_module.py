@@ -663,15 +663,18 @@ class TorchModule(Perturbed, TorchModel):
         D = sum(K[m] for m in site.post_readers) if site.post_readers else None
         zero_via = torch.zeros((via.spec.out_channels, *via.spec.out_spatial), dtype=self.dtype, device=self.device)
 
-        def run(x, d):
-            """The ``pre`` activations' inputs and ``via``'s input, for one input x with d added to layer k's output."""
+        def run(d):
+            """The ``pre`` activations' inputs and ``via``'s input, with d (n, O, ...) added to layer k's output: the
+            whole batch in one pass, the inputs being independent (no vmap over them)."""
             watch, calls = Activations(), {}
-            self._outputs(x[None], acts=watch, shift=(k, d[None]), conv_calls=calls)
-            return tuple(watch.calls[m][1][0] for m in site.pre), calls[site.via][0][0][0]
+            self._outputs(X, acts=watch, shift=(k, d), conv_calls=calls)
+            return tuple(watch.calls[m][1] for m in site.pre), calls[site.via][0][0]
+
+        zero_n = torch.zeros((n, *zero.shape), dtype=self.dtype, device=self.device)
 
         def part(start, J):
-            T_pre, U = OPS.vmap(lambda x, V: OPS.vmap(lambda v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(V))(
-                X, B[:, start:start + J])
+            T_pre, U = OPS.vmap(lambda V: OPS.jvp(run, (zero_n,), (V,))[1], in_axes=1, out_axes=1)(
+                B[:, start:start + J])
             J = U.shape[1]
             out = torch.zeros((n, C, O, J), dtype=self.dtype, device=self.device)
             for Km, T in zip(K_pre, T_pre):
