@@ -152,6 +152,8 @@ class Perturbed:
 
     _what = "module"
     convs: tuple = ()
+    #: conv-layer group → (layer index, whether it is the bias), for the layers in ``convs``
+    _conv_of: dict = {}
     #: (flatten, [(weight, bias, activation), ...]) when the whole model is a dense chain (set by _find_chain)
     _chain = None
     #: groups whose curvature comes from elementwise activations alone (set by _find_curvature)
@@ -165,11 +167,13 @@ class Perturbed:
         with acts if acts is not None else contextlib.nullcontext():
             return flat_outputs(self._call(X, deltas, params, record, **extra))
 
-    def _single(self, x, deltas, others, act_deltas=None):
+    def _single(self, x, deltas, others, act_deltas=None, shifts=None):
         """h (C',) for one input x (unbatched), with one δ per dense layer, the column groups' values ``others``
-        and, with ``act_deltas``, one δ per activation's output."""
+        and, with ``act_deltas``, one δ per activation's output; ``shifts`` {k: δ} added to conv layers' outputs."""
         acts = None if act_deltas is None else Activations(deltas=tuple(a[None] for a in act_deltas))
-        return self._outputs(x[None], tuple(d[None] for d in deltas), {**self.params, **others}, acts=acts)[0]
+        extra = {"shifts": {k: d[None] for k, d in shifts.items()}} if shifts else {}
+        return self._outputs(x[None], tuple(d[None] for d in deltas), {**self.params, **others}, acts=acts,
+                             **extra)[0]
 
     def _find_curvature(self, fn, probe):
         """Which curved groups owe their curvature to elementwise activations alone: curved in ``fn(params, x)``
@@ -295,24 +299,32 @@ class Perturbed:
         wanted = None if groups is None else set(groups)
         layers = [l for l, (w, b, _) in enumerate(layout) if wanted is None or w in wanted or b in wanted]
         cols = [g for g in self.column_groups if wanted is None or g.name in wanted]
-        chosen = {g.name: self.params[g.name] for g in cols}
-        names = {g for l in layers for g in layout[l][:2] if g} | set(chosen)
+        # conv layers' groups: their rows from ∂h/∂z of the layer's output and its input patches (§13), not from
+        # per-input gradients of the kernel, which vmap computes one input at a time
+        convs = sorted({self._conv_of[g.name][0] for g in cols if g.name in self._conv_of})
+        by_conv = {g for k in convs for g in (self.convs[k].weight, self.convs[k].bias) if g}
+        chosen = {g.name: self.params[g.name] for g in cols if g.name not in by_conv}
+        names = {g for l in layers for g in layout[l][:2] if g} | {g.name for g in cols}
         by_activations = hessian and bool(names & self.activation_groups)
 
         def f(x, ds, das, prim):
             full = list(ds)
             for i, l in enumerate(layers):
                 full[l] = prim[0][i]
-            return self._single(x, tuple(full), prim[2], prim[1] if by_activations else None)
+            return self._single(x, tuple(full), prim[2], prim[1] if by_activations else None,
+                                dict(zip(convs, prim[3])))
 
         with self._lock(), torch.no_grad(), randomness_refused(self._what), composites():
             rec = Activations() if by_activations else None
             h, inputs = self._forward(X, acts=rec)
             deltas = self._zero_deltas(n)
             act_deltas = tuple(torch.zeros_like(z) for _, z in rec.calls) if by_activations else ()
-            jac_d, jac_a, jac_c = OPS.vmap(lambda x, ds, das: columns.pullback(
-                OPS, lambda prim: f(x, ds, das, prim), (tuple(ds[l] for l in layers), das, chosen), eye))(
-                X, deltas, act_deltas)
+            shifts = tuple(torch.zeros((n, self.convs[k].spec.out_channels, *self.convs[k].spec.out_spatial),
+                                       dtype=self.dtype, device=self.device) for k in convs)
+            jac_d, jac_a, jac_c, jac_z = OPS.vmap(lambda x, ds, das, zs: columns.pullback(
+                OPS, lambda prim: f(x, ds, das, prim), (tuple(ds[l] for l in layers), das, chosen, zs), eye))(
+                X, deltas, act_deltas, shifts)
+            jac_c = {**jac_c, **self._conv_rows(X, convs, jac_z, by_conv)}
             # the curvature rule's factors K_m, passed down (never kept on the model: calls may run in parallel)
             K = None
             if by_activations:
@@ -325,10 +337,28 @@ class Perturbed:
                             self._column_hessian(X, g, hessian, K)) for g in cols)
         return Derivatives(h, blocks)
 
+    def _conv_rows(self, X, convs, jac_z, names) -> dict:
+        """Jacobian rows (n, C, size) of the conv layers' groups among ``names``, from ``jac_z`` = ∂h/∂z of each
+        layer k in ``convs`` (n, C, O, *spatial): the weight's by :func:`.rules.conv.weight_sums` with the layer's
+        input patches, the bias's summed over positions."""
+        if not convs:
+            return {}
+        calls: dict = {}
+        self._call(X, conv_calls=calls)
+        rows = {}
+        for k, G in zip(convs, jac_z):
+            layer = self.convs[k]
+            if layer.weight in names:
+                rows[layer.weight] = conv.weight_sums(G, conv.patches(calls[k][0][0], layer.spec, layer.index),
+                                                      layer.spec)
+            if layer.bias in names:
+                rows[layer.bias] = G.reshape(*G.shape[:3], -1).sum(dim=-1)
+        return rows
+
     # -- the curvature rule (docs/math.md §13) ------------------------------------
     def _activation_inputs(self, x, **site):
         """The inputs z_m of every activation for one input x (unbatched), the model perturbed at ``site``
-        (``deltas=`` for the dense layers, ``params=`` for a group, ``shift=`` for a conv layer)."""
+        (``deltas=`` for the dense layers, ``params=`` for a group, ``shifts=`` for conv layers)."""
         watch = Activations()
         if "deltas" in site:
             site["deltas"] = tuple(d[None] for d in site["deltas"])
@@ -634,14 +664,14 @@ class TorchModule(Perturbed, TorchModel):
             direct = (curvature.conv_bias_direct if is_bias else lambda D: curvature.conv_direct(D, unf, spec))
             site = self._conv_sites[k]
             split = (site.readers, () if site.via is not None else site.others)
-            w = self._by_activations(X, K, lambda x, d: self._activation_inputs(x, shift=(k, d[None])), zero, size,
+            w = self._by_activations(X, K, lambda x, d: self._activation_inputs(x, shifts={k: d[None]}), zero, size,
                                      tangents, direct, split=split)
             return w if site.via is None else w + self._through_conv(X, K, k, unf)
 
         def along(x, V):
             """d²h/dt² along each direction (k, O, *spatial) added to the layer's output for one input x: (k, C)."""
             return columns.diag_hessian(
-                OPS, lambda d: flat_outputs(self._call(x[None], shift=(k, d[None])))[0], zero, V)
+                OPS, lambda d: flat_outputs(self._call(x[None], shifts={k: d[None]}))[0], zero, V)
 
         return columns.chunked(size, self.chunk, lambda start, size_: OPS.vmap(along)(X, tangents(start, size_)))
 
@@ -667,7 +697,7 @@ class TorchModule(Perturbed, TorchModel):
             """The ``pre`` activations' inputs and ``via``'s input, with d (n, O, ...) added to layer k's output: the
             whole batch in one pass, the inputs being independent (no vmap over them)."""
             watch, calls = Activations(), {}
-            self._outputs(X, acts=watch, shift=(k, d), conv_calls=calls)
+            self._outputs(X, acts=watch, shifts={k: d}, conv_calls=calls)
             return tuple(watch.calls[m][1] for m in site.pre), calls[site.via][0][0]
 
         zero_n = torch.zeros((n, *zero.shape), dtype=self.dtype, device=self.device)
@@ -686,7 +716,7 @@ class TorchModule(Perturbed, TorchModel):
             if site.post_others:
                 dirs = T_via.reshape(n, J * O, *zero_via.shape)
                 w = self._by_activations(
-                    X, K, lambda x, d: self._activation_inputs(x, shift=(site.via, d[None])), zero_via, J * O,
+                    X, K, lambda x, d: self._activation_inputs(x, shifts={site.via: d[None]}), zero_via, J * O,
                     lambda s, m: dirs[:, s:s + m], split=((), site.post_others))
                 out += w.reshape(n, C, J, O).transpose(2, 3)
             return out
@@ -726,7 +756,7 @@ class TorchModule(Perturbed, TorchModel):
         def readers_of(k):
             if k not in readers:
                 readers[k] = tuple(self._readers(
-                    X, lambda x, d: self._activation_inputs(x, shift=(k, d[None])), zero_of(k))[0])
+                    X, lambda x, d: self._activation_inputs(x, shifts={k: d[None]}), zero_of(k))[0])
             return readers[k]
 
         with torch.no_grad():
@@ -757,7 +787,7 @@ class TorchModule(Perturbed, TorchModel):
 
         def run(x, d):
             watch, calls = Activations(), {}
-            self._outputs(x[None], acts=watch, shift=(k, d[None]), conv_calls=calls)
+            self._outputs(x[None], acts=watch, shifts={k: d[None]}, conv_calls=calls)
             return tuple(watch.calls[m][1][0] for m in (*pre, *post)), calls[b][0][0][0]
 
         eye = torch.eye(O, dtype=self.dtype, device=self.device)
@@ -777,7 +807,7 @@ class TorchModule(Perturbed, TorchModel):
         T_acts, U = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
         spec = self.convs[b].spec
         W = conv.channel_outputs(U, self.params[self.convs[b].weight], spec, self.convs[b].index).sum(dim=1)
-        via = OPS.vmap(lambda x, v: OPS.jvp(lambda d: self._activation_inputs(x, shift=(b, d[None])), (zero_b,),
+        via = OPS.vmap(lambda x, v: OPS.jvp(lambda d: self._activation_inputs(x, shifts={b: d[None]}), (zero_b,),
                                              (v,))[1])(X, W.reshape(n, *zero_b.shape))
         tol = 10 * torch.finfo(self.dtype).eps ** 0.5
         for t, m in zip(T_acts[len(pre):], post):
@@ -788,10 +818,10 @@ class TorchModule(Perturbed, TorchModel):
 
     # -- the perturbed network f(x, δ, θ') ----------------------------------------
     def _call(self, x, deltas=None, params=None, record=None, linears=None, convs=None, conv_calls=None,
-              shift=None):
+              shifts=None):
         """The module on a batch x with parameters ``params`` (default its own); δ_l added to each dense layer's
         output; the inputs of ``linears`` (default the dense layers) recorded; ``(input, output)`` of ``convs``
-        (default the conv rule's layers) recorded in ``conv_calls``; ``shift = (k, δ)`` adds δ to the output of
+        (default the conv rule's layers) recorded in ``conv_calls``; ``shifts = {k: δ}`` adds δ to the output of
         the conv rule's layer k."""
         linears = self.linears if linears is None else linears
         handles = []
@@ -806,9 +836,8 @@ class TorchModule(Perturbed, TorchModel):
                 for k, c in enumerate([c.module for c in self.convs] if convs is None else [c for _, c in convs]):
                     handles.append(c.register_forward_hook(
                         lambda m, inp, out, k=k: conv_calls.setdefault(k, []).append((inp[0], out))))
-            if shift is not None:
-                handles.append(self.convs[shift[0]].module.register_forward_hook(
-                    lambda m, inp, out: out + shift[1]))
+            for k, d in (shifts or {}).items():
+                handles.append(self.convs[k].module.register_forward_hook(lambda m, inp, out, d=d: out + d))
             return functional_call(self.module, (self.params if params is None else params, self.buffers), (x,))
         finally:
             for h in handles:

@@ -105,10 +105,13 @@ def weight_sums(D, rows, spec: ConvSpec):
     """
     xp = array_namespace(D, rows)
     n, C = D.shape[:2]
-    g, P = spec.groups, spec.positions
-    r = xp.reshape(rows, (n, 1, g, -1, P))  # (n, 1, g, I/g·K, P)
-    Dg = xp.reshape(D, (n, C, g, spec.out_channels // g, P))
-    return xp.reshape(xp.matmul(Dg, xp.matrix_transpose(r)), (n, C, spec.weight_size))
+    g, P, O = spec.groups, spec.positions, spec.out_channels
+    r = xp.reshape(rows, (n, g, -1, P))  # (n, g, I/g·K, P)
+    # every output and channel of a group in one product: (C·O/g × P) @ (P × I/g·K), the patches not repeated per
+    # output (a broadcast over C would copy them C times); the permutations move a size-1 axis when g = 1
+    Dg = xp.reshape(xp.permute_dims(xp.reshape(D, (n, C, g, O // g, P)), (0, 2, 1, 3, 4)), (n, g, C * (O // g), P))
+    out = xp.reshape(xp.matmul(Dg, xp.matrix_transpose(r)), (n, g, C, O // g, -1))
+    return xp.reshape(xp.permute_dims(out, (0, 2, 1, 3, 4)), (n, C, spec.weight_size))
 
 
 def weight_layout(spec: ConvSpec):
