@@ -709,16 +709,20 @@ class TorchModule(Perturbed, TorchModel):
             out = torch.zeros((n, C, O, J), dtype=self.dtype, device=self.device)
             for Km, T in zip(K_pre, T_pre):
                 out += curvature.channel_tangent_squares(Km, T.reshape(n, J, O, -1))
-            T_via = conv.channel_outputs(U.reshape(n * J, *U.shape[2:]), self.params[via.weight], via.spec, via.index)
-            T_via = T_via.reshape(n, J * O, -1)  # (n, (j, o), O_via · P_via)
-            if D is not None:
-                out += curvature.tangent_squares(D, T_via).reshape(n, C, J, O).transpose(2, 3)
+            T_via = conv.channel_outputs(U.reshape(n * J, *U.shape[2:]), self.params[via.weight], via.spec)
+            T_via = T_via.reshape(O, via.spec.out_channels, n, J, -1)  # (o, O_via, n, j, P_via)
+
+            def by_input(T):  # (n, (o, j), O_via · P_via)
+                return T.permute(2, 0, 3, 1, 4).reshape(n, O * J, -1)
+
+            if D is not None:  # squared where the product left it (contiguous), then laid out per input
+                out += torch.matmul(D, by_input(T_via * T_via).transpose(1, 2)).reshape(n, C, O, J)
             if site.post_others:
-                dirs = T_via.reshape(n, J * O, *zero_via.shape)
+                dirs = by_input(T_via).reshape(n, O * J, *zero_via.shape)
                 w = self._by_activations(
                     X, K, lambda x, d: self._activation_inputs(x, shifts={site.via: d[None]}), zero_via, J * O,
                     lambda s, m: dirs[:, s:s + m], split=((), site.post_others))
-                out += w.reshape(n, C, J, O).transpose(2, 3)
+                out += w.reshape(n, C, O, J)
             return out
 
         J = B.shape[1]
@@ -806,7 +810,7 @@ class TorchModule(Perturbed, TorchModel):
         V = torch.randn((n, *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
         T_acts, U = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
         spec = self.convs[b].spec
-        W = conv.channel_outputs(U, self.params[self.convs[b].weight], spec, self.convs[b].index).sum(dim=1)
+        W = conv.channel_outputs(U, self.params[self.convs[b].weight], spec).sum(dim=0).transpose(0, 1)
         via = OPS.vmap(lambda x, v: OPS.jvp(lambda d: self._activation_inputs(x, shifts={b: d[None]}), (zero_b,),
                                              (v,))[1])(X, W.reshape(n, *zero_b.shape))
         tol = 10 * torch.finfo(self.dtype).eps ** 0.5

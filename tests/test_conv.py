@@ -296,11 +296,11 @@ def test_channel_by_channel_path_through_the_next_conv():
         out = layer(U)
         spec = conv.ConvSpec(4, layer.out_channels, groups, (3, 3), (stride,) * 2, ((1, 1),) * 2, (dilation,) * 2,
                              (7, 7), tuple(out.shape[2:]))
-        index = torch.as_tensor(conv.patch_index(spec))
-        per = conv.channel_outputs(U, layer.weight.detach(), spec, index)  # (3, I, O, P)
-        torch.testing.assert_close(per.sum(1), out.detach().reshape(3, layer.out_channels, -1), rtol=1e-12, atol=1e-12)
+        per = conv.channel_outputs(U, layer.weight.detach(), spec)  # (I, O, 3, P)
+        torch.testing.assert_close(per.sum(0).transpose(0, 1), out.detach().reshape(3, layer.out_channels, -1),
+                                   rtol=1e-12, atol=1e-12)
         for i in range(4):
             alone = torch.zeros_like(U)
             alone[:, i] = U[:, i]
-            torch.testing.assert_close(per[:, i], layer(alone).detach().reshape(3, layer.out_channels, -1),
+            torch.testing.assert_close(per[i].transpose(0, 1), layer(alone).detach().reshape(3, layer.out_channels, -1),
                                        rtol=1e-12, atol=1e-12)

@@ -82,6 +82,14 @@ def patches(x, spec: ConvSpec, index):
     namespace and device."""
     xp = array_namespace(x)
     n = x.shape[0]
+    flat = xp.reshape(_padded(x, spec), (n, -1))
+    rows, P = index.shape
+    return xp.reshape(xp.take(flat, xp.reshape(index, (-1,)), axis=1), (n, rows, P))
+
+
+def _padded(x, spec: ConvSpec):
+    """x ``(a, b, *in_spatial)`` with the layer's zero padding around its spatial axes."""
+    xp = array_namespace(x)
     for axis, (lo, hi) in enumerate(spec.padding):
         if lo or hi:
             shape = list(x.shape)
@@ -90,9 +98,7 @@ def patches(x, spec: ConvSpec, index):
                 shape[2 + axis] = width
                 parts.append(xp.zeros(tuple(shape), dtype=x.dtype, device=device(x)))
             x = xp.concat([parts[0], x, parts[1]], axis=2 + axis)
-    flat = xp.reshape(x, (n, -1))
-    rows, P = index.shape
-    return xp.reshape(xp.take(flat, xp.reshape(index, (-1,)), axis=1), (n, rows, P))
+    return x
 
 
 def weight_sums(D, rows, spec: ConvSpec):
@@ -150,9 +156,10 @@ def bias_directions(xp, spec: ConvSpec, start: int, k: int, *, dtype, dev):
     return xp.reshape(eye[:, :, None] * ones, (k, spec.out_channels, *spec.out_spatial))
 
 
-def channel_outputs(U, weight, spec: ConvSpec, index):
+def channel_outputs(U, weight, spec: ConvSpec):
     """The layer's output from each input channel alone, without bias: ``U`` (m, I, *in_spatial) (tangents of
-    its input) → (m, I, O, P), ``Σ_k W[o, i, k] · U_unf[i, k, p]``, whose sum over I is the layer's linear map.
+    its input) → (I, O, m, P), ``Σ_k W[o, i, k] · U_unf[i, k, p]``, whose sum over I is the layer's linear map.
+    Channel first, as one matrix product per channel gives it.
 
     A tangent that lives in one channel of the input until here (it came from one output channel of an earlier
     layer, through channel-wise operations) is mapped by this layer along that channel's weights alone; so one
@@ -169,6 +176,12 @@ def channel_outputs(U, weight, spec: ConvSpec, index):
         rows = [xp.concat([W[a] if b == a else zero for b in range(g)], axis=1) for a in range(g)]
         W = xp.concat(rows, axis=0)  # (O, I, K)
     W = xp.permute_dims(xp.reshape(W, (O, I, K)), (1, 0, 2))  # (I, O, K)
-    unf = xp.permute_dims(xp.reshape(patches(U, spec, index), (m, I, K, P)), (1, 2, 0, 3))  # (I, K, m, P)
-    out = xp.matmul(W, xp.reshape(unf, (I, K, m * P)))  # one product per channel, not m·I small ones
-    return xp.permute_dims(xp.reshape(out, (I, O, m, P)), (2, 0, 1, 3))
+    # the patches (I, K, m·P), one strided slice of the padded input per kernel position (no index gather)
+    x = _padded(xp.permute_dims(U, (1, 0, *range(2, U.ndim))), spec)
+    slices = []
+    for ks in np.ndindex(*spec.kernel):
+        at = tuple(slice(k * d, k * d + (o - 1) * s + 1, s)
+                   for k, d, s, o in zip(ks, spec.dilation, spec.stride, spec.out_spatial))
+        slices.append(x[(slice(None), slice(None), *at)])
+    unf = xp.reshape(xp.stack(slices, axis=1), (I, K, m * P))
+    return xp.reshape(xp.matmul(W, unf), (I, O, m, P))  # one product per channel, not m·I small ones
