@@ -709,16 +709,24 @@ class TorchModule(Perturbed, TorchModel):
             out = torch.zeros((n, C, O, J), dtype=self.dtype, device=self.device)
             for Km, T in zip(K_pre, T_pre):
                 out += curvature.channel_tangent_squares(Km, T.reshape(n, J, O, -1))
-            T_via = conv.channel_outputs(U.reshape(n * J, *U.shape[2:]), self.params[via.weight], via.spec)
-            T_via = T_via.reshape(O, via.spec.out_channels, n, J, -1)  # (o, O_via, n, j, P_via)
 
-            def by_input(T):  # (n, (o, j), O_via · P_via)
-                return T.permute(2, 0, 3, 1, 4).reshape(n, O * J, -1)
+            def through(a, b):
+                """The tangents of via's output for inputs a..b, (b − a, (o, j), O_via · P_via), and squared."""
+                T = conv.channel_outputs(U[a:b].reshape((b - a) * J, *U.shape[2:]), self.params[via.weight],
+                                         via.spec).reshape(O, via.spec.out_channels, b - a, J, -1)
 
-            if D is not None:  # squared where the product left it (contiguous), then laid out per input
-                out += torch.matmul(D, by_input(T_via * T_via).transpose(1, 2)).reshape(n, C, O, J)
+                def by_input(T):
+                    return T.permute(2, 0, 3, 1, 4).reshape(b - a, O * J, -1)
+
+                return by_input(T), by_input(T * T)  # squared where the product left it (contiguous)
+
+            if D is not None:  # a few inputs at a time, about 1 MiB of tangents: the passes over them stay in cache
+                step = max(1, 2**20 // (O * J * zero_via.numel() * zero_via.element_size()))
+                for a in range(0, n, step):
+                    b = min(n, a + step)
+                    out[a:b] += torch.matmul(D[a:b], through(a, b)[1].transpose(1, 2)).reshape(b - a, C, O, J)
             if site.post_others:
-                dirs = by_input(T_via).reshape(n, O * J, *zero_via.shape)
+                dirs = through(0, n)[0].reshape(n, O * J, *zero_via.shape)
                 w = self._by_activations(
                     X, K, lambda x, d: self._activation_inputs(x, shifts={site.via: d[None]}), zero_via, J * O,
                     lambda s, m: dirs[:, s:s + m], split=((), site.post_others))
