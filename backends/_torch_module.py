@@ -20,6 +20,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -93,6 +94,10 @@ class ConvSite(NamedTuple):
     pre: tuple = ()
     post_readers: tuple = ()
     post_others: tuple = ()
+
+
+class _Reached(Exception):
+    """Raised by a forward pre-hook to end a pass where what it needs has been computed."""
 
 
 def largest_value(log: CallLog, n: int) -> int:
@@ -688,23 +693,12 @@ class TorchModule(Perturbed, TorchModel):
         else:  # weight (o, j) has row rows[o, j] of the patches, j over (input channel in its group, kernel position)
             rows = torch.as_tensor(conv.weight_layout(spec)[1], device=self.device)
             B = unf.index_select(1, rows).reshape(n, O, -1, *spec.out_spatial).transpose(1, 2)
-        zero = torch.zeros((O, *spec.out_spatial), dtype=self.dtype, device=self.device)
         K_pre = [K[m].reshape(n, C, O, -1) for m in site.pre]
         D = sum(K[m] for m in site.post_readers) if site.post_readers else None
         zero_via = torch.zeros((via.spec.out_channels, *via.spec.out_spatial), dtype=self.dtype, device=self.device)
 
-        def run(d):
-            """The ``pre`` activations' inputs and ``via``'s input, with d (n, O, ...) added to layer k's output: the
-            whole batch in one pass, the inputs being independent (no vmap over them)."""
-            watch, calls = Activations(), {}
-            self._outputs(X, acts=watch, shifts={k: d}, conv_calls=calls)
-            return tuple(watch.calls[m][1] for m in site.pre), calls[site.via][0][0]
-
-        zero_n = torch.zeros((n, *zero.shape), dtype=self.dtype, device=self.device)
-
         def part(start, J):
-            T_pre, U = OPS.vmap(lambda V: OPS.jvp(run, (zero_n,), (V,))[1], in_axes=1, out_axes=1)(
-                B[:, start:start + J])
+            T_pre, U = self._tangents_to(X, k, site.via, site.pre, B[:, start:start + J])
             J = U.shape[1]
             out = torch.zeros((n, C, O, J), dtype=self.dtype, device=self.device)
             for Km, T in zip(K_pre, T_pre):
@@ -736,6 +730,40 @@ class TorchModule(Perturbed, TorchModel):
         J = B.shape[1]
         step = max(1, self.chunk // O)
         return torch.cat([part(s, step) for s in range(0, J, step)], dim=3).reshape(n, C, O * J)
+
+    def _tangents_to(self, X, k, b, acts, V):
+        """The tangents, along ``V`` (n, J, *shape of layer k's output) added to conv layer k's output, of the inputs
+        of the activations ``acts`` and of conv layer b: ((n, J, *z_m.shape), ...), (n, J, *b's input shape).
+
+        Forward mode on the inputs repeated J times (the model up to b is cheap: it stops there, where a forward
+        pre-hook on b reads the tangents and ends the pass); the inputs are independent, so the batch is one pass.
+        """
+        n, J = V.shape[:2]
+        Xr = X[:, None].expand(n, J, *X.shape[1:]).reshape(n * J, *X.shape[1:])
+        watch, got = Activations(), {}
+
+        def tangent(t):
+            d = fwAD.unpack_dual(t).tangent
+            return torch.zeros_like(t) if d is None else d
+
+        def reached(m, inputs):
+            got["acts"] = tuple(tangent(watch.calls[a][1]) for a in acts)
+            got["via"] = tangent(inputs[0])
+            raise _Reached
+
+        handle = self.convs[b].module.register_forward_pre_hook(reached)
+        try:
+            with fwAD.dual_level():
+                d = fwAD.make_dual(torch.zeros_like(V).reshape(n * J, *V.shape[2:]), V.reshape(n * J, *V.shape[2:]))
+                self._outputs(Xr, acts=watch, shifts={k: d})
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        if "via" not in got:
+            raise RuntimeError(f"conv layer {b} was not reached from layer {k}, unlike when the model was built")
+        return (tuple(t.reshape(n, J, *t.shape[1:]) for t in got["acts"]),
+                got["via"].reshape(n, J, *got["via"].shape[1:]))
 
     def _find_conv_sites(self, X):
         """A :class:`ConvSite` for each conv layer whose groups the curvature rule takes, read off ``X``: the
