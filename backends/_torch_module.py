@@ -714,8 +714,9 @@ class TorchModule(Perturbed, TorchModel):
 
                 return by_input(T), by_input(T * T)  # squared where the product left it (contiguous)
 
-            if D is not None:  # a few inputs at a time, about 1 MiB of tangents: the passes over them stay in cache
-                step = max(1, 2**20 // (O * J * zero_via.numel() * zero_via.element_size()))
+            if D is not None:  # on the CPU a few inputs at a time, about 1 MiB of tangents: the passes stay in cache
+                step = max(1, 2**20 // (O * J * zero_via.numel() * zero_via.element_size())) \
+                    if self.device.type == "cpu" else n
                 for a in range(0, n, step):
                     b = min(n, a + step)
                     out[a:b] += torch.matmul(D[a:b], through(a, b)[1].transpose(1, 2)).reshape(b - a, C, O, J)
