@@ -51,8 +51,8 @@ from ._jax_program import Program, bind, run
 from .rules import conv, curvature
 from .rules.linearity import EMPTY, propagate
 
-__all__ = ["first_order_layer", "forward_blocked", "group_hessian", "group_plan", "jacobian", "passes", "per_neuron",
-           "plan_size", "value_sizes"]
+__all__ = ["channel_local", "channel_via", "first_order_layer", "forward_blocked", "group_hessian", "group_plan",
+           "jacobian", "passes", "per_neuron", "plan_size", "value_sizes"]
 
 _ELEMENTWISE = frozenset({
     "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
@@ -334,6 +334,98 @@ def _copied_sums(program: Program, chain, D, leaf):
     return jax.vmap(lambda d: pull(d)[0])(D).reshape(D.shape[0], -1)
 
 
+def channel_via(program: Program, leaf_position: int, nodes):
+    """``(j0, j1)`` where the parameter is the kernel of convolution j0 and every curved operation not read directly
+    is elementwise in the output of one later convolution j1 — whose input moves with the parameter, whose kernel
+    does not, with one group and one image — so that §13's channel-by-channel path may serve (whether the tangents
+    stay in their channels up to j1 is checked on values, :func:`channel_local`).  Else None."""
+    j0 = first_order_layer(program, leaf_position)
+    if not nodes or j0 is None or program.ops[j0].eqn.primitive.name != "conv_general_dilated":
+        return None
+    rest = {n.base for n in nodes if not n.direct}
+    if len(rest) != 1 or None in rest:
+        return None
+    (base,) = rest
+    j1 = next((j for j, op in enumerate(program.ops) if base in op.outs), None)
+    if j1 is None or j1 <= j0:
+        return None
+    op0, op1 = program.ops[j0], program.ops[j1]
+    if op1.eqn.primitive.name != "conv_general_dilated" or not _layer_op(op1) or isinstance(op1.ins[0], _Lit):
+        return None
+    p0, p1 = op0.eqn.params, op1.eqn.params
+    out0, lhs1 = op0.eqn.outvars[0].aval.shape, op1.eqn.invars[0].aval.shape
+    if p1["feature_group_count"] != 1 or lhs1[p1["dimension_numbers"][0][0]] != 1 \
+            or out0[p0["dimension_numbers"][2][0]] != 1:
+        return None
+    if out0[p0["dimension_numbers"][2][1]] != lhs1[p1["dimension_numbers"][0][1]]:
+        return None
+    moving = {program.inputs[leaf_position]}
+    for op in program.ops:
+        if any(not isinstance(a, _Lit) and a in moving for a in op.ins):
+            moving.update(op.outs)
+    return (j0, j1) if op1.ins[0] in moving and op1.ins[1] not in moving else None
+
+
+def channel_local(program: Program, args, via) -> bool:
+    """Whether a tangent of convolution j0's output that lives in one output channel reaches convolution j1's input
+    in that channel alone, checked along one random tangent per channel at ``args`` (``via`` = (j0, j1))."""
+    j0, j1 = via
+    op0, op1 = program.ops[j0], program.ops[j1]
+    out0 = op0.eqn.outvars[0].aval
+    axis0, axis1 = op0.eqn.params["dimension_numbers"][2][1], op1.eqn.params["dimension_numbers"][0][1]
+    O = out0.shape[axis0]
+    E = jax.random.normal(jax.random.PRNGKey(1), (O, *out0.shape), dtype=out0.dtype)
+    mask = jnp.moveaxis(jnp.eye(O, dtype=out0.dtype).reshape(O, O, *([1] * (out0.ndim - 1))), 1, 1 + axis0)
+    zero = jnp.zeros(out0.shape, dtype=out0.dtype)
+
+    def to_input(e):
+        return jax.jvp(lambda d: run(program, args, perturb={j0: d}, keep=[op1.ins[0]])[1][0], (zero,), (e,))[1]
+
+    U = jax.vmap(to_input)(E * mask)  # (O, *j1's input)
+    off = jnp.moveaxis(1 - jnp.eye(O, dtype=U.dtype).reshape(O, O, *([1] * (U.ndim - 2))), 1, 1 + axis1)
+    return bool(jnp.all(U * off == 0)) and bool(jnp.any(U != 0))
+
+
+def _channel_terms(program: Program, via, args, values, K, leaf, chunk: int):
+    """``Σ_q K[c, q] u̇[q]²`` (r, size) for every kernel coordinate of convolution j0, ``u̇`` its tangent of
+    convolution j1's output, by §13's channel-by-channel path: one tangent per row of j0's patches, every output
+    channel at once, forward to j1's input (``chunk`` rows at a time), then through j1 channel by channel
+    (:func:`.rules.conv.channel_outputs`).  ``K`` (r, *j1's output) summed over the activations that read it."""
+    j0, j1 = via
+    op0, op1 = program.ops[j0], program.ops[j1]
+    spec0, unf = _conv_geometry(op0, values[op0.ins[0]])  # unf (1, I·K, P)
+    spec1, _ = _conv_geometry(op1, values[op1.ins[0]])
+    lhs1, rhs1, out1 = op1.eqn.params["dimension_numbers"]
+    _, rhs0, out0 = op0.eqn.params["dimension_numbers"]
+    O, P = spec0.out_channels, spec0.positions
+    _, rows = conv.weight_layout(spec0)
+    J = spec0.weight_size // O
+    B = unf[0][jnp.asarray(rows)].reshape(O, J, P).transpose(1, 0, 2)  # (J, O, P): row (o, j) in channel o
+    shape0 = op0.eqn.outvars[0].aval.shape
+    # channel-first (1, O, *spatial) → the op's own layout
+    to_op = np.argsort(out0)
+    B = jnp.transpose(B.reshape(J, 1, O, *spec0.out_spatial), (0, *(1 + int(a) for a in to_op)))
+    zero = jnp.zeros(shape0, dtype=leaf.dtype)
+
+    def to_input(e):
+        return jax.jvp(lambda d: run(program, args, perturb={j0: d}, keep=[op1.ins[0]])[1][0], (zero,), (e,))[1]
+
+    k = min(chunk, J)
+    pieces = -(-J // k)
+    Bp = jnp.concatenate([B, jnp.zeros((pieces * k - J, *B.shape[1:]), dtype=B.dtype)])
+    U = jax.lax.map(jax.vmap(to_input), Bp.reshape(pieces, k, *B.shape[1:]))  # (pieces, k, *j1's input)
+    U = U.reshape(pieces * k, *U.shape[2:])[:J]
+    U = jnp.transpose(U, (0, *(1 + d for d in lhs1)))[:, 0]  # (J, I1 = O, *spatial) channel first
+    W1 = jnp.transpose(values[op1.ins[1]], rhs1)  # (O1, I1, *kernel)
+    T = conv.channel_outputs(U, W1, spec1)  # (O, O1, J, P1)
+    r = K.shape[0]
+    Kc = jnp.transpose(K, (0, *(1 + d for d in out1)))[:, 0].reshape(r, spec1.out_channels, -1)  # (r, O1, P1)
+    w = jnp.einsum("cqp,oqjp->coj", Kc, T * T)  # (r, O, J): the weight (o, j) in the layout (O, I/g, *kernel)
+    w = w.reshape(r, O, spec0.in_channels // spec0.groups, *spec0.kernel)
+    order = np.argsort(rhs0)
+    return jnp.transpose(w, (0, *(1 + int(o) for o in order))).reshape(r, -1)
+
+
 def first_order_layer(program: Program, leaf_position: int):
     """The op index of the convolution or dense product ``x @ W`` that is the parameter's only use (its Jacobian rows
     then come from ``∂h/∂z`` of that layer's output and the layer's input), or None."""
@@ -345,17 +437,20 @@ def first_order_layer(program: Program, leaf_position: int):
     return j if _layer_op(program.ops[j]) else None
 
 
-def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: int):
+def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: int, via=None):
     """``w`` (C, size) of one input along every coordinate of the parameter ``args[leaf_position]``.  The outputs are
     taken ``chunk`` at a time (:func:`by_rows`): the cotangents ``λ`` and factors ``K`` of C outputs can outgrow
-    everything else (a sequence model's T·C outputs, each with a cotangent of every curved value)."""
+    everything else (a sequence model's T·C outputs, each with a cotangent of every curved value).  ``via``: the
+    convolutions (j0, j1) of :func:`channel_via`, checked by :func:`channel_local`, whose channel-by-channel path
+    gives the terms not read directly, instead of a pass per coordinate."""
     leaf = args[leaf_position]
     size = math.prod(leaf.shape)
     neuron = per_neuron(program, leaf_position)
     keep = sorted({a for n in nodes for a in program.ops[n.op].ins if not isinstance(a, _Lit)}
                   | {program.ops[n.direct[1]].ins[0] for n in nodes if n.direct and n.direct[0] != "copies"}
                   | ({program.ops[neuron].ins[0]} if neuron is not None else set())
-                  | {n.base for n in nodes if n.base is not None})
+                  | {n.base for n in nodes if n.base is not None}
+                  | ({program.ops[via[0]].ins[0], *program.ops[via[1]].ins[:2]} if via is not None else set()))
 
     def perturbed(eps):
         h, kept = run(program, args, perturb={n.op: e for n, e in zip(nodes, eps)}, keep=keep)
@@ -423,6 +518,8 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
                 w = w + _layer_sums(op, D, values[op.ins[0]], squared=True)
         if not passed and not bases:
             return w
+        if via is not None:  # the one base is the output of convolution j1
+            return w + _channel_terms(program, via, args, values, K[bases[0]], leaf, chunk)
 
         def along(e):
             _, tangents = jax.jvp(forward, (zero,), (e.reshape(zero.shape),))

@@ -380,12 +380,13 @@ def _function_hessian(leaves, X, directions, *, apply_fn, treedef, index):
     return OPS.vmap(one)(X)  # (n, k, C)
 
 
-def _function_curvature(leaves, X, *, apply_fn, treedef, index, chunk):
-    """(n, C, size): the Hessian diagonals of leaf ``index`` operation by operation (:mod:`._jax_curvature`)."""
+def _function_curvature(leaves, X, *, apply_fn, treedef, index, chunk, via=None):
+    """(n, C, size): the Hessian diagonals of leaf ``index`` operation by operation (:mod:`._jax_curvature`); ``via``:
+    the two convolutions of its channel-by-channel path, where it was found to hold."""
     def one(x):
         program = _program(apply_fn, treedef, leaves, x)
         return curvature_rule.group_hessian(program, curvature_rule.group_plan(program, index), [*leaves, x], index,
-                                            chunk=chunk)
+                                            chunk=chunk, via=via)
 
     return OPS.vmap(one)(X)
 
@@ -517,7 +518,7 @@ class JaxFunction:
         #: A dense chain (:mod:`._jax_chain`) has all its groups by the dense-chain rule (docs/math.md §8).
         self.rule_groups = tuple(g.name for i, g in enumerate(self.groups) if i in curved and (
             self._chain is not None or (plans.get(i) is not None and i not in blocked
-                                        and (i in neurons or curvature_rule.passes(plans[i]) == 0))))
+                                        and (i in neurons or i in self._via or curvature_rule.passes(plans[i]) == 0))))
         # operation by operation where it pays: no pass per parameter, or more parameters than outputs (its
         # C vector-Jacobian products cost about what forward over forward of the whole function costs for C of them)
         self._by_operation = frozenset(i for i, g in enumerate(self.groups) if plans.get(i) is not None and (
@@ -530,7 +531,7 @@ class JaxFunction:
         W applied to one row (:func:`._jax_curvature.per_neuron`), and those behind a custom_vjp function
         (:func:`._jax_curvature.forward_blocked`); none for a function whose jaxpr the interpreter cannot take
         (forward over forward of the whole function then)."""
-        self._interpret, self._plan_sizes, self._layer_outputs, self._chain = False, {}, 0, None
+        self._interpret, self._plan_sizes, self._layer_outputs, self._chain, self._via = False, {}, 0, None, {}
         try:
             program = _program(apply_fn, treedef, self.leaves, x)
             #: Numbers in one pass over the function for one input (and below, in the curved results of each plan,
@@ -549,6 +550,21 @@ class JaxFunction:
         self._layer_outputs = layer_outputs
         self._plan_sizes = {i: curvature_rule.plan_size(program, p) for i, p in plans.items() if p is not None}
         self._passes = {i: curvature_rule.passes(p) for i, p in plans.items() if p is not None}
+        #: kernels whose curvature through the next convolution takes §13's channel-by-channel path (checked on a
+        #: random input): a pass per row of the patches, not per coordinate, so exact at any size
+        self._via = {}
+        probe, second = None, self._hessian_static["apply_fn"]
+        # the operations as the second order sees them (max pooling may be written out there): what via indexes
+        hprogram = program if second is apply_fn else _program(second, treedef, self.leaves, x)
+        for i, p in plans.items():
+            p = p if hprogram is program or p is None else curvature_rule.group_plan(hprogram, i)
+            via = None if p is None or i in blocked else curvature_rule.channel_via(hprogram, i, p)
+            if via is not None:
+                if probe is None:
+                    probe = [*self.leaves, jax.random.uniform(jax.random.PRNGKey(0), x.shape, dtype=x.dtype)
+                             if jnp.issubdtype(x.dtype, jnp.inexact) else x]
+                if curvature_rule.channel_local(hprogram, probe, via):  # its passes (one per row) hold what
+                    self._via[i] = via  # those per coordinate would: the workspace counts them still
         self._interpret = True
         self._chain = None if chain is None else self._chain_of(chain)
         return plans, neurons, blocked
@@ -635,7 +651,7 @@ class JaxFunction:
         jac = jacobian(self.leaves, X, eye, indices=indices, interpret=self._interpret, chunk=self.chunk,
                        **self._static)
         hess = OPS.jit(_function_hessian, ("apply_fn", "treedef", "index"))
-        by_operation = OPS.jit(_function_curvature, ("apply_fn", "treedef", "index", "chunk"))
+        by_operation = OPS.jit(_function_curvature, ("apply_fn", "treedef", "index", "chunk", "via"))
         blocks = []
         for j, i in enumerate(range(len(self.groups)) if indices is None else indices):
             g = self.groups[i]
@@ -646,7 +662,8 @@ class JaxFunction:
 
             def compute(i=i, g=g, chunk=chunk):
                 if i in self._by_operation:
-                    return by_operation(self.leaves, X, index=i, chunk=self.chunk, **self._hessian_static)
+                    return by_operation(self.leaves, X, index=i, chunk=self.chunk, via=self._via.get(i),
+                                        **self._hessian_static)
                 return columns.chunked(g.size, self.chunk, chunk)
 
             w = columns.group_hessian(jnp, (n, self.n_outputs, g.size), hessian=hessian,

@@ -535,6 +535,48 @@ def test_conv_layers_in_any_layout_match_brute_force(jax_x64):
         assert np.abs(got - want).max() <= 1e-10 * max(np.abs(want).max(), 1e-300), block.group
 
 
+def test_first_conv_kernel_goes_channel_by_channel_through_the_next(jax_x64):
+    """A kernel whose curvature reaches the next convolution's activations through channel-wise operations (tanh,
+    average pooling, a per-channel scale, Flax's NHWC/HWIO layout, stride and padding) takes §13's channel-by-channel
+    path: a rule group, its second order exact at max_params=1 against jax.hessian (1e-10).  Where a constant mixes
+    the channels before the next convolution, the check on a random input refuses that path: one pass per
+    coordinate, within max_params, still exact."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    rng = np.random.default_rng(3)
+    params = {"k0": jnp.asarray(rng.normal(size=(3, 3, 2, 3))), "b0": jnp.asarray(rng.normal(size=3)),
+              "k1": jnp.asarray(rng.normal(size=(2, 2, 3, 2))), "head": jnp.asarray(rng.normal(size=(8, 3)))}
+    scale = jnp.asarray(rng.normal(size=3))
+    mix = jnp.asarray(rng.normal(size=(3, 3)))
+
+    def make(mixed):
+        def fn(p, x):  # x: (n, 6, 6, 2) NHWC
+            z = lax.conv_general_dilated(x, p["k0"], (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["b0"]
+            a = lax.reduce_window(jnp.tanh(z), 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4 * scale
+            a = a @ mix if mixed else a
+            z1 = lax.conv_general_dilated(a, p["k1"], (1, 1), ((0, 1), (0, 1)),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jax.nn.gelu(z1).reshape(x.shape[0], -1)[:, :8] @ p["head"]
+        return fn
+
+    X = jnp.asarray(rng.normal(size=(3, 6, 6, 2)))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    names = [g for g in sorted(params)]
+    for mixed in (False, True):
+        fn = make(mixed)
+        model = fc_jax.from_function(fn, params, input_shape=(6, 6, 2), max_params=1 if not mixed else 20_000)
+        assert ("k0" in model.rule_groups) is (not mixed), model.rule_groups
+        blocks = {b.group: b for b in model.derivatives(X).blocks}
+        for name in ("k0", "k1"):
+            i = names.index(name)
+            want = _hessian_diagonals(fn, leaves, treedef, i, X)
+            got = np.asarray(blocks[name].diag_hess)
+            assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), (mixed, name)
+
+
 def test_a_custom_vjp_function_gets_exact_first_order_and_second_order_marked(jax_x64):
     """Forward mode cannot pass a jax.custom_vjp function: the groups before one get their second order marked as not
     computed (NaN, first_order_only, Î2 refused with the reason), the others keep theirs, and the first order
