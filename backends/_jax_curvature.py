@@ -350,7 +350,8 @@ def channel_via(program: Program, leaf_position: int, nodes):
     if j1 is None or j1 <= j0:
         return None
     op0, op1 = program.ops[j0], program.ops[j1]
-    if op1.eqn.primitive.name != "conv_general_dilated" or not _layer_op(op1) or isinstance(op1.ins[0], _Lit):
+    if op1.eqn.primitive.name != "conv_general_dilated" or not _layer_op(op1) \
+            or any(isinstance(a, _Lit) for a in op1.ins[:2]):
         return None
     p0, p1 = op0.eqn.params, op1.eqn.params
     out0, lhs1 = op0.eqn.outvars[0].aval.shape, op1.eqn.invars[0].aval.shape
