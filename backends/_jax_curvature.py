@@ -369,21 +369,23 @@ def channel_via(program: Program, leaf_position: int, nodes):
 
 def channel_local(program: Program, args, via) -> bool:
     """Whether a tangent of convolution j0's output that lives in one output channel reaches convolution j1's input
-    in that channel alone, checked along one random tangent per channel at ``args`` (``via`` = (j0, j1))."""
+    in that channel alone, checked along random tangents on sets of channels at ``args``
+    (:func:`.rules.conv.channel_sets`; ``via`` = (j0, j1))."""
     j0, j1 = via
     op0, op1 = program.ops[j0], program.ops[j1]
     out0 = op0.eqn.outvars[0].aval
     axis0, axis1 = op0.eqn.params["dimension_numbers"][2][1], op1.eqn.params["dimension_numbers"][0][1]
     O = out0.shape[axis0]
-    E = jax.random.normal(jax.random.PRNGKey(1), (O, *out0.shape), dtype=out0.dtype)
-    mask = jnp.moveaxis(jnp.eye(O, dtype=out0.dtype).reshape(O, O, *([1] * (out0.ndim - 1))), 1, 1 + axis0)
+    eye = jnp.asarray(conv.channel_sets(O), dtype=out0.dtype)  # (s, O): 2 log2 O tangents, not O
+    E = jax.random.normal(jax.random.PRNGKey(1), (eye.shape[0], *out0.shape), dtype=out0.dtype)
+    mask = jnp.moveaxis(eye.reshape(*eye.shape, *([1] * (out0.ndim - 1))), 1, 1 + axis0)
     zero = jnp.zeros(out0.shape, dtype=out0.dtype)
 
     def to_input(e):
         return jax.jvp(lambda d: run(program, args, perturb={j0: d}, keep=[op1.ins[0]])[1][0], (zero,), (e,))[1]
 
-    U = jax.vmap(to_input)(E * mask)  # (O, *j1's input)
-    off = jnp.moveaxis(1 - jnp.eye(O, dtype=U.dtype).reshape(O, O, *([1] * (U.ndim - 2))), 1, 1 + axis1)
+    U = jax.vmap(to_input)(E * mask)  # (c, *j1's input)
+    off = jnp.moveaxis((1 - eye).reshape(*eye.shape, *([1] * (U.ndim - 2))), 1, 1 + axis1)
     return bool(jnp.all(U * off == 0)) and bool(jnp.any(U != 0))
 
 

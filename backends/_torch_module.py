@@ -770,9 +770,9 @@ class TorchModule(Perturbed, TorchModel):
         """A :class:`ConvSite` for each conv layer whose groups the curvature rule takes, read off ``X``: the
         activations called after the layer, those that read its output unchanged, and a ``via`` where one holds —
         the first later conv layer with as many input channels, such that a tangent in one channel of the layer's
-        output stays in that channel up to ``via``'s input and in the ``pre`` activations' (checked along one
-        random tangent per channel), and every later activation's tangent is ``via``'s own along ``via``'s map of
-        it (checked along a random tangent, to rounding)."""
+        output stays in that channel up to ``via``'s input and in the ``pre`` activations' (checked along random
+        tangents on sets of channels, :func:`.rules.conv.channel_sets`), and every later activation's tangent is
+        ``via``'s own along ``via``'s map of it (checked along a random tangent, to rounding)."""
         watch, at, order = Activations(), {}, []
 
         def seen(k):
@@ -831,15 +831,18 @@ class TorchModule(Perturbed, TorchModel):
             self._outputs(x[None], acts=watch, shifts={k: d[None]}, conv_calls=calls)
             return tuple(watch.calls[m][1][0] for m in (*pre, *post)), calls[b][0][0][0]
 
-        eye = torch.eye(O, dtype=self.dtype, device=self.device)
-        E = torch.randn((O, *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
-        E = E * eye.reshape(O, O, *([1] * (zero.ndim - 1)))  # direction o lives in channel o
+        # tangents on the channels whose index has bit b set, and on the others (2 log2 O of them, not O: a wide
+        # layer would hold O tangents of the whole network): two channels always differ in some bit, so any
+        # mixing of channels shows as a tangent outside the set it started on
+        eye = torch.as_tensor(conv.channel_sets(O), dtype=self.dtype, device=self.device)  # (s, O)
+        E = torch.randn((eye.shape[0], *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
+        E = E * eye.reshape(*eye.shape, *([1] * (zero.ndim - 1)))  # direction s lives on the channels of set s
         E = E[None].expand(n, *E.shape)
         T_acts, U = OPS.vmap(lambda x, V: OPS.vmap(lambda v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(V))(X, E)
         for T in (U, *T_acts[:len(pre)]):
             if T.ndim < 3 or T.shape[2] != O:
                 return False
-            off = T * (1 - eye).reshape(1, O, O, *([1] * (T.ndim - 3)))
+            off = T * (1 - eye).reshape(1, *eye.shape, *([1] * (T.ndim - 3)))
             if bool((off != 0).any()):
                 return False
         if not post:

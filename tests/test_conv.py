@@ -265,20 +265,36 @@ class Bypass(nn.Module):
         return self.head(torch.tanh(self.conv1(a) + a).flatten(1))
 
 
+class Shuffled(nn.Module):
+    """Channels 1 and 3 of five swapped between the convolutions (a channel shuffle that leaves the first, middle and
+    last channel in place): not channel by channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1, self.head = nn.Conv2d(1, 5, 3, padding=1), nn.Conv2d(5, 2, 3), nn.Linear(2 * 4, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.conv0(x))
+        a = torch.cat([a[:, :1], a[:, 3:4], a[:, 2:3], a[:, 1:2], a[:, 4:]], dim=1)
+        return self.head(torch.tanh(self.conv1(a)).flatten(1))
+
+
 def test_channel_by_channel_path_through_the_next_conv():
     """A conv layer's weights whose tangents stay in their own channel up to the next conv (through pooling, eval
     BatchNorm and activations on the way) are pushed forward one row of patches at a time, every output channel at
     once, and through that conv channel by channel (docs/math.md §13): the path each layer takes is as stated, and
     every field equals brute force, also in pieces of one direction (chunk=1).  Where the output also reaches a
-    later activation around that conv, it does not take this path.  The per-channel map itself, with groups,
-    stride and dilation, sums to the convolution and equals it on each channel alone."""
+    later activation around that conv, or channels are swapped on the way, it does not take this path.  The
+    per-channel map itself, with groups, stride and dilation, sums to the convolution and equals it on each channel
+    alone; the sets of channels the check uses separate any two channels."""
     from fishercore.backends.rules import conv
 
     pre = lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.BatchNorm2d(3),  # noqa: E731
                                 nn.Sigmoid(), nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3))
     cases = {"pre": (pre, (1, 4, 4), {0: (1, (1,), (2,), ())}),
              "three-convs": (CASES["three-convs"][0], (1, 4, 4), {0: (1, (), (1,), (2,)), 1: (2, (), (2,), ())}),
-             "bypass": (Bypass, (1, 4, 4), {0: (None, (), (), ())})}
+             "bypass": (Bypass, (1, 4, 4), {0: (None, (), (), ())}),
+             "shuffled": (Shuffled, (1, 4, 4), {0: (None, (), (), ())})}
     for name, (make, shape, want) in cases.items():
         net = _build(make, seed=3)
         X = torch.randn(4, *shape, dtype=F64, generator=torch.Generator().manual_seed(5))
@@ -288,6 +304,10 @@ def test_channel_by_channel_path_through_the_next_conv():
             assert {k: got[k] for k in want} == want, (name, got)
             _assert_exact(net, X, fc.analyze(model, X), f"channel path {name}, chunk {chunk}")
 
+    for O in (1, 2, 5, 8, 13):  # any two channels: a set holds one and not the other
+        sets = conv.channel_sets(O).astype(bool)
+        assert len(sets) <= 2 * max(1, (O - 1).bit_length())
+        assert all(any(s[a] and not s[b] for s in sets) for a in range(O) for b in range(O) if a != b)
     gen = torch.Generator().manual_seed(0)
     for groups, stride, dilation in ((1, 1, 1), (2, 2, 1), (4, 1, 2)):
         layer = nn.Conv2d(4, 6 if groups != 4 else 4, 3, stride=stride, padding=1, dilation=dilation, groups=groups,

@@ -539,8 +539,8 @@ def test_first_conv_kernel_goes_channel_by_channel_through_the_next(jax_x64):
     """A kernel whose curvature reaches the next convolution's activations through channel-wise operations (tanh,
     average pooling, a per-channel scale, Flax's NHWC/HWIO layout, stride and padding) takes §13's channel-by-channel
     path: a rule group, its second order exact at max_params=1 against jax.hessian (1e-10).  Where a constant mixes
-    the channels before the next convolution, the check on a random input refuses that path: one pass per
-    coordinate, within max_params, still exact."""
+    the channels before the next convolution, or two are swapped, the check on a random input refuses that path:
+    one pass per coordinate, within max_params, still exact."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -556,7 +556,7 @@ def test_first_conv_kernel_goes_channel_by_channel_through_the_next(jax_x64):
             z = lax.conv_general_dilated(x, p["k0"], (1, 1), ((1, 1), (1, 1)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["b0"]
             a = lax.reduce_window(jnp.tanh(z), 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4 * scale
-            a = a @ mix if mixed else a
+            a = a @ mix if mixed == "mixed" else a[..., jnp.asarray([0, 2, 1])] if mixed == "swapped" else a
             z1 = lax.conv_general_dilated(a, p["k1"], (1, 1), ((0, 1), (0, 1)),
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
             return jax.nn.gelu(z1).reshape(x.shape[0], -1)[:, :8] @ p["head"]
@@ -565,7 +565,7 @@ def test_first_conv_kernel_goes_channel_by_channel_through_the_next(jax_x64):
     X = jnp.asarray(rng.normal(size=(3, 6, 6, 2)))
     leaves, treedef = jax.tree_util.tree_flatten(params)
     names = [g for g in sorted(params)]
-    for mixed in (False, True):
+    for mixed in (False, "mixed", "swapped"):
         fn = make(mixed)
         model = fc_jax.from_function(fn, params, input_shape=(6, 6, 2), max_params=1 if not mixed else 20_000)
         assert ("k0" in model.rule_groups) is (not mixed), model.rule_groups

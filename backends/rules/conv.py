@@ -33,8 +33,8 @@ from typing import NamedTuple
 import numpy as np
 from array_api_compat import array_namespace, device
 
-__all__ = ["ConvSpec", "bias_directions", "channel_outputs", "patch_index", "patches", "weight_directions",
-           "weight_sums"]
+__all__ = ["ConvSpec", "bias_directions", "channel_outputs", "channel_sets", "patch_index", "patches",
+           "weight_directions", "weight_sums"]
 
 
 class ConvSpec(NamedTuple):
@@ -185,3 +185,17 @@ def channel_outputs(U, weight, spec: ConvSpec):
         slices.append(x[(slice(None), slice(None), *at)])
     unf = xp.reshape(xp.stack(slices, axis=1), (I, K, m * P))
     return xp.reshape(xp.matmul(W, unf), (I, O, m, P))  # one product per channel, not m·I small ones
+
+
+def channel_sets(channels: int) -> np.ndarray:
+    """(2·⌈log2 channels⌉, channels) 0/1 rows: per bit b, the channels whose index has b set, and the others.
+
+    Random tangents on these sets show whether a map keeps every channel to itself: any two channels differ in
+    some bit, so a map that sends anything of channel o into channel o' ≠ o gives, along the tangent on the set
+    that holds o and not o', a tangent in a channel outside that set — where a channel-wise map gives zero.  That
+    takes 2 log2 O tangents, where one per channel would take O.
+    """
+    bits = max(1, (channels - 1).bit_length())
+    index = np.arange(channels)
+    rows = [((index >> b) & 1) == v for b in range(bits) for v in (1, 0)]
+    return np.asarray([r for r in rows if r.any()], dtype=np.float64)
