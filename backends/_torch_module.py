@@ -629,8 +629,10 @@ class TorchModule(Perturbed, TorchModel):
         if self.input_dtype is None:  # a random probe: the sites' checks hold along it for any input
             probe = torch.rand(probe.shape, generator=torch.Generator(device=self.device).manual_seed(0),
                                dtype=self.dtype, device=self.device)
-        with MODULE_LOCK, composites():
-            self._conv_sites = self._find_conv_sites(probe)
+        self._conv_sites = {}
+        if any({c.weight, c.bias} & self.activation_groups for c in self.convs):
+            with MODULE_LOCK, composites():
+                self._conv_sites = self._find_conv_sites(probe)
 
     def _lock(self):
         return MODULE_LOCK  # the hooks live on the module: one call at a time
