@@ -82,17 +82,21 @@ class ConvLayer(NamedTuple):
 
 class ConvSite(NamedTuple):
     """How the tangents of a conv layer's output reach the activations after it (found when the model is built,
-    docs/math.md §13): which read the output unchanged (``readers``, their terms are direct) and which others are
-    called after it (``others``).  With ``via``, a later conv layer that every other activation's tangent passes
-    through channel by channel — the ones before it (``pre``) see a tangent in the channel it started in, and the
-    ones after it see ``via``'s tangent from that channel alone (``post_readers`` read ``via``'s output unchanged,
-    ``post_others`` need a pass from there) — so one pass carries every output channel's tangents at once."""
+    docs/math.md §13): which read the output unchanged (``readers``, their terms are direct), which read it
+    scaled elementwise (``scaled``: a batch norm between, direct as well) and which others are called after it
+    (``others``).  With ``via``, a later conv layer that every other activation's tangent passes through channel
+    by channel — the ones before it (``pre``) see a tangent in the channel it started in, and the ones after it see
+    ``via``'s tangent from that channel alone (``post_readers`` read ``via``'s output unchanged, ``post_scaled``
+    scaled elementwise, ``post_others`` need a pass from there) — so one pass carries every output channel's
+    tangents at once."""
 
     readers: tuple
     others: tuple
     via: int | None = None
+    scaled: tuple = ()
     pre: tuple = ()
     post_readers: tuple = ()
+    post_scaled: tuple = ()
     post_others: tuple = ()
 
 
@@ -379,13 +383,35 @@ class Perturbed:
         readers = [m for m, t in enumerate(probe) if t.shape == V.shape and bool(torch.equal(t, V))]
         return readers, [m for m, t in enumerate(probe) if m not in readers and bool((t != 0).any())]
 
-    def _by_activations(self, X, K, run, zero, size, directions, direct=None, split=None):
+    def _scaled(self, X, run, zero, candidates):
+        """Of the activations ``candidates``, those whose input moves with the site elementwise, ``ż_m = s ⊙ v`` (a
+        batch norm's scale, a residual addition, a ReLU between): along two random tangents V, V' of the site their
+        tangents t, t' have the site's shape and ``t ⊙ V' = t' ⊙ V`` (to rounding).  ``run`` as in
+        :meth:`_by_activations`."""
+        if not candidates:
+            return ()
+        gen = torch.Generator(device=self.device).manual_seed(2)
+        V = torch.randn((2, X.shape[0], *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
+        t = [OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V[i]) for i in range(2)]
+        tol = 10 * torch.finfo(self.dtype).eps ** 0.5
+        out = []
+        for m in candidates:
+            if t[0][m].shape != V[0].shape:
+                continue
+            a, b = t[0][m] * V[1], t[1][m] * V[0]
+            if torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max())):
+                out.append(m)
+        return tuple(out)
+
+    def _by_activations(self, X, K, run, zero, size, directions, direct=None, split=None, scaled=()):
         """w (n, C, size) by the curvature rule, at a site where ``run(x, d)`` gives the activations' inputs with
         ``d`` (shaped like ``zero``) added; ``directions(start, k)`` → (n, k, *zero.shape) the tangents there of
         ``size`` parameters; ``direct(D)`` → (n, C, size) the terms of the activations that read the site
         unchanged (D their summed factors, (n, C, *zero.shape)), or None to push every activation forward.
         ``K``: the activations' factors (n, C, n_m), from the first-order pass.  ``split``: (readers, others)
-        known beforehand (a :class:`ConvSite`'s), else found on X (:meth:`_readers`).
+        known beforehand (a :class:`ConvSite`'s), else found on X (:meth:`_readers`).  ``scaled``: activations
+        whose input moves with the site elementwise (:meth:`_scaled`), ``ż_m = s ⊙ v``: direct too, with
+        ``K_m ⊙ s²`` and s their tangent along ones (one pass per batch, not per parameter).
         """
         n = X.shape[0]
         if split is not None:
@@ -395,9 +421,14 @@ class Perturbed:
         else:
             readers, others = self._readers(X, run, zero)
         total = None
-        if readers:
-            D = sum(K[m] for m in readers).reshape(n, self.n_outputs, *zero.shape)
-            total = direct(D)
+        if readers or scaled:
+            D = sum(K[m] for m in readers) if readers else 0
+            if scaled:
+                ones = torch.ones((n, *zero.shape), dtype=self.dtype, device=self.device)
+                S = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, ones)
+                for m in scaled:
+                    D = D + K[m] * (S[m] * S[m]).reshape(n, 1, -1)
+            total = direct(D.reshape(n, self.n_outputs, *zero.shape))
         if others:
             Kcat = torch.cat([K[m] for m in others], dim=2)
 
@@ -672,7 +703,7 @@ class TorchModule(Perturbed, TorchModel):
             site = self._conv_sites[k]
             split = (site.readers, () if site.via is not None else site.others)
             w = self._by_activations(X, K, lambda x, d: self._activation_inputs(x, shifts={k: d[None]}), zero, size,
-                                     tangents, direct, split=split)
+                                     tangents, direct, split=split, scaled=site.scaled)
             return w if site.via is None else w + self._through_conv(X, K, k, unf)
 
         def along(x, V):
@@ -697,6 +728,13 @@ class TorchModule(Perturbed, TorchModel):
             B = unf.index_select(1, rows).reshape(n, O, -1, *spec.out_spatial).transpose(1, 2)
         K_pre = [K[m].reshape(n, C, O, -1) for m in site.pre]
         D = sum(K[m] for m in site.post_readers) if site.post_readers else None
+        if site.post_scaled:  # K_m ⊙ s², s the tangent along ones at via's output: one pass for the batch
+            zero_b = torch.zeros((n, via.spec.out_channels, *via.spec.out_spatial), dtype=self.dtype,
+                                 device=self.device)
+            S = OPS.vmap(lambda x, v: OPS.jvp(lambda d: self._activation_inputs(x, shifts={site.via: d[None]}),
+                                               (zero_b[0],), (v,))[1])(X, torch.ones_like(zero_b))
+            for m in site.post_scaled:
+                D = (0 if D is None else D) + K[m] * (S[m] * S[m]).reshape(n, 1, -1)
         zero_via = torch.zeros((via.spec.out_channels, *via.spec.out_spatial), dtype=self.dtype, device=self.device)
 
         def part(start, J):
@@ -796,19 +834,24 @@ class TorchModule(Perturbed, TorchModel):
             spec = self.convs[k].spec
             return torch.zeros((spec.out_channels, *spec.out_spatial), dtype=self.dtype, device=self.device)
 
+        def run_at(k):
+            return lambda x, d: self._activation_inputs(x, shifts={k: d[None]})
+
         def readers_of(k):
+            """(readers, scaled) of layer k's output among the activations called after it."""
             if k not in readers:
-                readers[k] = tuple(self._readers(
-                    X, lambda x, d: self._activation_inputs(x, shifts={k: d[None]}), zero_of(k))[0])
+                own = tuple(self._readers(X, run_at(k), zero_of(k))[0])
+                readers[k] = own, self._scaled(X, run_at(k), zero_of(k),
+                                               tuple(m for m in range(at[k], n_acts) if m not in own))
             return readers[k]
 
         with torch.no_grad():
             for k, layer in enumerate(self.convs):
                 if not {layer.weight, layer.bias} & self.activation_groups:
                     continue
-                own = readers_of(k)
-                others = tuple(m for m in range(at[k], n_acts) if m not in own)
-                site = ConvSite(own, others)
+                own, scaled = readers_of(k)
+                others = tuple(m for m in range(at[k], n_acts) if m not in own and m not in scaled)
+                site = ConvSite(own, others, scaled=scaled)
                 spec = layer.spec
                 later = [b for b in order[order.index(k) + 1:] if self.convs[b].spec.in_channels == spec.out_channels
                          and len(self.convs[b].spec.kernel) == len(spec.kernel)]
@@ -817,9 +860,10 @@ class TorchModule(Perturbed, TorchModel):
                     pre = tuple(m for m in others if m < at[b])
                     post = tuple(m for m in others if m >= at[b])
                     if self._channel_path(X, k, b, pre, post, zero_of(k), zero_of(b)):
-                        rb = readers_of(b)
+                        rb, sb = readers_of(b)
                         site = site._replace(via=b, pre=pre, post_readers=tuple(m for m in post if m in rb),
-                                             post_others=tuple(m for m in post if m not in rb))
+                                             post_scaled=tuple(m for m in post if m in sb),
+                                             post_others=tuple(m for m in post if m not in rb and m not in sb))
                 sites[k] = site
         return sites
 

@@ -281,7 +281,8 @@ class Shuffled(nn.Module):
 
 def test_channel_by_channel_path_through_the_next_conv():
     """A conv layer's weights whose tangents stay in their own channel up to the next conv (through pooling, eval
-    BatchNorm and activations on the way) are pushed forward one row of patches at a time, every output channel at
+    BatchNorm and activations on the way; activations reading a conv's output through a BatchNorm take the direct
+    terms, scaled) are pushed forward one row of patches at a time, every output channel at
     once, and through that conv channel by channel (docs/math.md §13): the path each layer takes is as stated, and
     every field equals brute force, also in pieces of one direction (chunk=1).  Where the output also reaches a
     later activation around that conv, or channels are swapped on the way, it does not take this path.  The
@@ -291,16 +292,24 @@ def test_channel_by_channel_path_through_the_next_conv():
 
     pre = lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.BatchNorm2d(3),  # noqa: E731
                                 nn.Sigmoid(), nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3))
-    cases = {"pre": (pre, (1, 4, 4), {0: (1, (1,), (2,), ())}),
-             "three-convs": (CASES["three-convs"][0], (1, 4, 4), {0: (1, (), (1,), (2,)), 1: (2, (), (2,), ())}),
-             "bypass": (Bypass, (1, 4, 4), {0: (None, (), (), ())}),
-             "shuffled": (Shuffled, (1, 4, 4), {0: (None, (), (), ())})}
+    # conv → BatchNorm → activation, twice: the activations read each conv's output scaled, elementwise
+    batchnorm = lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(),  # noqa: E731
+                                      nn.MaxPool2d(2), nn.Conv2d(3, 2, 2), nn.BatchNorm2d(2), nn.GELU(), nn.Flatten(),
+                                      nn.Linear(2, 3))
+    # per layer: (via, pre, post_readers, post_others, scaled, post_scaled)
+    cases = {"pre": (pre, (1, 4, 4), {0: (1, (1,), (2,), (), (), ())}),
+             "three-convs": (CASES["three-convs"][0], (1, 4, 4), {0: (1, (), (1,), (2,), (), ()),
+                                                                   1: (2, (), (2,), (), (), ())}),
+             "batchnorm": (batchnorm, (1, 4, 4), {0: (1, (), (), (), (0,), (1,)), 1: (None, (), (), (), (1,), ())}),
+             "bypass": (Bypass, (1, 4, 4), {0: (None, (), (), (), (), ())}),
+             "shuffled": (Shuffled, (1, 4, 4), {0: (None, (), (), (), (), ())})}
     for name, (make, shape, want) in cases.items():
         net = _build(make, seed=3)
         X = torch.randn(4, *shape, dtype=F64, generator=torch.Generator().manual_seed(5))
         for chunk in (256, 1):
             model = fc_torch.from_module(net, input_shape=shape, chunk=chunk)
-            got = {k: (s.via, s.pre, s.post_readers, s.post_others) for k, s in model._conv_sites.items()}
+            got = {k: (s.via, s.pre, s.post_readers, s.post_others, s.scaled, s.post_scaled)
+                   for k, s in model._conv_sites.items()}
             assert {k: got[k] for k in want} == want, (name, got)
             _assert_exact(net, X, fc.analyze(model, X), f"channel path {name}, chunk {chunk}")
 
