@@ -241,9 +241,9 @@ class Perturbed:
             return d
         return d._replace(blocks=tuple(b for b in d.blocks if b.weight in groups or b.bias in groups))
 
-    def _forward(self, X, acts=None):
+    def _forward(self, X, acts=None, **extra):
         record: list = []
-        h = self._outputs(X, record=record, acts=acts)
+        h = self._outputs(X, record=record, acts=acts, **extra)
         inputs = [None] * len(self.dense)
         for i, a in record:
             inputs[i] = a
@@ -325,7 +325,9 @@ class Perturbed:
 
         with self._lock(), torch.no_grad(), randomness_refused(self._what), composites():
             rec = Activations() if by_activations else None
-            h, inputs = self._forward(X, acts=rec)
+            calls: dict = {}  # the conv layers' inputs, once for the batch: their patches serve both orders
+            h, inputs = self._forward(X, acts=rec, **({"conv_calls": calls} if convs else {}))
+            conv_inputs = {k: calls[k][0][0] for k in convs}
             deltas = self._zero_deltas(n)
             act_deltas = tuple(torch.zeros_like(z) for _, z in rec.calls) if by_activations else ()
             shifts = tuple(torch.zeros((n, self.convs[k].spec.out_channels, *self.convs[k].spec.out_spatial),
@@ -333,7 +335,7 @@ class Perturbed:
             jac_d, jac_a, jac_c, jac_z = OPS.vmap(lambda x, ds, das, zs: columns.pullback(
                 OPS, lambda prim: f(x, ds, das, prim), (tuple(ds[l] for l in layers), das, chosen, zs), eye))(
                 X, deltas, act_deltas, shifts)
-            jac_c = {**jac_c, **self._conv_rows(X, convs, jac_z, by_conv)}
+            jac_c = {**jac_c, **self._conv_rows(conv_inputs, jac_z, by_conv)}
             # the curvature rule's factors K_m, passed down (never kept on the model: calls may run in parallel)
             K = None
             if by_activations:
@@ -343,23 +345,18 @@ class Perturbed:
             blocks = dense.dense_blocks([layout[l] for l in layers], [inputs[l] for l in layers], list(jac_d),
                                         hess) + tuple(
                 ColumnBlock(g.name, jac_c[g.name].reshape(n, self.n_outputs, g.size),
-                            self._column_hessian(X, g, hessian, K)) for g in cols)
+                            self._column_hessian(X, g, hessian, K, conv_inputs)) for g in cols)
         return Derivatives(h, blocks)
 
-    def _conv_rows(self, X, convs, jac_z, names) -> dict:
+    def _conv_rows(self, conv_inputs, jac_z, names) -> dict:
         """Jacobian rows (n, C, size) of the conv layers' groups among ``names``, from ``jac_z`` = ∂h/∂z of each
-        layer k in ``convs`` (n, C, O, *spatial): the weight's by :func:`.rules.conv.weight_sums` with the layer's
-        input patches, the bias's summed over positions."""
-        if not convs:
-            return {}
-        calls: dict = {}
-        self._call(X, conv_calls=calls)
+        layer k of ``conv_inputs`` (its input, in order) (n, C, O, *spatial): the weight's by
+        :func:`.rules.conv.weight_sums` with the layer's input patches, the bias's summed over positions."""
         rows = {}
-        for k, G in zip(convs, jac_z):
+        for (k, x), G in zip(conv_inputs.items(), jac_z):
             layer = self.convs[k]
             if layer.weight in names:
-                rows[layer.weight] = conv.weight_sums(G, conv.patches(calls[k][0][0], layer.spec, layer.index),
-                                                      layer.spec)
+                rows[layer.weight] = conv.weight_sums(G, conv.patches(x, layer.spec, layer.index), layer.spec)
             if layer.bias in names:
                 rows[layer.bias] = G.reshape(*G.shape[:3], -1).sum(dim=-1)
         return rows
@@ -374,12 +371,18 @@ class Perturbed:
         self._outputs(x[None], acts=watch, **site)
         return tuple(z[0] for _, z in watch.calls)
 
+    @staticmethod
+    def _pushed(X, run, zero, V):
+        """The tangents of ``run(x, d)``'s outputs at ``d = zero`` along ``V`` (n, *zero.shape), for each input x of
+        X: one forward-mode pass per input, vmapped."""
+        return OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
+
     def _readers(self, X, run, zero):
         """The activations that read a site unchanged (their input's tangent along a random tangent there is that
         tangent), and those that it reaches: ``run(x, d)`` as in :meth:`_by_activations`."""
         gen = torch.Generator(device=self.device).manual_seed(0)
         V = torch.randn((X.shape[0], *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
-        probe = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
+        probe = self._pushed(X, run, zero, V)
         readers = [m for m, t in enumerate(probe) if t.shape == V.shape and bool(torch.equal(t, V))]
         return readers, [m for m, t in enumerate(probe) if m not in readers and bool((t != 0).any())]
 
@@ -392,7 +395,7 @@ class Perturbed:
             return ()
         gen = torch.Generator(device=self.device).manual_seed(2)
         V = torch.randn((2, X.shape[0], *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
-        t = [OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V[i]) for i in range(2)]
+        t = [self._pushed(X, run, zero, V[i]) for i in range(2)]
         tol = 10 * torch.finfo(self.dtype).eps ** 0.5
         out = []
         for m in candidates:
@@ -402,6 +405,13 @@ class Perturbed:
             if torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max())):
                 out.append(m)
         return tuple(out)
+
+    def _scaled_factors(self, X, K, run, zero, scaled):
+        """``Σ_m K_m ⊙ s_m²`` (n, C, ∏ zero.shape) over the activations ``scaled`` (:meth:`_scaled`), whose inputs move
+        with the site as ``s_m ⊙ v``: s_m their tangent along ones, one pass for the batch."""
+        n = X.shape[0]
+        S = self._pushed(X, run, zero, torch.ones((n, *zero.shape), dtype=self.dtype, device=self.device))
+        return sum(K[m] * (S[m] * S[m]).reshape(n, 1, -1) for m in scaled)
 
     def _by_activations(self, X, K, run, zero, size, directions, direct=None, split=None, scaled=()):
         """w (n, C, size) by the curvature rule, at a site where ``run(x, d)`` gives the activations' inputs with
@@ -422,12 +432,7 @@ class Perturbed:
             readers, others = self._readers(X, run, zero)
         total = None
         if readers or scaled:
-            D = sum(K[m] for m in readers) if readers else 0
-            if scaled:
-                ones = torch.ones((n, *zero.shape), dtype=self.dtype, device=self.device)
-                S = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, ones)
-                for m in scaled:
-                    D = D + K[m] * (S[m] * S[m]).reshape(n, 1, -1)
+            D = sum(K[m] for m in readers) + (self._scaled_factors(X, K, run, zero, scaled) if scaled else 0)
             total = direct(D.reshape(n, self.n_outputs, *zero.shape))
         if others:
             Kcat = torch.cat([K[m] for m in others], dim=2)
@@ -489,21 +494,22 @@ class Perturbed:
 
         return columns.chunked(out, out, neurons)
 
-    def _rule_hessian(self, X, group, K=None):
+    def _rule_hessian(self, X, group, K=None, conv_inputs=None):
         """A layer rule's computation of a column group's Hessian diagonals (n, C, size), or None: the column
-        rule's then (subclasses that recognise layers override this); ``K`` as in :meth:`_by_activations`."""
+        rule's then (subclasses that recognise layers override this); ``K`` as in :meth:`_by_activations`,
+        ``conv_inputs`` {k: input of conv layer k} of the batch."""
         return None
 
     def _rule_groups(self) -> frozenset:
         """Column groups whose second order a layer rule computes at any size (not limited by max_params)."""
         return frozenset()
 
-    def _column_hessian(self, X, group, hessian, K=None):
+    def _column_hessian(self, X, group, hessian, K=None, conv_inputs=None):
         """A column group's Hessian diagonals by a layer rule where one applies, by the curvature rule where
         its curvature comes from activations alone, else by the column rule
         (:func:`.rules.columns.group_hessian`)."""
         def compute():
-            by_rule = self._rule_hessian(X, group, K)
+            by_rule = self._rule_hessian(X, group, K, conv_inputs)
             if by_rule is not None:
                 return by_rule
             if K is not None and group.name in self.activation_groups:
@@ -673,22 +679,21 @@ class TorchModule(Perturbed, TorchModel):
         """Conv layers' groups whose curvature comes from activations alone: exact second order at any size."""
         return frozenset(g for g in self._conv_of if g in self.activation_groups)
 
-    def _rule_hessian(self, X, group, K=None):
+    def _rule_hessian(self, X, group, K=None, conv_inputs=None):
         """A conv layer's weight or bias, along each parameter's tangent of the layer's output (:mod:`.rules.conv`):
         by the curvature rule where the module's curvature in it comes from activations alone, else forward over
-        forward from the layer's output — exact whatever follows the layer."""
+        forward from the layer's output — exact whatever follows the layer.  ``conv_inputs``: the batch's input of
+        each conv layer whose groups are asked for (:meth:`derivatives_of` records them)."""
         if group.name not in self._conv_of:
             return None
         k, is_bias = self._conv_of[group.name]
         layer = self.convs[k]
         spec = layer.spec
         n = X.shape[0]
-        zero = torch.zeros((spec.out_channels, *spec.out_spatial), dtype=self.dtype, device=self.device)
+        zero = self._site_zero(k)
         unf = None
         if not is_bias:
-            calls: dict = {}
-            self._call(X, conv_calls=calls)
-            unf = conv.patches(calls[k][0][0], spec, layer.index)
+            unf = conv.patches(conv_inputs[k], spec, layer.index)
         size = spec.out_channels if is_bias else spec.weight_size
 
         def tangents(start, size_):
@@ -702,8 +707,8 @@ class TorchModule(Perturbed, TorchModel):
             direct = (curvature.conv_bias_direct if is_bias else lambda D: curvature.conv_direct(D, unf, spec))
             site = self._conv_sites[k]
             split = (site.readers, () if site.via is not None else site.others)
-            w = self._by_activations(X, K, lambda x, d: self._activation_inputs(x, shifts={k: d[None]}), zero, size,
-                                     tangents, direct, split=split, scaled=site.scaled)
+            w = self._by_activations(X, K, self._site_run(k), zero, size, tangents, direct, split=split,
+                                     scaled=site.scaled)
             return w if site.via is None else w + self._through_conv(X, K, k, unf)
 
         def along(x, V):
@@ -712,6 +717,16 @@ class TorchModule(Perturbed, TorchModel):
                 OPS, lambda d: flat_outputs(self._call(x[None], shifts={k: d[None]}))[0], zero, V)
 
         return columns.chunked(size, self.chunk, lambda start, size_: OPS.vmap(along)(X, tangents(start, size_)))
+
+    def _site_zero(self, k):
+        """A zero of conv layer k's output for one input, (O, *spatial): where its tangents start."""
+        spec = self.convs[k].spec
+        return torch.zeros((spec.out_channels, *spec.out_spatial), dtype=self.dtype, device=self.device)
+
+    def _site_run(self, k):
+        """``run(x, d)`` of :meth:`_by_activations` at conv layer k's output: the activations' inputs for one input x
+        with d added there."""
+        return lambda x, d: self._activation_inputs(x, shifts={k: d[None]})
 
     def _through_conv(self, X, K, k, unf=None):
         """The terms of conv layer k's ``others`` by way of its site's ``via`` (:class:`ConvSite`), (n, C, size):
@@ -727,15 +742,11 @@ class TorchModule(Perturbed, TorchModel):
             rows = torch.as_tensor(conv.weight_layout(spec)[1], device=self.device)
             B = unf.index_select(1, rows).reshape(n, O, -1, *spec.out_spatial).transpose(1, 2)
         K_pre = [K[m].reshape(n, C, O, -1) for m in site.pre]
-        D = sum(K[m] for m in site.post_readers) if site.post_readers else None
-        if site.post_scaled:  # K_m ⊙ s², s the tangent along ones at via's output: one pass for the batch
-            zero_b = torch.zeros((n, via.spec.out_channels, *via.spec.out_spatial), dtype=self.dtype,
-                                 device=self.device)
-            S = OPS.vmap(lambda x, v: OPS.jvp(lambda d: self._activation_inputs(x, shifts={site.via: d[None]}),
-                                               (zero_b[0],), (v,))[1])(X, torch.ones_like(zero_b))
-            for m in site.post_scaled:
-                D = (0 if D is None else D) + K[m] * (S[m] * S[m]).reshape(n, 1, -1)
-        zero_via = torch.zeros((via.spec.out_channels, *via.spec.out_spatial), dtype=self.dtype, device=self.device)
+        zero_via = self._site_zero(site.via)
+        D = None
+        if site.post_readers or site.post_scaled:  # the activations that read via's output unchanged, or scaled
+            D = sum(K[m] for m in site.post_readers) + (self._scaled_factors(
+                X, K, self._site_run(site.via), zero_via, site.post_scaled) if site.post_scaled else 0)
 
         def part(start, J):
             T_pre, U = self._tangents_to(X, k, site.via, site.pre, B[:, start:start + J])
@@ -763,8 +774,8 @@ class TorchModule(Perturbed, TorchModel):
             if site.post_others:
                 dirs = through(0, n)[0].reshape(n, O * J, *zero_via.shape)
                 w = self._by_activations(
-                    X, K, lambda x, d: self._activation_inputs(x, shifts={site.via: d[None]}), zero_via, J * O,
-                    lambda s, m: dirs[:, s:s + m], split=((), site.post_others))
+                    X, K, self._site_run(site.via), zero_via, J * O, lambda s, m: dirs[:, s:s + m],
+                    split=((), site.post_others))
                 out += w.reshape(n, C, O, J)
             return out
 
@@ -830,18 +841,11 @@ class TorchModule(Perturbed, TorchModel):
                 h.remove()
         n_acts, sites, readers = len(watch.calls), {}, {}
 
-        def zero_of(k):
-            spec = self.convs[k].spec
-            return torch.zeros((spec.out_channels, *spec.out_spatial), dtype=self.dtype, device=self.device)
-
-        def run_at(k):
-            return lambda x, d: self._activation_inputs(x, shifts={k: d[None]})
-
         def readers_of(k):
             """(readers, scaled) of layer k's output among the activations called after it."""
             if k not in readers:
-                own = tuple(self._readers(X, run_at(k), zero_of(k))[0])
-                readers[k] = own, self._scaled(X, run_at(k), zero_of(k),
+                own = tuple(self._readers(X, self._site_run(k), self._site_zero(k))[0])
+                readers[k] = own, self._scaled(X, self._site_run(k), self._site_zero(k),
                                                tuple(m for m in range(at[k], n_acts) if m not in own))
             return readers[k]
 
@@ -859,7 +863,7 @@ class TorchModule(Perturbed, TorchModel):
                     b = later[0]
                     pre = tuple(m for m in others if m < at[b])
                     post = tuple(m for m in others if m >= at[b])
-                    if self._channel_path(X, k, b, pre, post, zero_of(k), zero_of(b)):
+                    if self._channel_path(X, k, b, pre, post):
                         rb, sb = readers_of(b)
                         site = site._replace(via=b, pre=pre, post_readers=tuple(m for m in post if m in rb),
                                              post_scaled=tuple(m for m in post if m in sb),
@@ -867,9 +871,10 @@ class TorchModule(Perturbed, TorchModel):
                 sites[k] = site
         return sites
 
-    def _channel_path(self, X, k, b, pre, post, zero, zero_b) -> bool:
+    def _channel_path(self, X, k, b, pre, post) -> bool:
         """Whether conv layer b can be layer k's site's ``via`` (:meth:`_find_conv_sites`)."""
         gen = torch.Generator(device=self.device).manual_seed(1)
+        zero, zero_b = self._site_zero(k), self._site_zero(b)
         n, O = X.shape[0], zero.shape[0]
 
         def run(x, d):
@@ -894,11 +899,10 @@ class TorchModule(Perturbed, TorchModel):
         if not post:
             return True
         V = torch.randn((n, *zero.shape), generator=gen, dtype=self.dtype, device=self.device)
-        T_acts, U = OPS.vmap(lambda x, v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(X, V)
+        T_acts, U = self._pushed(X, run, zero, V)
         spec = self.convs[b].spec
         W = conv.channel_outputs(U, self.params[self.convs[b].weight], spec).sum(dim=0).transpose(0, 1)
-        via = OPS.vmap(lambda x, v: OPS.jvp(lambda d: self._activation_inputs(x, shifts={b: d[None]}), (zero_b,),
-                                             (v,))[1])(X, W.reshape(n, *zero_b.shape))
+        via = self._pushed(X, self._site_run(b), zero_b, W.reshape(n, *zero_b.shape))
         tol = 10 * torch.finfo(self.dtype).eps ** 0.5
         for t, m in zip(T_acts[len(pre):], post):
             scale = float(t.abs().max()) if t.numel() else 0.0
