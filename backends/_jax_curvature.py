@@ -248,16 +248,20 @@ def passes(nodes) -> int:
     return int(any(n.base is None or not n.direct for n in nodes))
 
 
+def _moving(program: Program, leaf_position: int):
+    """The operations that take a value moving with the parameter (in order), and every such value."""
+    moving, ops = {program.inputs[leaf_position]}, []
+    for op in program.ops:
+        if any(not isinstance(a, _Lit) and a in moving for a in op.ins):
+            ops.append(op)
+            moving.update(op.outs)
+    return ops, moving
+
+
 def forward_blocked(program: Program, leaf_position: int) -> bool:
     """Whether a ``custom_vjp`` function lies between the parameter and the outputs: forward mode cannot pass it, so
     no second order along the parameter (reverse mode, the first order, can)."""
-    moving = {program.inputs[leaf_position]}
-    for op in program.ops:
-        if any(not isinstance(a, _Lit) and a in moving for a in op.ins):
-            if op.eqn.primitive.name.startswith("custom_vjp"):
-                return True
-            moving.update(op.outs)
-    return False
+    return any(op.eqn.primitive.name.startswith("custom_vjp") for op in _moving(program, leaf_position)[0])
 
 
 def per_neuron(program: Program, leaf_position: int):
@@ -360,11 +364,18 @@ def channel_via(program: Program, leaf_position: int, nodes):
         return None
     if out0[p0["dimension_numbers"][2][1]] != lhs1[p1["dimension_numbers"][0][1]]:
         return None
-    moving = {program.inputs[leaf_position]}
-    for op in program.ops:
-        if any(not isinstance(a, _Lit) and a in moving for a in op.ins):
-            moving.update(op.outs)
+    moving = _moving(program, leaf_position)[1]
     return (j0, j1) if op1.ins[0] in moving and op1.ins[1] not in moving else None
+
+
+def _to_input(program: Program, args, via):
+    """``e ↦`` the tangent of convolution j1's input along ``e`` added to convolution j0's output (``via`` = (j0,
+    j1)): one forward-mode pass of the program."""
+    j0, j1 = via
+    out0 = program.ops[j0].eqn.outvars[0].aval
+    zero = jnp.zeros(out0.shape, dtype=out0.dtype)
+    lhs = program.ops[j1].ins[0]
+    return lambda e: jax.jvp(lambda d: run(program, args, perturb={j0: d}, keep=[lhs])[1][0], (zero,), (e,))[1]
 
 
 def channel_local(program: Program, args, via) -> bool:
@@ -379,17 +390,12 @@ def channel_local(program: Program, args, via) -> bool:
     eye = jnp.asarray(conv.channel_sets(O), dtype=out0.dtype)  # (s, O): 2 log2 O tangents, not O
     E = jax.random.normal(jax.random.PRNGKey(1), (eye.shape[0], *out0.shape), dtype=out0.dtype)
     mask = jnp.moveaxis(eye.reshape(*eye.shape, *([1] * (out0.ndim - 1))), 1, 1 + axis0)
-    zero = jnp.zeros(out0.shape, dtype=out0.dtype)
-
-    def to_input(e):
-        return jax.jvp(lambda d: run(program, args, perturb={j0: d}, keep=[op1.ins[0]])[1][0], (zero,), (e,))[1]
-
-    U = jax.vmap(to_input)(E * mask)  # (c, *j1's input)
+    U = jax.vmap(_to_input(program, args, via))(E * mask)  # (s, *j1's input)
     off = jnp.moveaxis((1 - eye).reshape(*eye.shape, *([1] * (U.ndim - 2))), 1, 1 + axis1)
     return bool(jnp.all(U * off == 0)) and bool(jnp.any(U != 0))
 
 
-def _channel_terms(program: Program, via, args, values, K, leaf, chunk: int):
+def _channel_terms(program: Program, via, args, values, K, chunk: int):
     """``Σ_q K[c, q] u̇[q]²`` (r, size) for every kernel coordinate of convolution j0, ``u̇`` its tangent of
     convolution j1's output, by §13's channel-by-channel path: one tangent per row of j0's patches, every output
     channel at once, forward to j1's input (``chunk`` rows at a time), then through j1 channel by channel
@@ -404,19 +410,13 @@ def _channel_terms(program: Program, via, args, values, K, leaf, chunk: int):
     _, rows = conv.weight_layout(spec0)
     J = spec0.weight_size // O
     B = unf[0][jnp.asarray(rows)].reshape(O, J, P).transpose(1, 0, 2)  # (J, O, P): row (o, j) in channel o
-    shape0 = op0.eqn.outvars[0].aval.shape
     # channel-first (1, O, *spatial) → the op's own layout
     to_op = np.argsort(out0)
     B = jnp.transpose(B.reshape(J, 1, O, *spec0.out_spatial), (0, *(1 + int(a) for a in to_op)))
-    zero = jnp.zeros(shape0, dtype=leaf.dtype)
-
-    def to_input(e):
-        return jax.jvp(lambda d: run(program, args, perturb={j0: d}, keep=[op1.ins[0]])[1][0], (zero,), (e,))[1]
-
     k = min(chunk, J)
     pieces = -(-J // k)
     Bp = jnp.concatenate([B, jnp.zeros((pieces * k - J, *B.shape[1:]), dtype=B.dtype)])
-    U = jax.lax.map(jax.vmap(to_input), Bp.reshape(pieces, k, *B.shape[1:]))  # (pieces, k, *j1's input)
+    U = jax.lax.map(jax.vmap(_to_input(program, args, via)), Bp.reshape(pieces, k, *B.shape[1:]))
     U = U.reshape(pieces * k, *U.shape[2:])[:J]
     U = jnp.transpose(U, (0, *(1 + d for d in lhs1)))[:, 0]  # (J, I1 = O, *spatial) channel first
     W1 = jnp.transpose(values[op1.ins[1]], rhs1)  # (O1, I1, *kernel)
@@ -522,7 +522,7 @@ def group_hessian(program: Program, nodes, args, leaf_position: int, *, chunk: i
         if not passed and not bases:
             return w
         if via is not None:  # the one base is the output of convolution j1
-            return w + _channel_terms(program, via, args, values, K[bases[0]], leaf, chunk)
+            return w + _channel_terms(program, via, args, values, K[bases[0]], chunk)
 
         def along(e):
             _, tangents = jax.jvp(forward, (zero,), (e.reshape(zero.shape),))
