@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import transformer_reference as R
 
-from helpers import record_deviation, require_framework
+from helpers import get_backend, record_deviation, require_framework
 
 REFERENCE = dict(np.load(R.PATH))
 
@@ -63,12 +63,32 @@ def test_torch_transformer_matches_brute_force(masked, budget):
     _compare(res, "masked_" if masked else "", "transformer-torch", lambda x: x.numpy())
 
 
-@pytest.mark.backends("jax")
-@pytest.mark.parametrize("masked,budget", [(False, None), (True, 40_000)])
-def test_jax_transformer_matches_brute_force(masked, budget, jax_x64):
+@pytest.mark.backends("torch-cuda")
+def test_torch_transformer_on_the_gpu_matches_brute_force():
+    """The same on CUDA tensors, masked, under a budget that cuts groups and columns: the outputs stay on the GPU."""
+    get_backend("torch-cuda")  # a skip where there is no GPU
+    import torch
+
+    import fishercore as fc
+    from fishercore.backends import torch as fc_torch
+    from fishercore.report import transformer as tr
+
+    net = tr.torch_model(R.CONFIG, R.params(), dtype=torch.float64).to("cuda")
+    model = fc_torch.from_module(net, input_shape=(R.CONFIG.context,), input_dtype=torch.long)
+    res = fc.analyze(model, torch.as_tensor(R.tokens(), device="cuda"), mask=torch.as_tensor(R.mask(), device="cuda"),
+                     memory_budget=64_000)
+    assert res.fisher.device.type == "cuda"
+    _compare(res, "masked_", "transformer-torch-cuda", lambda x: x.cpu().numpy())
+
+
+@pytest.mark.parametrize("masked,budget,name", [
+    (False, None, "jax"), (True, 40_000, "jax"),
+    pytest.param(True, None, "jax-gpu", marks=pytest.mark.backends("jax-gpu"))])
+def test_jax_transformer_matches_brute_force(masked, budget, name):
     """Under the budget, first order only (max_params=1: no per-group Hessian programs to compile); the cuts
-    into groups and columns are what is checked there."""
+    into groups and columns are what is checked there.  ``jax-gpu``: every field on the GPU."""
     require_framework("jax")
+    get_backend(name)  # float64 on; a skip where there is no GPU
     import jax.numpy as jnp
 
     import fishercore as fc
@@ -88,4 +108,6 @@ def test_jax_transformer_matches_brute_force(masked, budget, jax_x64):
     fields = R.FIELDS if budget is None else FIRST_ORDER
     flat = {f: np.concatenate([np.asarray(res.unflatten(getattr(res, f))[n]).reshape(-1) for n in order])
             for f in fields}
-    _compare(types.SimpleNamespace(**flat), "masked_" if masked else "", "transformer-jax", np.asarray, fields)
+    if name == "jax-gpu":
+        assert next(iter(res.fisher.devices())).platform == "gpu"
+    _compare(types.SimpleNamespace(**flat), "masked_" if masked else "", f"transformer-{name}", np.asarray, fields)
