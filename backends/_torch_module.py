@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from fishercore._batching import CACHE_BYTES
 from fishercore._protocol import ColumnBlock, Derivatives
 from fishercore._validation import (
     check_input_dtype,
@@ -765,8 +766,8 @@ class TorchModule(Perturbed, TorchModel):
 
                 return by_input(T), by_input(T * T)  # squared where the product left it (contiguous)
 
-            if D is not None:  # on the CPU a few inputs at a time, about 1 MiB of tangents: the passes stay in cache
-                step = max(1, 2**20 // (O * J * zero_via.numel() * zero_via.element_size())) \
+            if D is not None:  # on the CPU a few inputs at a time, CACHE_BYTES of tangents: the passes stay in cache
+                step = max(1, CACHE_BYTES // (O * J * zero_via.numel() * zero_via.element_size())) \
                     if self.device.type == "cpu" else n
                 for a in range(0, n, step):
                     b = min(n, a + step)

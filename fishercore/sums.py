@@ -188,6 +188,19 @@ def column_chunk(block, budget: float) -> int:
     return max(1, min(k, int(budget // per_column)))
 
 
+def cache_chunk(block) -> int:
+    """Columns of a column block whose statistics eager CPU code computes at once: a piece of about
+    :data:`~fishercore._batching.CACHE_BYTES` per (n, C, k) array, so that the core's passes over it stay in
+    cache.  All columns for compiled code (which fuses the passes) and accelerators."""
+    from ._batching import CACHE_BYTES
+
+    ops, k = ops_for(block.jac), block.jac.shape[-1]
+    if ops.compiles or ops.prefers_large_batches(block.jac):
+        return k
+    per_column = block.jac.shape[0] * block.jac.shape[1] * itemsize(block.jac)
+    return max(1, min(k, CACHE_BYTES // max(per_column, 1)))
+
+
 def block_sums(outputs: Array, block, family, spectrum=None, mask=None) -> dict:
     """Sums over the batch's inputs (rows where ``mask`` is 1, or all) for every group of one derivative block:
     name → FisherSums."""
@@ -199,9 +212,15 @@ def block_sums(outputs: Array, block, family, spectrum=None, mask=None) -> dict:
             outputs, block.jac, block.diag_hess, block.inputs, spectrum, mask, family=family,
             transposed=block.transposed)
         return {block.weight: weight} if block.bias is None else {block.weight: weight, block.bias: bias}
-    if isinstance(block, ColumnBlock):
-        return {block.group: ops.jit(_column_sums, ("family",))(outputs, block.jac, block.diag_hess, spectrum, mask,
-                                                                 family=family)}
+    if isinstance(block, ColumnBlock):  # in pieces of cache_chunk columns, their sums side by side
+        column_sums, k, size = ops.jit(_column_sums, ("family",)), cache_chunk(block), block.jac.shape[-1]
+        pieces = [column_sums(outputs, block.jac[..., a:a + k],
+                              None if block.diag_hess is None else block.diag_hess[..., a:a + k], spectrum, mask,
+                              family=family) for a in range(0, size, k)]
+        if len(pieces) == 1:
+            return {block.group: pieces[0]}
+        xp = array_namespace(outputs)
+        return {block.group: FisherSums(*(None if f[0] is None else xp.concat(f, axis=-1) for f in zip(*pieces)))}
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")
 
 

@@ -56,6 +56,27 @@ def test_dense_path_equals_full_columns(p):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_column_statistics_in_cache_sized_pieces_are_the_same(family, monkeypatch):
+    """On eager CPU arrays the core takes a column block's statistics about CACHE_BYTES at a time
+    (sums.cache_chunk); pieces of 1 and 7 columns give the numbers of the whole block."""
+    import fishercore._batching as B
+    import fishercore.sums as S
+
+    model, X = make_problem(Problem("2h", "tanh", family))
+    fam, X = family_obj(family), X[:10]  # two batches of 5
+    whole = fc.analyze(AsColumns(model), X, fam, batch_size=5)
+    widths, column_sums = [], S._column_sums
+    monkeypatch.setattr(S, "_column_sums", lambda o, jac, *a, **k: widths.append(jac.shape[-1]) or column_sums(
+        o, jac, *a, **k))
+    C = model.n_outputs
+    for columns in (1, 7):
+        monkeypatch.setattr(B, "CACHE_BYTES", columns * 5 * C * 8)
+        widths.clear()
+        assert_analysis_close(fc.analyze(AsColumns(model), X, fam, batch_size=5), whole, rtol=1e-13, atol=1e-15)
+        assert max(widths) == columns and len(widths) > 2 * len(model.groups)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_last_layer_v2_is_zero(activation, family):
     # Fact 2: the last layer is linear in its parameters.
