@@ -36,11 +36,14 @@ MAX_AUTO_BATCH = 512
 #: Share of the budget that one chunk of a dense layer's sums may take.
 CHUNK_SHARE = 0.25
 
-#: Bytes of one (n, C, k) piece of columns whose statistics eager CPU code computes at once: the core's
-#: ~20 elementwise passes and products over such a piece stay in a core's L2 cache (measured on this
-#: project's 2-core machine, 2 MiB L2 per core: the statistics of 62 inputs × 10 classes × 1,152 columns,
-#: float64, took 16 ms whole and 9 ms in pieces of 192 columns, 0.95 MB each; NumPy 14 → 6 ms).
-CACHE_BYTES = 2**20
+#: Bytes of one (n, C, k) piece of columns whose statistics eager CPU code computes at once (and of the
+#: pieces of other eager CPU passes): the core's ~20 elementwise passes and products over such a piece stay
+#: in a core's L2 cache.  Measured on this project's 2-core machine (2 MiB L2 per core): the statistics of
+#: 62 inputs × 10 classes × 1,152 columns, float64, took 16 ms whole and 9 ms in pieces of 192 columns
+#: (NumPy 14 → 6 ms); the digits CNN's analyze, median of 4, 1.63 s whole, 1.43 s at 1 and 2 MiB, 1.57 s
+#: at 4 MiB; a character transformer's first-order analysis (6 sequences, float32, pieces of 1,760 rows)
+#: 3.67 s whole, 3.48 s at 1 MiB (more pieces, each a few dozen small calls), 3.13 s at 2 MiB.
+CACHE_BYTES = 2**21
 
 #: Arrays of a block's (C, k) size that the core holds at once while reducing it
 #: (moments, centred columns, per-input statistics and their products).
