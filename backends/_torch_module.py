@@ -756,24 +756,21 @@ class TorchModule(Perturbed, TorchModel):
             for Km, T in zip(K_pre, T_pre):
                 out += curvature.channel_tangent_squares(Km, T.reshape(n, J, O, -1))
 
-            def through(a, b):
-                """The tangents of via's output for inputs a..b, (b − a, (o, j), O_via · P_via), and squared."""
+            def through(a, b, squared):
+                """The tangents of via's output for inputs a..b, (b − a, (o, j), O_via · P_via), or their squares
+                (squared where the product left them, contiguous; only the one asked for is laid out by input)."""
                 T = conv.channel_outputs(U[a:b].reshape((b - a) * J, *U.shape[2:]), self.params[via.weight],
                                          via.spec).reshape(O, via.spec.out_channels, b - a, J, -1)
-
-                def by_input(T):
-                    return T.permute(2, 0, 3, 1, 4).reshape(b - a, O * J, -1)
-
-                return by_input(T), by_input(T * T)  # squared where the product left it (contiguous)
+                return (T * T if squared else T).permute(2, 0, 3, 1, 4).reshape(b - a, O * J, -1)
 
             if D is not None:  # on the CPU a few inputs at a time, CACHE_BYTES of tangents: the passes stay in cache
                 step = max(1, CACHE_BYTES // (O * J * zero_via.numel() * zero_via.element_size())) \
                     if self.device.type == "cpu" else n
                 for a in range(0, n, step):
                     b = min(n, a + step)
-                    out[a:b] += torch.matmul(D[a:b], through(a, b)[1].transpose(1, 2)).reshape(b - a, C, O, J)
+                    out[a:b] += torch.matmul(D[a:b], through(a, b, True).transpose(1, 2)).reshape(b - a, C, O, J)
             if site.post_others:
-                dirs = through(0, n)[0].reshape(n, O * J, *zero_via.shape)
+                dirs = through(0, n, False).reshape(n, O * J, *zero_via.shape)
                 w = self._by_activations(
                     X, K, self._site_run(site.via), zero_via, J * O, lambda s, m: dirs[:, s:s + m],
                     split=((), site.post_others))
