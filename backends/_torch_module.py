@@ -297,14 +297,38 @@ class Perturbed:
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         return self.derivatives_of(X, None, hessian=hessian)
 
-    def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
+    @property
+    def position_chunks(self) -> bool:
+        """Whether :meth:`derivatives_of` takes ``positions=``: sequence outputs (T, C), no dense layer (whose
+        per-neuron factors do not split by position), and no group whose Hessian diagonals are computed (each is
+        exactly zero, where the module is piecewise linear in it, or not computed, beyond ``max_params``)."""
+        if self._chain is not None or self.dense or len(self.output_shape) != 2:
+            return False
+        rule = self._rule_groups()
+        return all(g.name in self.linear_groups or not (self.second_order or g.name in rule)
+                   for g in self.column_groups)
+
+    def derivatives_of(self, X, groups, *, hessian: bool = True, positions=None) -> Derivatives:
         """The blocks of the named ``groups`` (all for None): the dense layers that own one of them, and their
         column groups; one vjp per output differentiates only those (and, for the curvature rule, the
-        activations' outputs).  A dense chain takes the dense-chain rule instead."""
+        activations' outputs).  A dense chain takes the dense-chain rule instead.
+
+        ``positions=(t0, t1)`` (where :attr:`position_chunks`): the blocks of the outputs of positions t0 .. t1 − 1
+        only, one vjp per output of theirs; the outputs are the whole sequences'."""
         if self._chain is not None:
             return self._chain_derivatives(X, groups, hessian)
         n = X.shape[0]
         eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
+        if positions is not None:
+            if not self.position_chunks:
+                raise ValueError("positions: this model's blocks cover every output (it has dense layers, or groups "
+                                 "whose Hessian diagonals are computed)")
+            t0, t1 = positions
+            per = self.output_shape[1]
+            if not 0 <= t0 < t1 <= self.output_shape[0]:
+                raise ValueError(f"positions: expected 0 <= t0 < t1 <= {self.output_shape[0]}, got {positions}")
+            eye = eye[t0 * per:t1 * per]
+        rows = eye.shape[0]
         layout = self._layout()
         wanted = None if groups is None else set(groups)
         layers = [l for l, (w, b, _) in enumerate(layout) if wanted is None or w in wanted or b in wanted]
@@ -314,8 +338,13 @@ class Perturbed:
         convs = sorted({self._conv_of[g.name][0] for g in cols if g.name in self._conv_of})
         by_conv = {g for k in convs for g in (self.convs[k].weight, self.convs[k].bias) if g}
         chosen = {g.name: self.params[g.name] for g in cols if g.name not in by_conv}
-        names = {g for l in layers for g in layout[l][:2] if g} | {g.name for g in cols}
-        by_activations = hessian and bool(names & self.activation_groups)
+        dense_names = {g for l in layers for g in layout[l][:2] if g}
+        names = dense_names | {g.name for g in cols}
+        # the curvature rule's factors where a group asked for takes them: a dense layer's, or a column group whose
+        # second order is computed (not beyond max_params)
+        rule = self._rule_groups()
+        by_activations = hessian and any(g in dense_names or self.second_order or g in rule
+                                         for g in names & self.activation_groups)
 
         def f(x, ds, das, prim):
             full = list(ds)
@@ -345,8 +374,8 @@ class Perturbed:
             hess = [self._layer_hessian(X, deltas, l, hessian, K) for l in layers]
             blocks = dense.dense_blocks([layout[l] for l in layers], [inputs[l] for l in layers], list(jac_d),
                                         hess) + tuple(
-                ColumnBlock(g.name, jac_c[g.name].reshape(n, self.n_outputs, g.size),
-                            self._column_hessian(X, g, hessian, K, conv_inputs)) for g in cols)
+                ColumnBlock(g.name, jac_c[g.name].reshape(n, rows, g.size),
+                            self._column_hessian(X, g, hessian, K, conv_inputs, rows)) for g in cols)
         return Derivatives(h, blocks)
 
     def _conv_rows(self, conv_inputs, jac_z, names) -> dict:
@@ -505,10 +534,11 @@ class Perturbed:
         """Column groups whose second order a layer rule computes at any size (not limited by max_params)."""
         return frozenset()
 
-    def _column_hessian(self, X, group, hessian, K=None, conv_inputs=None):
+    def _column_hessian(self, X, group, hessian, K=None, conv_inputs=None, rows=None):
         """A column group's Hessian diagonals by a layer rule where one applies, by the curvature rule where
         its curvature comes from activations alone, else by the column rule
-        (:func:`.rules.columns.group_hessian`)."""
+        (:func:`.rules.columns.group_hessian`); ``rows`` outputs (all by default: only zeros or none are asked for
+        fewer, :attr:`position_chunks`)."""
         def compute():
             by_rule = self._rule_hessian(X, group, K, conv_inputs)
             if by_rule is not None:
@@ -531,7 +561,7 @@ class Perturbed:
 
             return columns.chunked(group.size, self.chunk, chunk)
 
-        return columns.group_hessian(OPS.xp, (X.shape[0], self.n_outputs, group.size), hessian=hessian,
+        return columns.group_hessian(OPS.xp, (X.shape[0], rows or self.n_outputs, group.size), hessian=hessian,
                                      linear=group.name in self.linear_groups,
                                      second_order=self.second_order or group.name in self._rule_groups(),
                                      compute=compute, dtype=self.dtype, device=self.device)

@@ -16,8 +16,10 @@ An :class:`Ops` supplies
 * ``no_grad()``, ``detach(x)`` — keep the caller's autograd graph out of the analysis;
 * ``to_host(x)`` — a NumPy copy on the host (for files);
 * ``prefers_large_batches(x)`` — compiled or accelerator arrays, for which batches are
-  limited by the memory budget alone; ``compiles`` — code is compiled per shape, so the
-  drivers pad a short last batch to the batch size.
+  limited by the memory budget alone;
+* ``free_device_memory(x)`` — bytes free on the accelerator that holds x (what the library's own
+  allocator holds unused counted as free), or None for arrays in host memory;
+* ``compiles`` — code is compiled per shape, so the drivers pad a short last batch to the batch size.
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ class Ops:
         """False: eager CPU libraries stop gaining from batches beyond a few hundred inputs."""
         return False
 
+    def free_device_memory(self, x) -> int | None:
+        """None: the array is in host memory."""
+        return None
+
 
 class CupyOps(Ops):
     """CuPy: eager, on an NVIDIA GPU."""
@@ -108,6 +114,13 @@ class CupyOps(Ops):
 
     def prefers_large_batches(self, x) -> bool:
         return True
+
+    def free_device_memory(self, x) -> int | None:
+        """The driver's free bytes on x's device and the blocks CuPy's memory pool holds unused."""
+        import cupy
+
+        with cupy.cuda.Device(x.device.id):
+            return int(cupy.cuda.runtime.memGetInfo()[0]) + int(cupy.get_default_memory_pool().free_bytes())
 
 
 class TorchOps(Ops):
@@ -159,6 +172,15 @@ class TorchOps(Ops):
     def prefers_large_batches(self, x) -> bool:
         return x.device.type != "cpu"
 
+    def free_device_memory(self, x) -> int | None:
+        """CUDA: the driver's free bytes and what torch's caching allocator holds unused; None elsewhere (the CPU,
+        and devices whose free memory torch does not report)."""
+        if x.device.type != "cuda":
+            return None
+        cuda = self.torch.cuda
+        unused = cuda.memory_reserved(x.device) - cuda.memory_allocated(x.device)
+        return int(cuda.mem_get_info(x.device)[0]) + int(unused)
+
 
 class JaxOps(Ops):
     """JAX: ``jax.vjp``/``jvp``/``vmap``, and ``jax.jit`` with one cache per function."""
@@ -200,6 +222,17 @@ class JaxOps(Ops):
         """On accelerators; on the CPU, compiled code too is fastest at a few hundred inputs (measured: the
         digits MLP's analyze took 110 ms in batches of 512, 174 ms in one batch of 1,797)."""
         return any(d.platform != "cpu" for d in x.devices())
+
+    def free_device_memory(self, x) -> int | None:
+        """An accelerator's ``bytes_limit − bytes_in_use`` (JAX's allocator, which by default takes 75 % of the device
+        at start); None on the CPU and where the device reports no memory statistics."""
+        dev = next(iter(x.devices()))
+        if dev.platform == "cpu":
+            return None
+        stats = dev.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return None
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
 _BY_NAMESPACE: dict = {}

@@ -26,7 +26,8 @@ declared protocol that the core checks with ``isinstance``:
   model holds beyond its derivative blocks, used to size batches to a memory budget;
 * :class:`SupportsGroupSelection` — ``derivatives_of(X, groups, hessian)``: the blocks of some
   groups only, so that a model whose full columns for one input exceed the budget is analysed
-  a few groups at a time.
+  a few groups at a time (or, with sequence outputs and ``position_chunks``, a few positions at a
+  time).
 
 Index conventions: n input, C output, p parameter of the group, m label draw.
 """
@@ -180,7 +181,15 @@ class DeclaresWorkspace(Protocol):
 
 @runtime_checkable
 class SupportsGroupSelection(Protocol):
-    """A model that computes the derivative blocks of chosen groups only (used by ``analyze`` under a memory budget)."""
+    """A model that computes the derivative blocks of chosen groups only (used by ``analyze`` under a memory budget).
+
+    A model with sequence outputs (T, C) may also set ``position_chunks = True`` and take
+    ``derivatives_of(X, groups, hessian=..., positions=(t0, t1))``: column blocks of the outputs of positions
+    t0 .. t1 − 1 only, (n, (t1 − t0)·C, p), with ``outputs`` the whole sequences' (n, T·C).  ``analyze`` then
+    takes a sequence whose columns exceed the budget a span of positions at a time, every group each time, and
+    merges the per-sequence moments (docs/math.md §12) — each output's backward pass runs once, where a plan of
+    groups runs them once per set of groups.
+    """
 
     def derivatives_of(self, X: Array, groups, /, *, hessian: bool = True) -> Derivatives:
         """:meth:`Model.derivatives` restricted to the blocks that cover the named ``groups`` (a dense block whole

@@ -14,18 +14,18 @@ from array_api_compat import array_namespace
 from fishercore.backends.ops import ops_for
 
 from . import _validation as V
-from ._batching import DEFAULT_MEMORY_BUDGET, batches_for, group_plan, value_itemsize
+from ._batching import batches_for, group_plan, position_plan, value_itemsize
 from ._progress import Progress
 from ._protocol import Array
 from .io import load_analysis, read, write
 from .result import FisherAnalysis
-from .sums import Accumulator, block_groups, chunked_sums
+from .sums import Accumulator, add_positions, block_groups, chunked_sums, position_sums
 
 __all__ = ["analyze", "analyze_batches", "analysis_of"]
 
 
 def analyze(model, X: Array, family="categorical", *, mask: Array | None = None, batch_size: int | None = None,
-            memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> FisherAnalysis:
+            memory_budget: float | None = None, progress: bool = False) -> FisherAnalysis:
     r"""Exact diagonal Fisher, variances of Î1 and Î2, and their bounds over a data set.
 
     Parameters
@@ -47,10 +47,12 @@ def analyze(model, X: Array, family="categorical", *, mask: Array | None = None,
         first batch of up to 32 inputs that measures the per-input footprint), and hold at
         most 512 inputs on the CPU (any library), where larger batches are not
         faster.  Results do not depend on the batching.
-    memory_budget : float
-        Bytes of working memory when ``batch_size`` is None (512 MiB by default): batches,
-        and the chunks in which a large layer's sums are taken, are sized so that what the
-        call allocates besides its result (9 numbers per parameter) stays within it.  The
+    memory_budget : float, optional
+        Bytes of working memory when ``batch_size`` is None: batches, and the chunks in which a
+        large layer's sums are taken, are sized so that what the call allocates besides its
+        result (9 numbers per parameter) stays within it.  By default 512 MiB for arrays in host
+        memory, and a quarter of the memory free on the device for arrays on a GPU (torch CUDA,
+        CuPy, JAX), where a host-sized budget would cut the work into many small launches.  The
         model, X, and memory the C allocator keeps after it is freed are outside it (see
         docs/performance.md, "Memory").  A budget too small for one input raises
         ValueError saying what would do.
@@ -78,10 +80,12 @@ def analyze(model, X: Array, family="categorical", *, mask: Array | None = None,
     batches = batches_for(X, batch_size, memory_budget)
     ops = ops_for(X)
     acc = Accumulator()
-    # a model whose columns for one input exceed the budget: one input at a time, a few groups at a time
+    # a model whose columns for one input exceed the budget: one input at a time, a few positions of its sequence
+    # outputs at a time (every group each time), or else a few groups at a time
     size = value_itemsize(model, X)
-    plan = group_plan(model, size, batches.budget) if batches.auto else None
-    if plan is None:
+    spans = position_plan(model, family, size, batches.budget) if batches.auto else None
+    plan = group_plan(model, size, batches.budget) if batches.auto and spans is None else None
+    if plan is None and spans is None:
         batches.first(model, size)
     else:
         batches.one_at_a_time()
@@ -93,7 +97,9 @@ def analyze(model, X: Array, family="categorical", *, mask: Array | None = None,
         for start, stop in batches:
             Xb, rows = batches.take(X, start, stop)
             positions = None if mask is None else batches.take(mask, start, stop)[0]
-            for groups in plan or (None,):
+            if spans is not None:
+                first_order |= _by_positions(model, Xb, spans, family, rows, positions, batches, acc, start, stop)
+            for groups in () if spans is not None else plan or (None,):
                 d = model.derivatives(Xb) if groups is None else model.derivatives_of(Xb, groups, hessian=True)
                 batches.fit(d.blocks, Xb.shape[0], model, hessian=True, resident=resident)
                 bar.total = len(batches)
@@ -109,13 +115,29 @@ def analyze(model, X: Array, family="categorical", *, mask: Array | None = None,
     return analysis_of(model, acc, family)
 
 
+def _by_positions(model, Xb, spans, family, rows, positions, batches, acc, start, stop) -> set:
+    """One batch's sums, its sequence outputs' positions a span at a time (:func:`~fishercore._batching.position_plan`),
+    merged per group and completed once every position is in; the groups that have no Hessian diagonals."""
+    held, first_order, outputs = {}, set(), None
+    for span in spans:
+        d = model.derivatives_of(Xb, None, hessian=True, positions=span)
+        V.check_results_finite(d.outputs, start, stop)
+        add_positions(held, d, family, span, batches.chunk_budget, positions)
+        first_order |= {b.group for b in d.blocks if b.diag_hess is None}
+        outputs = d.outputs
+        del d
+    for group, sums in position_sums(held, outputs, family, rows, positions):
+        acc.add_piece(group, 0, False, sums, stop - start)
+    return first_order
+
+
 def analysis_of(model, acc: Accumulator, family) -> FisherAnalysis:
     """The :class:`FisherAnalysis` of the sums an :class:`~fishercore.sums.Accumulator` holds for the model's groups."""
     return FisherAnalysis(acc.flat(model.groups), acc.n_inputs, tuple(model.groups), family)
 
 
 def analyze_batches(model, batches, family="categorical", *, checkpoint=None, checkpoint_every: int = 1,
-                    memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False,
+                    memory_budget: float | None = None, progress: bool = False,
                     mask_at: int | None = None) -> FisherAnalysis:
     r""":func:`analyze` over an iterable of batches (a data loader), resumable from a checkpoint.
 

@@ -92,7 +92,7 @@ def _project(score, jac, xp):
 
 def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_draws: int = 1, seed=None,
              labels: Array | None = None, mask: Array | None = None, batch_size: int | None = None,
-             memory_budget: float = DEFAULT_MEMORY_BUDGET, progress: bool = False, analysis=None,
+             memory_budget: float | None = None, progress: bool = False, analysis=None,
              costs: dict | None = None) -> Array:
     r"""Monte-Carlo estimate of the diagonal Fisher, (P,).
 
@@ -181,7 +181,7 @@ def estimate(model, X: Array, family="categorical", *, estimator: str = "i1", n_
 
 
 def _estimate(model, X, family, ests: tuple, *, n_draws, seed, labels=None, mask=None, batch_size=None,
-              memory_budget=DEFAULT_MEMORY_BUDGET, progress=False) -> dict:
+              memory_budget=None, progress=False) -> dict:
     """``{estimator: (P,) estimate}`` for the estimators ``ests`` ("i1", "i2"), all on the same draws, in one
     pass."""
     batches = batches_for(X, batch_size, memory_budget, statistics=False)

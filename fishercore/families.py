@@ -28,7 +28,8 @@ from array_api_compat import array_namespace, device
 from ._numerics import log_softmax, sigmoid, sigmoid_pair, softmax, softplus, unit_roundoff
 from ._protocol import Array
 
-__all__ = ["Bernoulli", "Categorical", "Family", "Gaussian", "Moments", "Positions", "Spectrum", "get_family"]
+__all__ = ["Bernoulli", "Categorical", "Family", "Gaussian", "Moments", "PositionMoments", "Positions", "Spectrum",
+           "get_family"]
 
 
 class Moments(NamedTuple):
@@ -39,6 +40,23 @@ class Moments(NamedTuple):
     v1: Array  # (n, k)      Var((sᵀu)²), single-draw variance of Î1
     v2: Array  # (n, k)      wᵀΛw, single-draw variance of Î2
     c12: Array  # (n, k)     Cov(Î1, Î2) for one draw = −E[(sᵀu)²(sᵀw)]
+
+
+class PositionMoments(NamedTuple):
+    """Sums over some positions of a sequence of each position's moments (docs/math.md §12), per input (n, k):
+    what the positions of one chunk contribute, merged exactly with the other chunks'
+    (:meth:`Positions.merge_moments`) and completed into the sequence's :class:`Moments`
+    (:meth:`Positions.complete_moments`).  ``cross`` is ``Σ_{t≠r} I_t I_r`` over the positions summed, each
+    term non-negative; the second-order fields are None where there is no w."""
+
+    fisher: Array  # Σ_t I_t
+    third: Array  # Σ_t E[a_t³]
+    v1: Array  # Σ_t v1_t
+    cross: Array  # Σ_{t≠r} I_t I_r
+    v2: Array | None  # Σ_t v2_t
+    c12: Array | None  # Σ_t c12_t
+    pu2: Array  # Σ_t ‖P_t u_t‖²
+    pw2: Array | None  # Σ_t ‖P_t w_t‖²
 
 
 class Spectrum(NamedTuple):
@@ -549,21 +567,40 @@ class Positions(Family):
 
     def moments_with_norms(self, outputs, jac, diag_hess):
         """Each position's moments and norms (the base family's), combined into the sequence's (docs/math.md §12)."""
+        return self.complete_moments(self.position_moments(outputs, jac, diag_hess))
+
+    def position_moments(self, outputs, jac, diag_hess) -> PositionMoments:
+        """The :class:`PositionMoments` of these ``length`` positions: outputs (n, length·C), jac and diag_hess
+        (n, length·C, k) — a whole sequence, or a chunk of its positions (whose sums merge with the others')."""
         xp = array_namespace(outputs, jac)
         n = outputs.shape[0]
         base, pu2, pw2 = self.base.moments_with_norms(
             self._split(outputs), self._split(jac), None if diag_hess is None else self._split(diag_hess))
-        pu2 = xp.sum(self._per_input(pu2, n), axis=1)
-        pw2 = None if pw2 is None else xp.sum(self._per_input(pw2, n), axis=1)
         m = Moments(*(None if x is None else self._per_input(x, n) for x in base))  # each (n, T, k)
         fisher = xp.sum(m.fisher, axis=1)
         # Σ_{t≠r} I_t I_r = Σ_t I_t (I − I_t), each term ≥ 0 (I − I_t clipped at 0 against rounding)
         rest = xp.maximum(fisher[:, None, :] - m.fisher, xp.zeros_like(m.fisher))
-        cross = 2.0 * xp.sum(m.fisher * rest, axis=1)
-        first = Moments(fisher, xp.sum(m.third, axis=1), xp.sum(m.v1, axis=1) + cross, None, None)
-        if diag_hess is not None:
-            first = first._replace(v2=xp.sum(m.v2, axis=1), c12=xp.sum(m.c12, axis=1))
-        return first, pu2, pw2
+        return PositionMoments(
+            fisher, xp.sum(m.third, axis=1), xp.sum(m.v1, axis=1), xp.sum(m.fisher * rest, axis=1),
+            None if m.v2 is None else xp.sum(m.v2, axis=1), None if m.c12 is None else xp.sum(m.c12, axis=1),
+            xp.sum(self._per_input(pu2, n), axis=1), None if pw2 is None else xp.sum(self._per_input(pw2, n), axis=1))
+
+    @staticmethod
+    def merge_moments(a: PositionMoments, b: PositionMoments) -> PositionMoments:
+        """The :class:`PositionMoments` of two disjoint sets of positions of the same inputs: sums, and
+        ``cross_a + cross_b + 2 I_a I_b`` (every term non-negative, nothing cancels)."""
+        def add(x, y):
+            return None if x is None else x + y
+
+        return PositionMoments(a.fisher + b.fisher, a.third + b.third, a.v1 + b.v1,
+                               a.cross + b.cross + 2.0 * (a.fisher * b.fisher), add(a.v2, b.v2),
+                               add(a.c12, b.c12), a.pu2 + b.pu2, add(a.pw2, b.pw2))
+
+    @staticmethod
+    def complete_moments(p: PositionMoments):
+        """The sequence's :class:`Moments` and norms from the sums over all its positions:
+        ``v1 = Σ_t v1_t + 2 Σ_{t≠r} I_t I_r``."""
+        return Moments(p.fisher, p.third, p.v1 + 2.0 * p.cross, p.v2, p.c12), p.pu2, p.pw2
 
     def spectrum(self, outputs, positions=None):
         r"""Extreme eigenvalues of the block-diagonal Λ and of 𝓜 over the positions where ``positions``

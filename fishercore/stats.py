@@ -97,10 +97,15 @@ def per_input_stats(outputs, jac, diag_hess, family, spectrum=None) -> PerInputS
     ``diag_hess=None``: the model has no Hessian diagonals for this block; the first-order
     statistics are exact and the second-order ones (:data:`SECOND_ORDER`) NaN, "not computed".
     """
-    xp = array_namespace(outputs, jac)
     spectrum = family.spectrum(outputs) if spectrum is None else spectrum
-    m, pu2, pw2 = family.moments_with_norms(outputs, jac, diag_hess)
-    if diag_hess is None:  # first order only: no w, no second-order work
+    return stats_of_moments(*family.moments_with_norms(outputs, jac, diag_hess), spectrum)
+
+
+def stats_of_moments(m, pu2, pw2, spectrum) -> PerInputStats:
+    """The per-input statistics from the moments, the norms ``‖Pu‖²`` and ``‖Pw‖²`` (None with ``m.v2``: first
+    order only, the second-order statistics NaN) and the spectrum: the bounds are added (traceable)."""
+    xp = array_namespace(m.fisher)
+    if m.v2 is None:  # first order only: no w, no second-order work
         nan = xp.full_like(m.fisher, float("nan"))
         b = variance_bounds(m._replace(v2=nan, c12=nan), spectrum, pu2, nan)
         return PerInputStats(m.fisher, m.v1, nan, nan, b.v1_lower, b.v1_upper, nan, nan)

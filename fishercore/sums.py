@@ -24,7 +24,7 @@ from fishercore.backends.ops import ops_for
 
 from ._batching import itemsize
 from ._protocol import Array, ColumnBlock, DenseBlock, weight_flat
-from .stats import SECOND_ORDER, PerInputStats, per_input_stats
+from .stats import SECOND_ORDER, PerInputStats, per_input_stats, stats_of_moments
 
 __all__ = ["Accumulator", "FisherSums", "all_reduce_sums", "block_sums", "chunked_sums", "derivative_sums",
            "masked_block", "merge_sums", "position_weights"]
@@ -201,6 +201,18 @@ def cache_chunk(block) -> int:
     return max(1, min(k, CACHE_BYTES // max(per_column, 1)))
 
 
+def _in_pieces(block, k: int, fn):
+    """``fn(jac, diag_hess)`` of a column block's columns k at a time, its results (NamedTuples of (..., k) arrays,
+    or None fields) side by side."""
+    size = block.jac.shape[-1]
+    pieces = [fn(block.jac[..., a:a + k], None if block.diag_hess is None else block.diag_hess[..., a:a + k])
+              for a in range(0, size, k)]
+    if len(pieces) == 1:
+        return pieces[0]
+    xp = array_namespace(block.jac)
+    return type(pieces[0])(*(None if f[0] is None else xp.concat(f, axis=-1) for f in zip(*pieces)))
+
+
 def block_sums(outputs: Array, block, family, spectrum=None, mask=None) -> dict:
     """Sums over the batch's inputs (rows where ``mask`` is 1, or all) for every group of one derivative block:
     name → FisherSums."""
@@ -213,14 +225,9 @@ def block_sums(outputs: Array, block, family, spectrum=None, mask=None) -> dict:
             transposed=block.transposed)
         return {block.weight: weight} if block.bias is None else {block.weight: weight, block.bias: bias}
     if isinstance(block, ColumnBlock):  # in pieces of cache_chunk columns, their sums side by side
-        column_sums, k, size = ops.jit(_column_sums, ("family",)), cache_chunk(block), block.jac.shape[-1]
-        pieces = [column_sums(outputs, block.jac[..., a:a + k],
-                              None if block.diag_hess is None else block.diag_hess[..., a:a + k], spectrum, mask,
-                              family=family) for a in range(0, size, k)]
-        if len(pieces) == 1:
-            return {block.group: pieces[0]}
-        xp = array_namespace(outputs)
-        return {block.group: FisherSums(*(None if f[0] is None else xp.concat(f, axis=-1) for f in zip(*pieces)))}
+        column_sums = ops.jit(_column_sums, ("family",))
+        return {block.group: _in_pieces(block, cache_chunk(block), lambda jac, hess: column_sums(
+            outputs, jac, hess, spectrum, mask, family=family))}
     raise TypeError(f"model: derivative blocks must be DenseBlock or ColumnBlock, got {type(block).__name__}")
 
 
@@ -279,6 +286,53 @@ def chunked_sums(d, family, mask=None, chunk_budget: float = float("inf"), posit
                 part = block if k >= size else block._replace(jac=block.jac[..., a:a + k], diag_hess=hess)
                 for name, sums in block_sums(d.outputs, part, family, spectrum, mask).items():
                     yield name, a, False, sums
+
+
+# -- sequence outputs a few positions at a time ---------------------------------------------
+def _position_moments(outputs, jac, diag_hess, family):
+    return family.position_moments(outputs, jac, diag_hess)
+
+
+def add_positions(held: dict, d, family, span, chunk_budget: float = float("inf"), positions=None) -> None:
+    """Merge into ``held`` (group → :class:`~fishercore.families.PositionMoments`, per input) what the positions
+    ``span = (t0, t1)`` of sequence outputs contribute, from derivatives ``d`` whose column blocks cover those
+    positions' outputs only (rows t0·C .. t1·C) and whose ``outputs`` are the whole sequences' (docs/math.md
+    §12: every per-sequence moment is a sum over positions, the cross term merges exactly).  ``positions``
+    (b, T): the positions that count, or None for all.  Columns a cache-sized piece at a time, at most
+    :func:`column_chunk` of them."""
+    from .families import Positions
+
+    ops = ops_for(d.outputs)
+    t0, t1 = span
+    C = d.outputs.shape[1] // family.length
+    outputs, chunk = d.outputs[:, t0 * C:t1 * C], Positions(family.base, t1 - t0)
+    weights = None if positions is None else ops.jit(position_weights)(positions[:, t0:t1], outputs)
+    moments = ops.jit(_position_moments, ("family",))
+    for block in d.blocks:
+        if not isinstance(block, ColumnBlock) or block.jac.shape[1] != outputs.shape[1]:
+            raise TypeError(f"model: derivatives of positions {t0}..{t1 - 1} must be column blocks of their "
+                            f"{outputs.shape[1]} outputs, got {type(block).__name__} of {block.jac.shape[1]}")
+        block = masked_block(block, weights)
+        k = min(cache_chunk(block), column_chunk(block, chunk_budget))
+        m = _in_pieces(block, k, lambda jac, hess: moments(outputs, jac, hess, family=chunk))
+        held[block.group] = m if block.group not in held else Positions.merge_moments(held[block.group], m)
+
+
+def _sums_of_moments(p, spectrum, mask):
+    from .families import Positions
+
+    return _sums_over_inputs(stats_of_moments(*Positions.complete_moments(p), spectrum), mask)
+
+
+def position_sums(held: dict, outputs, family, mask=None, positions=None):
+    """``(group, FisherSums)`` for every group of ``held`` (:func:`add_positions`, every position merged): the
+    per-sequence statistics with the bounds of the whole sequences' spectrum, summed over the inputs (rows
+    where ``mask`` is 1, or all)."""
+    ops = ops_for(outputs)
+    spectrum = ops.jit(_spectrum, ("family",))(outputs, positions=positions, family=family)
+    sums = ops.jit(_sums_of_moments)
+    for group, p in held.items():
+        yield group, sums(p, spectrum, mask)
 
 
 # -- the reduction -------------------------------------------------------------------------

@@ -193,6 +193,23 @@ def test_batches_sized_to_the_memory_budget_give_the_same_numbers():
         fc.analyze(model, X, memory_budget=per_input)
 
 
+def test_default_budget_is_512_mib_on_the_host_and_a_share_of_a_device(monkeypatch):
+    """memory_budget=None: 512 MiB for host arrays; for arrays on an accelerator, DEVICE_SHARE of its free memory
+    (faked here through Ops.free_device_memory), the same numbers; a device with nothing free is said so."""
+    from fishercore._batching import DEFAULT_MEMORY_BUDGET, DEVICE_SHARE, batches_for, default_memory_budget
+    from fishercore.backends import ops
+
+    model, X = make_problem(Problem("2h", "tanh", "categorical", n=40))
+    assert default_memory_budget(X) == DEFAULT_MEMORY_BUDGET == batches_for(X, None, None).budget
+    one = fc.analyze(model, X, batch_size=40)
+    monkeypatch.setattr(ops.Ops, "free_device_memory", lambda self, x: 2 * 2**30)
+    assert batches_for(X, None, None).budget == DEVICE_SHARE * 2 * 2**30
+    assert_analysis_close(fc.analyze(model, X), one, rtol=1e-12)
+    monkeypatch.setattr(ops.Ops, "free_device_memory", lambda self, x: 0)
+    with pytest.raises(ValueError, match="memory_budget: .* cannot hold"):
+        fc.analyze(model, X)
+
+
 def test_var_x_and_variance_formulas():
     model, X = make_problem(Problem("2h", "tanh", "categorical", n=9))
     res = fc.analyze(model, X)

@@ -101,3 +101,18 @@ def test_cnn_on_the_gpu_matches_brute_force(name):
         for f in R.FIELDS:
             want = reference[f"{tag}_{f}"]
             assert np.abs(flat[f] - want).max() <= 1e-10 * np.abs(want).max(), f"{name} {tag} {f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_IN_RUN or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no GPU backend in this run (no NVIDIA GPU found, or FISHERCORE_BACKENDS names none)"))])
+def test_default_budget_on_the_gpu_is_a_share_of_its_free_memory(name):
+    """memory_budget=None on GPU arrays: DEVICE_SHARE of what the device has free (the allocator's unused blocks
+    counted), not the host's 512 MiB."""
+    from fishercore._batching import DEVICE_SHARE, batches_for
+    from fishercore.backends.ops import ops_for
+
+    X = get_backend(name).asarray(np.ones((10, 4)))
+    free = ops_for(X).free_device_memory(X)
+    assert free is not None and free > 0, name
+    assert batches_for(X, None, None).budget == pytest.approx(DEVICE_SHARE * free, rel=0.2)

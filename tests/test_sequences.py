@@ -89,6 +89,52 @@ def test_statistics_match_enumeration_of_label_sequences(family, masked):
     assert np.all(res.v2_lower <= res.v2 * (1 + 1e-12)) and np.all(res.v2 <= res.v2_upper * (1 + 1e-12))
 
 
+class ByPositions(Table):
+    """The table, whose blocks also come a few positions at a time (``position_chunks``), as a large torch module's
+    do when one input's columns exceed the memory budget."""
+
+    position_chunks = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spans = []
+
+    def derivatives_of(self, X, groups, *, hessian=True, positions=None):
+        d = self.derivatives(X, hessian=hessian)
+        self.spans.append(positions)
+        if positions is None:
+            return d
+        (t0, t1), width, b = positions, self.output_shape[1], d.blocks[0]
+        rows = slice(t0 * width, t1 * width)
+        return fc.Derivatives(d.outputs, (fc.ColumnBlock("theta", b.jac[:, rows],
+                                                         None if b.diag_hess is None else b.diag_hess[:, rows]),))
+
+
+@pytest.mark.parametrize("family", ["categorical", "bernoulli", "gaussian"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("span", [1, 2])
+def test_a_few_positions_at_a_time_give_the_whole_sequences_statistics(family, masked, span):
+    """Under a budget that holds ``span`` positions' columns, analyze takes each sequence a span of positions at a
+    time and merges the per-sequence moments (the cross-position term Σ_{t≠r} I_t I_r exactly): every field of one
+    call over whole sequences, the bounds included, with and without a mask."""
+    from fishercore._batching import CHUNK_SHARE
+
+    plain, X = table(family, seed=5)
+    model = ByPositions(plain.H, plain.U, plain.W, plain.output_shape)
+    keep = None
+    if masked:
+        keep = np.ones((X.shape[0], T), dtype=bool)
+        keep[0, 2] = keep[1, 0] = keep[3, :2] = keep[4, :] = False
+    per_position = model.n_outputs * K * 8 / T
+    res = fc.analyze(model, X, family, mask=keep, memory_budget=(span + 0.5) * per_position / (1 - CHUNK_SHARE))
+    want = [(t, min(T, t + span)) for t in range(0, T, span)]
+    assert model.spans == want * X.shape[0]  # one input at a time, its positions a span at a time
+    one = fc.analyze(plain, X, family, mask=keep)
+    for f in ("fisher", "v1", "v2", "c12", "var_x", "v1_lower", "v1_upper", "v2_lower", "v2_upper"):
+        ref = getattr(one, f)
+        np.testing.assert_allclose(getattr(res, f), ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max(), err_msg=f)
+
+
 def test_a_masked_position_is_the_same_as_a_sequence_without_it():
     """Masking the last position equals a model with T − 1 positions (every field, the bounds included)."""
     model, X = table("categorical", seed=3)

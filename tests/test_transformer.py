@@ -63,6 +63,45 @@ def test_torch_transformer_matches_brute_force(masked, budget):
     _compare(res, "masked_" if masked else "", "transformer-torch", lambda x: x.numpy())
 
 
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("masked", [False, True])
+def test_torch_transformer_a_few_positions_at_a_time(masked):
+    """First order (max_params=1: no Hessian diagonals, but the zeros of the groups where w = 0): under a budget
+    that holds two of the four positions' columns, each sequence's outputs are differentiated two positions at a
+    time (every group, one backward pass per output) and the moments merged — the numbers of brute force, and
+    the second-order zeros and NaNs of one call."""
+    torch = require_framework("torch")
+    import fishercore as fc
+    from fishercore.backends import torch as fc_torch
+    from fishercore.report import transformer as tr
+
+    net = tr.torch_model(R.CONFIG, R.params(), dtype=torch.float64)
+    model = fc_torch.from_module(net, input_shape=(R.CONFIG.context,), input_dtype=torch.long, max_params=1)
+    assert model.position_chunks
+    spans, derivatives_of = [], model.derivatives_of
+
+    def recorded(X, groups, **kw):
+        spans.append(kw.get("positions"))
+        return derivatives_of(X, groups, **kw)
+
+    model.derivatives_of = recorded
+    mask = torch.as_tensor(R.mask()) if masked else None
+    X = torch.as_tensor(R.tokens())
+    res = fc.analyze(model, X, mask=mask, memory_budget=40_000)
+    assert spans == [(0, 2), (2, 4)] * X.shape[0]
+    _compare(res, "masked_" if masked else "", "transformer-torch", lambda x: x.numpy(), FIRST_ORDER)
+    one = fc.analyze(model, X, mask=mask, batch_size=6)
+    for f in ("v2", "c12", "v2_lower", "v2_upper"):
+        np.testing.assert_array_equal(getattr(res, f).numpy(), getattr(one, f).numpy(), err_msg=f)  # NaN, or 0
+    # a model whose groups need Hessian diagonals takes whole sequences, and says so when asked for positions
+    full = fc_torch.from_module(net, input_shape=(R.CONFIG.context,), input_dtype=torch.long)
+    assert not full.position_chunks
+    with pytest.raises(ValueError, match="positions: "):
+        full.derivatives_of(X[:1], None, positions=(0, 2))
+    with pytest.raises(ValueError, match="positions: expected 0 <= t0 < t1 <= 4"):
+        model.derivatives_of(X[:1], None, positions=(3, 5))
+
+
 @pytest.mark.backends("torch-cuda")
 def test_torch_transformer_on_the_gpu_matches_brute_force():
     """The same on CUDA tensors, masked, under a budget that cuts groups and columns: the outputs stay on the GPU."""
