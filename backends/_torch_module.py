@@ -308,6 +308,14 @@ class Perturbed:
         return all(g.name in self.linear_groups or not (self.second_order or g.name in rule)
                    for g in self.column_groups)
 
+    def position_workspace(self, span: int) -> int:
+        """Bytes per input that the derivatives of ``span`` positions hold beyond the blocks: the cotangents of the
+        span's outputs through two of the model's values at a time (:meth:`workspace_per_input`'s first order;
+        with :attr:`position_chunks` no Hessian pass runs)."""
+        outs = [d.out for d in self.dense] or [0]
+        per_pass = sum(outs) + sum(d.in_ for d in self.dense) + (self._value_size if self.column_groups else 0)
+        return 2 * span * self.output_shape[1] * per_pass * self.dtype.itemsize
+
     def derivatives_of(self, X, groups, *, hessian: bool = True, positions=None) -> Derivatives:
         """The blocks of the named ``groups`` (all for None): the dense layers that own one of them, and their
         column groups; one vjp per output differentiates only those (and, for the curvature rule, the
@@ -318,16 +326,7 @@ class Perturbed:
         if self._chain is not None:
             return self._chain_derivatives(X, groups, hessian)
         n = X.shape[0]
-        eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)
-        if positions is not None:
-            if not self.position_chunks:
-                raise ValueError("positions: this model's blocks cover every output (it has dense layers, or groups "
-                                 "whose Hessian diagonals are computed)")
-            t0, t1 = positions
-            per = self.output_shape[1]
-            if not 0 <= t0 < t1 <= self.output_shape[0]:
-                raise ValueError(f"positions: expected 0 <= t0 < t1 <= {self.output_shape[0]}, got {positions}")
-            eye = eye[t0 * per:t1 * per]
+        eye = torch.eye(self.n_outputs, dtype=self.dtype, device=self.device)[columns.position_rows(self, positions)]
         rows = eye.shape[0]
         layout = self._layout()
         wanted = None if groups is None else set(groups)

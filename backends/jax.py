@@ -617,6 +617,20 @@ class JaxFunction:
                 need = max(need, S + 2 * self.chunk * M)
         return need * jnp.dtype(self.dtype).itemsize
 
+    @property
+    def position_chunks(self) -> bool:
+        """Whether :meth:`derivatives_of` takes ``positions=``: sequence outputs (T, C), not a dense chain, and no
+        group whose Hessian diagonals are computed (each is exactly zero, or not computed, beyond ``max_params``)."""
+        if self._chain is not None or len(self.output_shape) != 2:
+            return False
+        return all(g.name in self.linear_groups or not self._second_order_of(g.name) for g in self.groups)
+
+    def position_workspace(self, span: int) -> int:
+        """Bytes per input that the first order of ``span`` positions holds beyond the blocks: the pass's residuals
+        and ``min(span·C, chunk)`` cotangents (:meth:`workspace_per_input`)."""
+        (S, M), R = self._pass_size, min(span * self.output_shape[1], self.chunk)
+        return (S + R * (M + self._layer_outputs)) * jnp.dtype(self.dtype).itemsize
+
     def _second_order_of(self, name: str) -> bool:
         """Whether the group's Hessian diagonals are computed: by a rule at any size, or within ``max_params`` and
         not behind a custom_vjp."""
@@ -635,17 +649,19 @@ class JaxFunction:
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         return self.derivatives_of(X, None, hessian=hessian)
 
-    def derivatives_of(self, X, groups, *, hessian: bool = True) -> Derivatives:
+    def derivatives_of(self, X, groups, *, hessian: bool = True, positions=None) -> Derivatives:
         """The blocks of the named ``groups`` (all for None), compiled once per choice of groups; a dense chain's
-        layers whole, by the dense-chain rule."""
+        layers whole, by the dense-chain rule.  ``positions=(t0, t1)`` (where :attr:`position_chunks`): the
+        blocks of the outputs of positions t0 .. t1 − 1 only; the outputs are the whole sequences'."""
         n = X.shape[0]
+        rows = columns.position_rows(self, positions)
         if self._chain is not None:
             h, inputs, jac, hess = OPS.jit(_chain_derivatives, ("apply_fn", "treedef", "hessian"))(
                 self.leaves, X, hessian=hessian, **self._static)
             blocks = dense.dense_blocks(self._chain[0], inputs, jac, hess)
             chosen = None if groups is None else set(groups)
             return Derivatives(h, tuple(b for b in blocks if chosen is None or {b.weight, b.bias} & chosen))
-        eye = jnp.eye(self.n_outputs, dtype=self.dtype)
+        eye = jnp.eye(self.n_outputs, dtype=self.dtype)[rows]
         indices = None if groups is None else tuple(i for i, g in enumerate(self.groups) if g.name in set(groups))
         jacobian = OPS.jit(_function_jacobian, ("apply_fn", "treedef", "indices", "interpret", "chunk"))
         jac = jacobian(self.leaves, X, eye, indices=indices, interpret=self._interpret, chunk=self.chunk,
@@ -666,7 +682,7 @@ class JaxFunction:
                                         **self._hessian_static)
                 return columns.chunked(g.size, self.chunk, chunk)
 
-            w = columns.group_hessian(jnp, (n, self.n_outputs, g.size), hessian=hessian,
+            w = columns.group_hessian(jnp, (n, eye.shape[0], g.size), hessian=hessian,
                                       linear=g.name in self.linear_groups, second_order=self._second_order_of(g.name),
                                       compute=compute, dtype=self.dtype, device=self.device)
             blocks.append(ColumnBlock(g.name, jac[j].reshape(n, -1, g.size), w))

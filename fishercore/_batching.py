@@ -253,9 +253,10 @@ def position_plan(model, family, itemsize: int, budget: float):
     ``derivatives_of(..., positions=(t0, t1))``) under a :class:`~fishercore.Positions` family.  Each group's
     backward passes then run once per position, where a plan of groups (:func:`group_plan`) runs all of them
     once per set of groups; and a group whose columns alone exceed the budget still fits.  A position costs its
-    share of the columns (and zero Hessian diagonals of the groups where w = 0) and of the model's declared
-    workspace (its cotangents are the position's outputs).  None also where one position does not fit: the plan
-    of groups decides, and says what budget would do.
+    share of the columns (and zero Hessian diagonals of the groups where w = 0); a span, what the model says
+    its derivatives hold beyond them (``position_workspace(span)``, else the span's share of its declared
+    workspace).  None also where one position does not fit: the plan of groups decides, and says what budget
+    would do.
     """
     from ._protocol import SupportsGroupSelection
     from .families import Positions
@@ -263,14 +264,14 @@ def position_plan(model, family, itemsize: int, budget: float):
     if not (isinstance(family, Positions) and getattr(model, "position_chunks", False)
             and isinstance(model, SupportsGroupSelection)):
         return None
-    free = budget * (1 - CHUNK_SHARE)
+    free, T = budget * (1 - CHUNK_SHARE), family.length
     workspace = model.workspace_per_input(True) if isinstance(model, DeclaresWorkspace) else 0
     linear = set(getattr(model, "linear_groups", ()))
     columns = sum((1 + (g.name in linear)) * model.n_outputs * g.size * itemsize for g in model.groups)
     if columns + workspace <= free:
         return None
-    T = family.length
-    span = int(free // ((columns + workspace) / T))
+    by_span = getattr(model, "position_workspace", lambda s: workspace * s / T)
+    span = max((s for s in range(1, T + 1) if columns * s / T + by_span(s) <= free), default=0)
     if span < 1:
         return None
     return [(t, min(T, t + span)) for t in range(0, T, span)]

@@ -188,7 +188,8 @@ class SupportsGroupSelection(Protocol):
     t0 .. t1 − 1 only, (n, (t1 − t0)·C, p), with ``outputs`` the whole sequences' (n, T·C).  ``analyze`` then
     takes a sequence whose columns exceed the budget a span of positions at a time, every group each time, and
     merges the per-sequence moments (docs/math.md §12) — each output's backward pass runs once, where a plan of
-    groups runs them once per set of groups.
+    groups runs them once per set of groups.  ``position_workspace(span)``, optional: bytes per input such a call
+    holds beyond its blocks (else the span's share of ``workspace_per_input``).
     """
 
     def derivatives_of(self, X: Array, groups, /, *, hessian: bool = True) -> Derivatives:

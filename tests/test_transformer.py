@@ -125,7 +125,7 @@ def test_torch_transformer_on_the_gpu_matches_brute_force():
     pytest.param(True, None, "jax-gpu", marks=pytest.mark.backends("jax-gpu"))])
 def test_jax_transformer_matches_brute_force(masked, budget, name):
     """Under the budget, first order only (max_params=1: no per-group Hessian programs to compile); the cuts
-    into groups and columns are what is checked there.  ``jax-gpu``: every field on the GPU."""
+    into spans of positions and columns are what is checked there.  ``jax-gpu``: every field on the GPU."""
     require_framework("jax")
     get_backend(name)  # float64 on; a skip where there is no GPU
     import jax.numpy as jnp
@@ -138,6 +138,13 @@ def test_jax_transformer_matches_brute_force(masked, budget, name):
     model = fc_jax.from_function(tr.JaxCharTransformer(heads=R.CONFIG.heads, depth=R.CONFIG.depth), params,
                                  input_shape=(R.CONFIG.context,), input_dtype=jnp.int64,
                                  n_tokens=R.CONFIG.vocab, max_params=20_000 if budget is None else 1)
+    spans, derivatives_of = [], model.derivatives_of
+
+    def recorded(X, groups, **kw):
+        spans.append(kw.get("positions"))
+        return derivatives_of(X, groups, **kw)
+
+    model.derivatives_of = recorded
     mask = jnp.asarray(R.mask()) if masked else None
     if budget is None:
         res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, batch_size=4)
@@ -147,6 +154,8 @@ def test_jax_transformer_matches_brute_force(masked, budget, name):
     fields = R.FIELDS if budget is None else FIRST_ORDER
     flat = {f: np.concatenate([np.asarray(res.unflatten(getattr(res, f))[n]).reshape(-1) for n in order])
             for f in fields}
+    if budget is not None:  # first order only: each sequence a position at a time, every group each time
+        assert model.position_chunks and spans == [(t, t + 1) for t in range(R.CONFIG.context)] * len(R.tokens())
     if name == "jax-gpu":
         assert next(iter(res.fisher.devices())).platform == "gpu"
     _compare(types.SimpleNamespace(**flat), "masked_" if masked else "", f"transformer-{name}", np.asarray, fields)

@@ -19,7 +19,21 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace
 
-__all__ = ["chunked", "diag_hessian", "group_hessian", "pullback", "unit_directions"]
+__all__ = ["chunked", "diag_hessian", "group_hessian", "position_rows", "pullback", "unit_directions"]
+
+
+def position_rows(model, positions) -> slice:
+    """The rows of a sequence model's flat outputs (T·C) that the positions ``(t0, t1)`` hold, t0 .. t1 − 1
+    (all for None); refused where the model's blocks do not split by position (``position_chunks`` false)."""
+    if positions is None:
+        return slice(None)
+    if not model.position_chunks:
+        raise ValueError("positions: this model's blocks cover every output (it is not a sequence model, has dense "
+                         "layers, or has groups whose Hessian diagonals are computed)")
+    (T, per), (t0, t1) = model.output_shape, positions
+    if not 0 <= t0 < t1 <= T:
+        raise ValueError(f"positions: expected 0 <= t0 < t1 <= {T}, got {positions}")
+    return slice(t0 * per, t1 * per)
 
 
 def pullback(ops, f, primal, cotangents):
