@@ -4,6 +4,7 @@ Run from the repository root:
 
     python benchmarks/transformer.py                                   # width 64, 1 block, T = 32, 32 sequences
     python benchmarks/transformer.py --width 128 --depth 2 --hidden 512 --context 64 --sequences 256   # issue size
+    python benchmarks/transformer.py ... --jax      # also JAX's from_function of the same weights
 
 The model is :class:`fishercore.report.transformer.CharTransformer` (55 characters, outputs
 (n, T, 55)), float32, torch on the CPU, with random token ids.  Both sides compute, per parameter,
@@ -70,6 +71,44 @@ def baseline(net, X, batch):
     return fisher, v1, var_x
 
 
+def jax_row(cfg, X, args, ref):
+    """The transformer through JAX's ``from_function``, float32, ``max_params=1``, the same weights and sequences:
+    a line with the first call's time (compilation included), the median of ``args.repeat`` later calls, and the
+    largest relative deviation of its Fisher, Var Î1 and var_x from torch's ``ref`` (each in torch's order)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fishercore.backends import jax as fc_jax
+
+    params = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in tr.init_params(cfg, 0, perturb=0.1).items()}
+    model = fc_jax.from_function(tr.JaxCharTransformer(heads=cfg.heads, depth=cfg.depth), params,
+                                 input_shape=(cfg.context,), input_dtype=jnp.int32, n_tokens=cfg.vocab, max_params=1)
+    Xj = jnp.asarray(X.numpy(), dtype=jnp.int32)
+
+    def run():
+        res = fc.analyze(model, Xj, memory_budget=args.memory_budget)
+        jax.block_until_ready(res.fisher)
+        return res
+
+    t = time.perf_counter()
+    res = run()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        res = run()
+        times.append(time.perf_counter() - t)
+    order = [n for n, _ in cfg.names_and_shapes()]  # JAX orders a dict's leaves by key; torch, as the module does
+    dev = 0.0
+    for f in ("fisher", "v1", "var_x"):
+        got = np.concatenate([np.asarray(res.unflatten(getattr(res, f))[n]).reshape(-1) for n in order])
+        want = getattr(ref, f).numpy()
+        dev = max(dev, float(np.abs(got - want).max() / np.abs(want).max()))
+    return (f"JAX from_function, first order, within {args.memory_budget / 2**20:.0f} MiB: "
+            f"{statistics.median(times):.2f} s ({first:.2f} s with compilation); largest relative deviation "
+            f"from torch (F, Var Î1, var_x): {dev:.1e}")
+
+
 def timed(job, repeat):
     job()
     times, peaks = [], []
@@ -93,6 +132,9 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="sequences per batch of the torch.func side")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--memory-budget", type=float, default=512 * 2**20)
+    p.add_argument("--jax", action="store_true",
+                   help="also the same weights as JAX's from_function (JaxCharTransformer): the first call, "
+                        "compilation included, then the median of --repeat calls, and its deviation from torch's")
     p.add_argument("--skip-reference", action="store_true",
                    help="time fishercore only (the reference's full Jacobians need T·C·P numbers per sequence: "
                         "5.9 GB in float32 at the issue's size, before its moments' temporaries)")
@@ -104,6 +146,8 @@ def main():
     P = sum(v.numel() for v in net.parameters())
     model = fc_torch.from_module(net, input_shape=(cfg.context,), input_dtype=torch.long, max_params=1)
     ours, ours_rss, res = timed(lambda: fc.analyze(model, X, memory_budget=args.memory_budget), args.repeat)
+    if args.jax:
+        print(jax_row(cfg, X, args, res), flush=True)
     if args.skip_reference:
         print(f"transformer: width {cfg.width}, {cfg.depth} block(s), hidden {cfg.hidden}, T = {cfg.context}, "
               f"C = {cfg.vocab}, P = {P:,}; {args.sequences} sequences, float32, fishercore within "
