@@ -291,8 +291,13 @@ class Perturbed:
             second += (2 * self.n_outputs + 2 * self.chunk) * acts
         if hessian and self.convs:
             second += 3 * self.chunk * max(c.spec.out_channels * c.spec.positions for c in self.convs)
-        through = self._value_size if self.column_groups else 0
-        return (2 * self.n_outputs * (per_pass + through) + second) * self.dtype.itemsize
+        return (2 * self.n_outputs * self._cotangent_values() + second) * self.dtype.itemsize
+
+    def _cotangent_values(self) -> int:
+        """Numbers that each output's cotangent takes through the model in the first-order vjps: every dense layer's
+        input and output, and where there are column groups the largest of the model's values."""
+        return (sum(d.out for d in self.dense) + sum(d.in_ for d in self.dense)
+                + (self._value_size if self.column_groups else 0))
 
     def derivatives(self, X, *, hessian: bool = True) -> Derivatives:
         return self.derivatives_of(X, None, hessian=hessian)
@@ -312,9 +317,7 @@ class Perturbed:
         """Bytes per input that the derivatives of ``span`` positions hold beyond the blocks: the cotangents of the
         span's outputs through two of the model's values at a time (:meth:`workspace_per_input`'s first order;
         with :attr:`position_chunks` no Hessian pass runs)."""
-        outs = [d.out for d in self.dense] or [0]
-        per_pass = sum(outs) + sum(d.in_ for d in self.dense) + (self._value_size if self.column_groups else 0)
-        return 2 * span * self.output_shape[1] * per_pass * self.dtype.itemsize
+        return 2 * span * self.output_shape[1] * self._cotangent_values() * self.dtype.itemsize
 
     def derivatives_of(self, X, groups, *, hessian: bool = True, positions=None) -> Derivatives:
         """The blocks of the named ``groups`` (all for None): the dense layers that own one of them, and their

@@ -604,9 +604,8 @@ class JaxFunction:
         if self._chain is not None:
             _, widths, curved = self._chain
             return dense.workspace(list(widths), list(curved), jnp.dtype(self.dtype).itemsize, hessian)
-        (S, M), C = self._pass_size, self.n_outputs
-        R = min(C, self.chunk)
-        need = S + R * (M + self._layer_outputs)
+        (S, M), R = self._pass_size, min(self.n_outputs, self.chunk)
+        need = self._first_order_size(self.n_outputs)
         for i, g in enumerate(self.groups) if hessian else ():
             if g.name in self.linear_groups or not self._second_order_of(g.name):
                 continue
@@ -625,11 +624,15 @@ class JaxFunction:
             return False
         return all(g.name in self.linear_groups or not self._second_order_of(g.name) for g in self.groups)
 
+    def _first_order_size(self, outputs: int) -> int:
+        """Numbers per input that the first order of ``outputs`` outputs holds beyond the blocks: the pass's residuals
+        and ``min(outputs, chunk)`` cotangents of a value and of the layer outputs (:meth:`workspace_per_input`)."""
+        (S, M), R = self._pass_size, min(outputs, self.chunk)
+        return S + R * (M + self._layer_outputs)
+
     def position_workspace(self, span: int) -> int:
-        """Bytes per input that the first order of ``span`` positions holds beyond the blocks: the pass's residuals
-        and ``min(span·C, chunk)`` cotangents (:meth:`workspace_per_input`)."""
-        (S, M), R = self._pass_size, min(span * self.output_shape[1], self.chunk)
-        return (S + R * (M + self._layer_outputs)) * jnp.dtype(self.dtype).itemsize
+        """Bytes per input that the first order of ``span`` positions holds beyond the blocks."""
+        return self._first_order_size(span * self.output_shape[1]) * jnp.dtype(self.dtype).itemsize
 
     def _second_order_of(self, name: str) -> bool:
         """Whether the group's Hessian diagonals are computed: by a rule at any size, or within ``max_params`` and

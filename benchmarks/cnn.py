@@ -208,14 +208,14 @@ def digits(repeat, device):
 
 def resnet(repeat, device, n=512):
     """The ReLU ResNet-8 within 512 MiB on the CPU; on a GPU with the default budget (a share of its free memory)."""
-    from fishercore._batching import batches_for
+    from fishercore._batching import default_memory_budget
 
     net = resnet8().to(device)
     X = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)
     y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(3)).to(device)
     model = fc_torch.from_module(net, input_shape=(3, 32, 32))
     assert set(model.linear_groups) == {g.name for g in model.groups}  # ReLU, pooling, eval BatchNorm: w = 0
-    budget = 512 * 2**20 if device == "cpu" else batches_for(X, None, None).budget
+    budget = 512 * 2**20 if device == "cpu" else default_memory_budget(X)
     ours = timed(lambda: fc.analyze(model, X, memory_budget=budget), repeat, device)
     ggn = timed(backpack_job(net, X, y, _extensions("DiagGGNExact"), batch=128, converter=True), repeat, device)
     t_ggn, r_ggn, m_ggn, err = _cells(ours, ggn)

@@ -206,6 +206,15 @@ class Batches:
         self.fitted = True
 
 
+def _costs_per_input(model, itemsize: int):
+    """({group: bytes of one input's columns and the Hessian diagonals the model computes for it — zeros where
+    w = 0, none beyond max_params}, bytes of the model's declared workspace per input)."""
+    workspace = model.workspace_per_input(True) if isinstance(model, DeclaresWorkspace) else 0
+    linear, second = set(getattr(model, "linear_groups", ())), getattr(model, "second_order", True)
+    cost = {g.name: (1 + (second or g.name in linear)) * model.n_outputs * g.size * itemsize for g in model.groups}
+    return cost, workspace
+
+
 def group_plan(model, itemsize: int, budget: float):
     """The groups to take at once when one input's full columns do not fit the budget, or None (all at once).
 
@@ -222,10 +231,7 @@ def group_plan(model, itemsize: int, budget: float):
     if not isinstance(model, SupportsGroupSelection):
         return None
     free = budget * (1 - CHUNK_SHARE)
-    workspace = model.workspace_per_input(True) if isinstance(model, DeclaresWorkspace) else 0
-    linear, second = set(getattr(model, "linear_groups", ())), getattr(model, "second_order", True)
-    # the columns, and the Hessian diagonals where the model computes them (zeros where w = 0; none beyond max_params)
-    cost = {g.name: (1 + (second or g.name in linear)) * model.n_outputs * g.size * itemsize for g in model.groups}
+    cost, workspace = _costs_per_input(model, itemsize)
     if sum(cost.values()) + workspace <= free:
         return None
     plan, chunk, used = [], [], 0
@@ -253,9 +259,9 @@ def position_plan(model, family, itemsize: int, budget: float):
     ``derivatives_of(..., positions=(t0, t1))``) under a :class:`~fishercore.Positions` family.  Each group's
     backward passes then run once per position, where a plan of groups (:func:`group_plan`) runs all of them
     once per set of groups; and a group whose columns alone exceed the budget still fits.  A position costs its
-    share of the columns (and zero Hessian diagonals of the groups where w = 0); a span, what the model says
-    its derivatives hold beyond them (``position_workspace(span)``, else the span's share of its declared
-    workspace).  None also where one position does not fit: the plan of groups decides, and says what budget
+    share of the columns and of the Hessian diagonals the model holds (:func:`group_plan`'s cost); a span, what
+    the model says its derivatives hold beyond them (``position_workspace(span)``, else the span's share of its
+    declared workspace).  None also where one position does not fit: the plan of groups decides, and says what budget
     would do.
     """
     from ._protocol import SupportsGroupSelection
@@ -265,9 +271,8 @@ def position_plan(model, family, itemsize: int, budget: float):
             and isinstance(model, SupportsGroupSelection)):
         return None
     free, T = budget * (1 - CHUNK_SHARE), family.length
-    workspace = model.workspace_per_input(True) if isinstance(model, DeclaresWorkspace) else 0
-    linear = set(getattr(model, "linear_groups", ()))
-    columns = sum((1 + (g.name in linear)) * model.n_outputs * g.size * itemsize for g in model.groups)
+    cost, workspace = _costs_per_input(model, itemsize)
+    columns = sum(cost.values())
     if columns + workspace <= free:
         return None
     by_span = getattr(model, "position_workspace", lambda s: workspace * s / T)

@@ -125,7 +125,7 @@ def test_a_few_positions_at_a_time_give_the_whole_sequences_statistics(family, m
     if masked:
         keep = np.ones((X.shape[0], T), dtype=bool)
         keep[0, 2] = keep[1, 0] = keep[3, :2] = keep[4, :] = False
-    per_position = model.n_outputs * K * 8 / T
+    per_position = 2 * model.n_outputs * K * 8 / T  # its columns and Hessian diagonals
     res = fc.analyze(model, X, family, mask=keep, memory_budget=(span + 0.5) * per_position / (1 - CHUNK_SHARE))
     want = [(t, min(T, t + span)) for t in range(0, T, span)]
     assert model.spans == want * X.shape[0]  # one input at a time, its positions a span at a time

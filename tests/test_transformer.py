@@ -27,6 +27,18 @@ def _compare(res, tag, kind, to_numpy, fields=R.FIELDS):
     record_deviation(kind, "float64", worst, f"transformer {tag or 'unmasked'} vs brute force")
 
 
+def _recording_spans(model) -> list:
+    """The ``positions=`` of each of the model's ``derivatives_of`` calls from now on (None for whole sequences)."""
+    spans, derivatives_of = [], model.derivatives_of
+
+    def recorded(X, groups, **kw):
+        spans.append(kw.get("positions"))
+        return derivatives_of(X, groups, **kw)
+
+    model.derivatives_of = recorded
+    return spans
+
+
 @pytest.mark.backends("torch")
 def test_reference_file_is_current():
     """The stored reference is what brute force gives today (so it cannot go stale)."""
@@ -78,13 +90,7 @@ def test_torch_transformer_a_few_positions_at_a_time(masked):
     net = tr.torch_model(R.CONFIG, R.params(), dtype=torch.float64)
     model = fc_torch.from_module(net, input_shape=(R.CONFIG.context,), input_dtype=torch.long, max_params=1)
     assert model.position_chunks
-    spans, derivatives_of = [], model.derivatives_of
-
-    def recorded(X, groups, **kw):
-        spans.append(kw.get("positions"))
-        return derivatives_of(X, groups, **kw)
-
-    model.derivatives_of = recorded
+    spans = _recording_spans(model)
     mask = torch.as_tensor(R.mask()) if masked else None
     X = torch.as_tensor(R.tokens())
     res = fc.analyze(model, X, mask=mask, memory_budget=40_000)
@@ -138,13 +144,7 @@ def test_jax_transformer_matches_brute_force(masked, budget, name):
     model = fc_jax.from_function(tr.JaxCharTransformer(heads=R.CONFIG.heads, depth=R.CONFIG.depth), params,
                                  input_shape=(R.CONFIG.context,), input_dtype=jnp.int64,
                                  n_tokens=R.CONFIG.vocab, max_params=20_000 if budget is None else 1)
-    spans, derivatives_of = [], model.derivatives_of
-
-    def recorded(X, groups, **kw):
-        spans.append(kw.get("positions"))
-        return derivatives_of(X, groups, **kw)
-
-    model.derivatives_of = recorded
+    spans = _recording_spans(model)
     mask = jnp.asarray(R.mask()) if masked else None
     if budget is None:
         res = fc.analyze(model, jnp.asarray(R.tokens()), mask=mask, batch_size=4)
