@@ -101,6 +101,24 @@ class ConvSite(NamedTuple):
     post_others: tuple = ()
 
 
+class _ConvBatch:
+    """One batch's conv layers, shared by the groups of a :meth:`TorchModule.derivatives_of` call: each layer's input
+    (``inputs``, {k: (n, I, *spatial)}), its patches (made once, for both orders), the groups asked for
+    (``wanted``), and the Hessian diagonals that a layer's weight and bias got together, each handed out once."""
+
+    def __init__(self, model, inputs: dict, wanted):
+        self.model, self.inputs, self.wanted = model, inputs, set(wanted)
+        self._patches: dict = {}
+        self.done: dict = {}
+
+    def patches(self, k):
+        """Conv layer k's input patches (n, I·K, P) (:func:`.rules.conv.patches`)."""
+        if k not in self._patches:
+            layer = self.model.convs[k]
+            self._patches[k] = conv.patches(self.inputs[k], layer.spec, layer.index)
+        return self._patches[k]
+
+
 class _Reached(Exception):
     """Raised by a forward pre-hook to end a pass where what it needs has been computed."""
 
@@ -359,7 +377,7 @@ class Perturbed:
             rec = Activations() if by_activations else None
             calls: dict = {}  # the conv layers' inputs, once for the batch: their patches serve both orders
             h, inputs = self._forward(X, acts=rec, **({"conv_calls": calls} if convs else {}))
-            conv_inputs = {k: calls[k][0][0] for k in convs}
+            batch = _ConvBatch(self, {k: calls[k][0][0] for k in convs}, (g.name for g in cols))
             deltas = self._zero_deltas(n)
             act_deltas = tuple(torch.zeros_like(z) for _, z in rec.calls) if by_activations else ()
             shifts = tuple(torch.zeros((n, self.convs[k].spec.out_channels, *self.convs[k].spec.out_spatial),
@@ -367,7 +385,7 @@ class Perturbed:
             jac_d, jac_a, jac_c, jac_z = OPS.vmap(lambda x, ds, das, zs: columns.pullback(
                 OPS, lambda prim: f(x, ds, das, prim), (tuple(ds[l] for l in layers), das, chosen, zs), eye))(
                 X, deltas, act_deltas, shifts)
-            jac_c = {**jac_c, **self._conv_rows(conv_inputs, jac_z, by_conv)}
+            jac_c = {**jac_c, **self._conv_rows(batch, jac_z, by_conv)}
             # the curvature rule's factors K_m, passed down (never kept on the model: calls may run in parallel)
             K = None
             if by_activations:
@@ -377,18 +395,18 @@ class Perturbed:
             blocks = dense.dense_blocks([layout[l] for l in layers], [inputs[l] for l in layers], list(jac_d),
                                         hess) + tuple(
                 ColumnBlock(g.name, jac_c[g.name].reshape(n, rows, g.size),
-                            self._column_hessian(X, g, hessian, K, conv_inputs, rows)) for g in cols)
+                            self._column_hessian(X, g, hessian, K, batch, rows)) for g in cols)
         return Derivatives(h, blocks)
 
-    def _conv_rows(self, conv_inputs, jac_z, names) -> dict:
+    def _conv_rows(self, batch, jac_z, names) -> dict:
         """Jacobian rows (n, C, size) of the conv layers' groups among ``names``, from ``jac_z`` = ∂h/∂z of each
-        layer k of ``conv_inputs`` (its input, in order) (n, C, O, *spatial): the weight's by
+        layer k of ``batch`` (a :class:`_ConvBatch`, in order) (n, C, O, *spatial): the weight's by
         :func:`.rules.conv.weight_sums` with the layer's input patches, the bias's summed over positions."""
         rows = {}
-        for (k, x), G in zip(conv_inputs.items(), jac_z):
+        for k, G in zip(batch.inputs, jac_z):
             layer = self.convs[k]
             if layer.weight in names:
-                rows[layer.weight] = conv.weight_sums(G, conv.patches(x, layer.spec, layer.index), layer.spec)
+                rows[layer.weight] = conv.weight_sums(G, batch.patches(k), layer.spec)
             if layer.bias in names:
                 rows[layer.bias] = G.reshape(*G.shape[:3], -1).sum(dim=-1)
         return rows
@@ -526,23 +544,23 @@ class Perturbed:
 
         return columns.chunked(out, out, neurons)
 
-    def _rule_hessian(self, X, group, K=None, conv_inputs=None):
+    def _rule_hessian(self, X, group, K=None, batch=None):
         """A layer rule's computation of a column group's Hessian diagonals (n, C, size), or None: the column
         rule's then (subclasses that recognise layers override this); ``K`` as in :meth:`_by_activations`,
-        ``conv_inputs`` {k: input of conv layer k} of the batch."""
+        ``batch`` the batch's conv layers (:class:`_ConvBatch`)."""
         return None
 
     def _rule_groups(self) -> frozenset:
         """Column groups whose second order a layer rule computes at any size (not limited by max_params)."""
         return frozenset()
 
-    def _column_hessian(self, X, group, hessian, K=None, conv_inputs=None, rows=None):
+    def _column_hessian(self, X, group, hessian, K=None, batch=None, rows=None):
         """A column group's Hessian diagonals by a layer rule where one applies, by the curvature rule where
         its curvature comes from activations alone, else by the column rule
         (:func:`.rules.columns.group_hessian`); ``rows`` outputs (all by default: only zeros or none are asked for
         fewer, :attr:`position_chunks`)."""
         def compute():
-            by_rule = self._rule_hessian(X, group, K, conv_inputs)
+            by_rule = self._rule_hessian(X, group, K, batch)
             if by_rule is not None:
                 return by_rule
             if K is not None and group.name in self.activation_groups:
@@ -712,44 +730,71 @@ class TorchModule(Perturbed, TorchModel):
         """Conv layers' groups whose curvature comes from activations alone: exact second order at any size."""
         return frozenset(g for g in self._conv_of if g in self.activation_groups)
 
-    def _rule_hessian(self, X, group, K=None, conv_inputs=None):
+    def _rule_hessian(self, X, group, K=None, batch=None):
         """A conv layer's weight or bias, along each parameter's tangent of the layer's output (:mod:`.rules.conv`):
         by the curvature rule where the module's curvature in it comes from activations alone, else forward over
-        forward from the layer's output — exact whatever follows the layer.  ``conv_inputs``: the batch's input of
-        each conv layer whose groups are asked for (:meth:`derivatives_of` records them)."""
+        forward from the layer's output — exact whatever follows the layer.  ``batch``: the batch's conv layers
+        (:class:`_ConvBatch`).  A layer's weight and bias, when both are asked for and take the same way, are
+        computed together, their tangents side by side in one set of passes."""
         if group.name not in self._conv_of:
             return None
-        k, is_bias = self._conv_of[group.name]
+        if group.name not in batch.done:
+            k = self._conv_of[group.name][0]
+            by_activations = K is not None and group.name in self.activation_groups
+            layer, rule = self.convs[k], self._rule_groups()
+            names = [g for g in (layer.weight, layer.bias) if g and g in batch.wanted and g not in self.linear_groups
+                     and (self.second_order or g in rule) and (g in self.activation_groups) == by_activations]
+            batch.done.update(self._conv_hessians(X, k, names, K if by_activations else None, batch))
+        return batch.done.pop(group.name)
+
+    def _conv_hessians(self, X, k, names, K, batch) -> dict:
+        """{group: (n, C, size)} for ``names``, conv layer k's weight and/or bias (in that order): the curvature
+        rule's with ``K``, else forward over forward."""
         layer = self.convs[k]
-        spec = layer.spec
-        n = X.shape[0]
-        zero = self._site_zero(k)
-        unf = None
-        if not is_bias:
-            unf = conv.patches(conv_inputs[k], spec, layer.index)
-        size = spec.out_channels if is_bias else spec.weight_size
+        spec, n, zero = layer.spec, X.shape[0], self._site_zero(k)
+        weight = layer.weight in names
+        unf = batch.patches(k) if weight else None
+        sizes = [spec.weight_size] * weight + [spec.out_channels] * (layer.bias in names)
+        pieces = [lambda s, m: conv.weight_directions(unf, spec, s, m)] * weight
+        if layer.bias in names:  # the same for every input
+            pieces.append(lambda s, m: conv.bias_directions(OPS.xp, spec, s, m, dtype=self.dtype,
+                                                            dev=self.device)[None].expand(n, m, *zero.shape))
 
         def tangents(start, size_):
-            """The chunk's tangents of the layer's output, (n, size_, O, *spatial)."""
-            if is_bias:  # the same for every input
-                E = conv.bias_directions(OPS.xp, spec, start, size_, dtype=self.dtype, dev=self.device)
-                return E[None].expand(n, *E.shape)
-            return conv.weight_directions(unf, spec, start, size_)
+            """The chunk's tangents of the layer's output, (n, size_, O, *spatial): the weights' then the biases',
+            zero past the last."""
+            parts, off = [], 0
+            for size, piece in zip(sizes, pieces):
+                lo, hi = max(start, off), min(start + size_, off + size)
+                if lo < hi:
+                    parts.append(piece(lo - off, hi - lo))
+                off += size
+            missing = size_ - sum(p.shape[1] for p in parts)
+            if missing:
+                parts.append(torch.zeros((n, missing, *zero.shape), dtype=self.dtype, device=self.device))
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-        if K is not None and group.name in self.activation_groups:
-            direct = (curvature.conv_bias_direct if is_bias else lambda D: curvature.conv_direct(D, unf, spec))
+        total = sum(sizes)
+        if K is not None:
+            def direct(D):
+                parts = [curvature.conv_direct(D, unf, spec)] if weight else []
+                parts += [curvature.conv_bias_direct(D)] if len(sizes) > weight else []
+                return torch.cat(parts, dim=2)
+
             site = self._conv_sites[k]
             split = (site.readers, () if site.via is not None else site.others)
-            w = self._by_activations(X, K, self._site_run(k), zero, size, tangents, direct, split=split,
+            w = self._by_activations(X, K, self._site_run(k), zero, total, tangents, direct, split=split,
                                      scaled=site.scaled)
-            return w if site.via is None else w + self._through_conv(X, K, k, unf)
+            if site.via is not None:
+                w = w + self._through_conv(X, K, k, unf, bias=len(sizes) > weight)
+        else:
+            def along(x, V):
+                """d²h/dt² along each direction (k, O, *spatial) added to the layer's output for one input x: (k, C)."""
+                return columns.diag_hessian(
+                    OPS, lambda d: flat_outputs(self._call(x[None], shifts={k: d[None]}))[0], zero, V)
 
-        def along(x, V):
-            """d²h/dt² along each direction (k, O, *spatial) added to the layer's output for one input x: (k, C)."""
-            return columns.diag_hessian(
-                OPS, lambda d: flat_outputs(self._call(x[None], shifts={k: d[None]}))[0], zero, V)
-
-        return columns.chunked(size, self.chunk, lambda start, size_: OPS.vmap(along)(X, tangents(start, size_)))
+            w = columns.chunked(total, self.chunk, lambda start, size_: OPS.vmap(along)(X, tangents(start, size_)))
+        return dict(zip(names, torch.split(w, sizes, dim=2)))
 
     def _site_zero(self, k):
         """A zero of conv layer k's output for one input, (O, *spatial): where its tangents start."""
@@ -761,19 +806,23 @@ class TorchModule(Perturbed, TorchModel):
         with d added there."""
         return lambda x, d: self._activation_inputs(x, shifts={k: d[None]})
 
-    def _through_conv(self, X, K, k, unf=None):
+    def _through_conv(self, X, K, k, unf=None, bias=False):
         """The terms of conv layer k's ``others`` by way of its site's ``via`` (:class:`ConvSite`), (n, C, size):
-        its weights' tangents (patches ``unf``; the bias's for None) batched as one tangent per row of the patches,
-        every output channel o carrying its own weight's; pushed forward to ``via``'s input, where each channel is
-        still one weight's tangent, then through ``via`` channel by channel (:func:`.rules.conv.channel_outputs`)."""
+        its weights' tangents (patches ``unf``; none for None) and, with ``bias``, its biases' after them, batched as
+        one tangent per row of the patches (and one of ones), every output channel o carrying its own parameter's;
+        pushed forward to ``via``'s input, where each channel is still one parameter's tangent, then through ``via``
+        channel by channel (:func:`.rules.conv.channel_outputs`)."""
         site, spec = self._conv_sites[k], self.convs[k].spec
         via = self.convs[site.via]
         n, C, O = X.shape[0], self.n_outputs, spec.out_channels
-        if unf is None:  # the bias: ones over each channel
-            B = torch.ones((n, 1, O, *spec.out_spatial), dtype=self.dtype, device=self.device)
-        else:  # weight (o, j) has row rows[o, j] of the patches, j over (input channel in its group, kernel position)
+        rows_of = []
+        if unf is not None:  # weight (o, j): row rows[o, j] of the patches (j: input channel in group, kernel spot)
             rows = torch.as_tensor(conv.weight_layout(spec)[1], device=self.device)
-            B = unf.index_select(1, rows).reshape(n, O, -1, *spec.out_spatial).transpose(1, 2)
+            rows_of.append(unf.index_select(1, rows).reshape(n, O, -1, *spec.out_spatial).transpose(1, 2))
+        if bias:  # ones over each channel
+            rows_of.append(torch.ones((n, 1, O, *spec.out_spatial), dtype=self.dtype, device=self.device))
+        B = rows_of[0] if len(rows_of) == 1 else torch.cat(rows_of, dim=1)
+        J_w = B.shape[1] - bias
         K_pre = [K[m].reshape(n, C, O, -1) for m in site.pre]
         zero_via = self._site_zero(site.via)
         D = None
@@ -803,15 +852,21 @@ class TorchModule(Perturbed, TorchModel):
                     out[a:b] += torch.matmul(D[a:b], through(a, b, True).transpose(1, 2)).reshape(b - a, C, O, J)
             if site.post_others:
                 dirs = through(0, n, False).reshape(n, O * J, *zero_via.shape)
-                w = self._by_activations(
-                    X, K, self._site_run(site.via), zero_via, J * O, lambda s, m: dirs[:, s:s + m],
-                    split=((), site.post_others))
+
+                def directions(s, m):  # zero past the last (every chunk has the same size)
+                    piece = dirs[:, s:s + m]
+                    return piece if piece.shape[1] == m else torch.cat(
+                        [piece, piece.new_zeros((n, m - piece.shape[1], *zero_via.shape))], dim=1)
+
+                w = self._by_activations(X, K, self._site_run(site.via), zero_via, J * O, directions,
+                                         split=((), site.post_others))
                 out += w.reshape(n, C, O, J)
             return out
 
-        J = B.shape[1]
         step = max(1, self.chunk // O)
-        return torch.cat([part(s, step) for s in range(0, J, step)], dim=3).reshape(n, C, O * J)
+        out = torch.cat([part(s, step) for s in range(0, B.shape[1], step)], dim=3)
+        weights = out[..., :J_w].reshape(n, C, O * J_w)
+        return torch.cat([weights, out[..., J_w]], dim=2) if bias else weights
 
     def _tangents_to(self, X, k, b, acts, V):
         """The tangents, along ``V`` (n, J, *shape of layer k's output) added to conv layer k's output, of the inputs
