@@ -27,6 +27,7 @@ its group of ``I / groups`` channels, as frameworks store ``(O, I/groups, *kerne
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -176,15 +177,26 @@ def channel_outputs(U, weight, spec: ConvSpec):
         rows = [xp.concat([W[a] if b == a else zero for b in range(g)], axis=1) for a in range(g)]
         W = xp.concat(rows, axis=0)  # (O, I, K)
     W = xp.permute_dims(xp.reshape(W, (O, I, K)), (1, 0, 2))  # (I, O, K)
-    # the patches (I, K, m·P), one strided slice of the padded input per kernel position (no index gather)
-    x = _padded(xp.permute_dims(U, (1, 0, *range(2, U.ndim))), spec)
-    slices = []
-    for ks in np.ndindex(*spec.kernel):
-        at = tuple(slice(k * d, k * d + (o - 1) * s + 1, s)
-                   for k, d, s, o in zip(ks, spec.dilation, spec.stride, spec.out_spatial))
-        slices.append(x[(slice(None), slice(None), *at)])
-    unf = xp.reshape(xp.stack(slices, axis=1), (I, K, m * P))
+    # the patches (I, K, m·P): one gather from the unpadded input with a zero appended, which the padding reads
+    n_in = math.prod(spec.in_spatial)
+    x = xp.reshape(xp.permute_dims(U, (1, 0, *range(2, U.ndim))), (I, m, n_in))
+    x = xp.concat([x, xp.zeros((I, m, 1), dtype=U.dtype, device=device(U))], axis=2)
+    unf = xp.take(x, xp.asarray(_source_index(spec), device=device(U)), axis=2)  # (I, m, K·P)
+    unf = xp.reshape(xp.permute_dims(xp.reshape(unf, (I, m, K, P)), (0, 2, 1, 3)), (I, K, m * P))
     return xp.reshape(xp.matmul(W, unf), (I, O, m, P))  # one product per channel, not m·I small ones
+
+
+@functools.lru_cache(maxsize=64)
+def _source_index(spec: ConvSpec) -> np.ndarray:
+    """(K·P,) flat indices into one channel of an unpadded input (∏ in_spatial), kernel position major: the input
+    that kernel position k meets at output position p, or ∏ in_spatial (one past the end) where it meets padding."""
+    padded = [s + lo + hi for s, (lo, hi) in zip(spec.in_spatial, spec.padding)]
+    K = math.prod(spec.kernel)
+    at = np.unravel_index(patch_index(spec)[:K].reshape(-1), padded)  # channel 0's rows: offsets in one channel
+    coords = [a - lo for a, (lo, _) in zip(at, spec.padding)]
+    inside = np.logical_and.reduce([(c >= 0) & (c < s) for c, s in zip(coords, spec.in_spatial)])
+    flat = np.ravel_multi_index([np.where(inside, c, 0) for c in coords], spec.in_spatial)
+    return np.where(inside, flat, math.prod(spec.in_spatial))
 
 
 def channel_sets(channels: int) -> np.ndarray:
