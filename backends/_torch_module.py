@@ -191,8 +191,12 @@ class Perturbed:
     def _layout(self):
         return tuple((d.weight, d.bias, d.transposed) for d in self.dense)
 
-    def _outputs(self, X, deltas=None, params=None, record=None, acts=None, **extra):
-        with acts if acts is not None else contextlib.nullcontext():
+    def _outputs(self, X, deltas=None, params=None, record=None, acts=None, composite=True, **extra):
+        """h (n, C') of the perturbed model (:meth:`_call`), the activations watched by ``acts``; with
+        ``composite``, in :func:`composites` (beneath ``acts``, which sees the calls as the model makes them): where
+        fishercore differentiates, and only there — the operations around the model run without the mode."""
+        with composites() if composite else contextlib.nullcontext(), \
+                acts if acts is not None else contextlib.nullcontext():
             return flat_outputs(self._call(X, deltas, params, record, **extra))
 
     def _single(self, x, deltas, others, act_deltas=None, shifts=None):
@@ -285,7 +289,7 @@ class Perturbed:
 
     def outputs(self, X):
         with self._lock(), torch.no_grad():
-            return self._outputs(X)
+            return self._outputs(X, composite=False)
 
     def workspace_per_input(self, hessian: bool = True) -> int:
         """Bytes per input the vmapped transforms hold beyond the blocks (used to size batches).
@@ -373,7 +377,7 @@ class Perturbed:
             return self._single(x, tuple(full), prim[2], prim[1] if by_activations else None,
                                 dict(zip(convs, prim[3])))
 
-        with self._lock(), torch.no_grad(), randomness_refused(self._what), composites():
+        with self._lock(), torch.no_grad(), randomness_refused(self._what):
             rec = Activations() if by_activations else None
             calls: dict = {}  # the conv layers' inputs, once for the batch: their patches serve both orders
             h, inputs = self._forward(X, acts=rec, **({"conv_calls": calls} if convs else {}))
@@ -591,7 +595,7 @@ class Perturbed:
         if self._chain is not None:
             return chain_pullback(*self._chain_args(X), cotangent_fn)
         others = self._others()
-        with self._lock(), torch.no_grad(), randomness_refused(self._what), composites():
+        with self._lock(), torch.no_grad(), randomness_refused(self._what):
             h, inputs = self._forward(X)
             s = cotangent_fn(h).transpose(0, 1)  # (n, M, C)
             n, M = s.shape[:2]
@@ -709,7 +713,7 @@ class TorchModule(Perturbed, TorchModel):
         owned = {g for w, b, _ in self._layout() for g in (w, b) if g is not None}
         self.column_groups = tuple(g for g in self.groups if g.name not in owned)
         self._find_chain(lambda x: self._call(x), probe)
-        curved = self._find_curvature(lambda p, x: self._outputs(x, params=p), probe[:1])
+        curved = self._find_curvature(lambda p, x: self._outputs(x, params=p, composite=False), probe[:1])
         #: Groups the module is piecewise linear in (w = 0 exactly, any size): read off its ATen graph.
         self.linear_groups = tuple(g.name for g in self.groups if g.name not in curved)
         self.second_order = second_order_within(
@@ -791,7 +795,7 @@ class TorchModule(Perturbed, TorchModel):
             def along(x, V):
                 """d²h/dt² along each direction (k, O, *spatial) added to the layer's output for one input x: (k, C)."""
                 return columns.diag_hessian(
-                    OPS, lambda d: flat_outputs(self._call(x[None], shifts={k: d[None]}))[0], zero, V)
+                    OPS, lambda d: self._outputs(x[None], shifts={k: d[None]})[0], zero, V)
 
             w = columns.chunked(total, self.chunk, lambda start, size_: OPS.vmap(along)(X, tangents(start, size_)))
         return dict(zip(names, torch.split(w, sizes, dim=2)))
