@@ -20,7 +20,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -876,35 +875,31 @@ class TorchModule(Perturbed, TorchModel):
         """The tangents, along ``V`` (n, J, *shape of layer k's output) added to conv layer k's output, of the inputs
         of the activations ``acts`` and of conv layer b: ((n, J, *z_m.shape), ...), (n, J, *b's input shape).
 
-        Forward mode on the inputs repeated J times (the model up to b is cheap: it stops there, where a forward
-        pre-hook on b reads the tangents and ends the pass); the inputs are independent, so the batch is one pass.
+        Forward mode, the J tangents of an input at once (vmapped: the model's values before b are computed once
+        per input, not once per tangent), and only up to b: a forward pre-hook on b keeps its input and ends the
+        pass, inside the differentiated function, which returns what the hook kept.
         """
-        n, J = V.shape[:2]
-        Xr = X[:, None].expand(n, J, *X.shape[1:]).reshape(n * J, *X.shape[1:])
-        watch, got = Activations(), {}
+        zero = self._site_zero(k)
 
-        def tangent(t):
-            d = fwAD.unpack_dual(t).tangent
-            return torch.zeros_like(t) if d is None else d
+        def run(x, d):
+            watch, got = Activations(), {}
 
-        def reached(m, inputs):
-            got["acts"] = tuple(tangent(watch.calls[a][1]) for a in acts)
-            got["via"] = tangent(inputs[0])
-            raise _Reached
+            def reached(m, inputs):
+                got["via"] = inputs[0][0]
+                raise _Reached
 
-        handle = self.convs[b].module.register_forward_pre_hook(reached)
-        try:
-            with fwAD.dual_level():
-                d = fwAD.make_dual(torch.zeros_like(V).reshape(n * J, *V.shape[2:]), V.reshape(n * J, *V.shape[2:]))
-                self._outputs(Xr, acts=watch, shifts={k: d})
-        except _Reached:
-            pass
-        finally:
-            handle.remove()
-        if "via" not in got:
-            raise RuntimeError(f"conv layer {b} was not reached from layer {k}, unlike when the model was built")
-        return (tuple(t.reshape(n, J, *t.shape[1:]) for t in got["acts"]),
-                got["via"].reshape(n, J, *got["via"].shape[1:]))
+            handle = self.convs[b].module.register_forward_pre_hook(reached)
+            try:
+                self._outputs(x[None], acts=watch, shifts={k: d[None]})
+            except _Reached:
+                pass
+            finally:
+                handle.remove()
+            if "via" not in got:
+                raise RuntimeError(f"conv layer {b} was not reached from layer {k}, unlike when the model was built")
+            return tuple(watch.calls[a][1][0] for a in acts), got["via"]
+
+        return OPS.vmap(lambda x, W: OPS.vmap(lambda v: OPS.jvp(lambda d: run(x, d), (zero,), (v,))[1])(W))(X, V)
 
     def _find_conv_sites(self, X):
         """A :class:`ConvSite` for each conv layer whose groups the curvature rule takes, read off ``X``: the
