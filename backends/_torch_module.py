@@ -181,6 +181,8 @@ class Perturbed:
     convs: tuple = ()
     #: conv-layer group → (layer index, whether it is the bias), for the layers in ``convs``
     _conv_of: dict = {}
+    #: conv layer index → its :class:`ConvSite`, for the layers whose groups the curvature rule takes
+    _conv_sites: dict = {}
     #: (flatten, [(weight, bias, activation), ...]) when the whole model is a dense chain (set by _find_chain)
     _chain = None
     #: groups whose curvature comes from elementwise activations alone (set by _find_curvature)
@@ -297,8 +299,10 @@ class Perturbed:
         blocks) of two of the model's values at a time, the largest (``largest_value``); the per-neuron
         Hessian pass: one forward-over-forward per neuron of the widest layer, each holding every
         layer's values three times (primal and two tangents); the curvature rule's cotangents and
-        factors of every activation (2 C values each) and ``chunk`` tangents of them; the conv rule's
-        ``chunk`` tangents of a layer's output, three times.
+        factors of every activation (2 C values each), and ``chunk`` tangents of them where a group's are
+        pushed through activations a chunk of parameters at a time; ``chunk`` tangents of a conv layer's output,
+        three times, where a conv layer's groups are differentiated along them; a conv channel path's tangents
+        (:meth:`_through_conv_size`).
         """
         if self._chain is not None:
             widths = [self.params[w].shape[0] for w, _, _ in self._chain[1]]
@@ -308,11 +312,51 @@ class Perturbed:
         per_pass = sum(outs) + sum(d.in_ for d in self.dense)
         second = 3 * max(outs) * per_pass if hessian else 0
         if hessian and self.activation_groups:
-            acts = sum(self.activation_sizes)
-            second += (2 * self.n_outputs + 2 * self.chunk) * acts
+            chunked = self._chunked_activation_tangents()
+            second += (2 * self.n_outputs + 2 * self.chunk * chunked) * sum(self.activation_sizes)
         if hessian and self.convs:
-            second += 3 * self.chunk * max(c.spec.out_channels * c.spec.positions for c in self.convs)
+            along = [c.spec.out_channels * c.spec.positions for k, c in enumerate(self.convs)
+                     if self._conv_tangents_chunked(k)]
+            second += 3 * self.chunk * max(along, default=0) + max(
+                (self._through_conv_size(k) for k in self._conv_sites), default=0)
         return (2 * self.n_outputs * self._cotangent_values() + second) * self.dtype.itemsize
+
+    def _curved_conv_groups(self, k):
+        """Conv layer k's groups whose Hessian diagonals are computed (not zero, not beyond ``max_params``)."""
+        layer, rule = self.convs[k], self._rule_groups()
+        return [g for g in (layer.weight, layer.bias)
+                if g and g not in self.linear_groups and (self.second_order or g in rule)]
+
+    def _conv_tangents_chunked(self, k) -> bool:
+        """Whether conv layer k's groups take ``chunk`` tangents of its output at a time: forward over forward
+        (curved beyond activations), or the curvature rule pushing them through activations that neither read
+        the output unchanged nor are reached by way of a next conv (:class:`ConvSite`)."""
+        site = self._conv_sites.get(k)
+        return any(g not in self.activation_groups or site is None or (site.others and site.via is None)
+                   for g in self._curved_conv_groups(k))
+
+    def _chunked_activation_tangents(self) -> bool:
+        """Whether some group's tangents go through the activations ``chunk`` parameters at a time: a dense layer's
+        or a column group's taken by the curvature rule (conv layers' only without a direct or channel path)."""
+        curved = {g for d in self.dense for g in (d.weight, d.bias)} | {
+            g.name for g in self.column_groups if g.name not in self._conv_of and self.second_order}
+        if any(g in self.activation_groups and g not in self.linear_groups for g in curved):
+            return True
+        return any(site.post_others or (site.others and site.via is None) for k, site in self._conv_sites.items()
+                   if self._curved_conv_groups(k))
+
+    def _through_conv_size(self, k) -> int:
+        """Numbers per input that conv layer k's channel path holds (:meth:`_through_conv`): its rows' tangents of
+        the layer's output, of the ``pre`` activations' inputs and of the next conv's input (and of that conv's
+        output with ``post_others``), and their terms (C per row and channel); 0 without a path."""
+        site = self._conv_sites[k]
+        if site.via is None or not self._curved_conv_groups(k):
+            return 0
+        spec, via = self.convs[k].spec, self.convs[site.via].spec
+        rows = min(spec.weight_size // spec.out_channels + 1, max(1, self.chunk // spec.out_channels))
+        pre = sum(self.activation_sizes[m] for m in site.pre) // spec.out_channels
+        out = via.out_channels * via.positions if site.post_others else 0
+        return rows * spec.out_channels * (spec.positions + pre + math.prod(via.in_spatial) + out + self.n_outputs)
 
     def _cotangent_values(self) -> int:
         """Numbers that each output's cotangent takes through the model in the first-order vjps: every dense layer's

@@ -7,6 +7,7 @@ Run from the repository root:
     python benchmarks/memory.py --job estimate --n-draws 400000 --n 100
     python benchmarks/memory.py --model sequence --backends jax --n 8 --budget 400   # JAX from_function, T = 64
     python benchmarks/memory.py --model transformer --backends torch --n 8 --budget 512   # torch from_module
+    python benchmarks/memory.py --model cnn --backends torch --n 1797 --budget 24   # the digits CNN, torch
 
 Each case runs in a fresh process.  After the model and the inputs exist (and, for JAX, after
 one call on a few inputs has compiled the code, which is XLA's memory, not the budget's), the
@@ -85,9 +86,28 @@ def transformer_module(n, seed=0, width=64, hidden=256):
     return ft.from_module(net, input_shape=(cfg.context,), input_dtype=torch.long, max_params=1), X
 
 
+def cnn_module(n, seed=0):
+    """torch ``from_module`` of the report's digits CNN (:mod:`fishercore.report.cnn`, 1,898 parameters, float64) on
+    n random 8×8 images: every field, the first convolution's curvature by way of the second (docs/math.md §13)."""
+    import torch
+
+    from fishercore.backends import torch as ft
+    from fishercore.report import cnn
+
+    torch.set_num_threads(os.cpu_count())
+    config = cnn.Config()
+    net = cnn.torch_model(config, cnn.init_params(config, seed), dtype=torch.float64)
+    X = torch.rand((n, 1, 8, 8), generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return ft.from_module(net, input_shape=(1, 8, 8)), X
+
+
 def build(backend, widths, n, seed=0, model="mlp"):
     import numpy as np
 
+    if model == "cnn":
+        if backend != "torch":
+            raise ValueError("--model cnn: torch only")
+        return cnn_module(n, seed)
     if model == "transformer":
         if backend != "torch":
             raise ValueError("--model transformer: torch only")
@@ -137,6 +157,10 @@ def child(args):
         tiny, Xt = transformer_module(2, seed=1, width=8, hidden=16)
         fc.analyze(tiny, Xt)
         del tiny, Xt
+    if args.model == "cnn":  # and the conv rule's transforms, on 4 images
+        tiny, Xt = cnn_module(4, seed=1)
+        fc.analyze(tiny, Xt)
+        del tiny, Xt
     del small, Xs
     try:
         if args.compile_first:  # and compile for this model's shapes: the first call measured is the second
@@ -166,14 +190,15 @@ def main():
     p.add_argument("--estimator", default="i1")
     p.add_argument("--n-draws", type=int, default=1)
     p.add_argument("--compile-first", action="store_true", help="one call before the measured ones")
-    p.add_argument("--model", choices=["mlp", "sequence", "transformer"], default="mlp",
+    p.add_argument("--model", choices=["mlp", "sequence", "transformer", "cnn"], default="mlp",
                    help="mlp: --widths, tanh; sequence: sequence_function (JAX); transformer: transformer_module "
-                        "(torch)")
+                        "(torch); cnn: cnn_module (torch)")
     p.add_argument("--backend", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.backend:
         return child(args)
-    name = {"sequence": "sequence_function (JAX)", "transformer": "transformer_module (torch)"}.get(
+    name = {"sequence": "sequence_function (JAX)", "transformer": "transformer_module (torch)",
+            "cnn": "cnn_module (torch)"}.get(
         args.model, "-".join(map(str, args.widths)))
     print(f"{args.job} {name}, n = {args.n:,}"
           + (f", {args.estimator}, n_draws = {args.n_draws:,}" if args.job == "estimate" else "")

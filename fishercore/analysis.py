@@ -46,7 +46,9 @@ def analyze(model, X: Array, family="categorical", *, mask: Array | None = None,
         Inputs per batch.  By default batches are sized to ``memory_budget`` (after a
         first batch of up to 32 inputs that measures the per-input footprint), and hold at
         most 512 inputs on the CPU (any library), where larger batches are not
-        faster.  Results do not depend on the batching.
+        faster, and no more than keep a group's full columns within 12 MiB there
+        (``fishercore._batching.CPU_BLOCK_BYTES``: larger blocks go back to the system when
+        freed and are faulted in again each batch).  Results do not depend on the batching.
     memory_budget : float, optional
         Bytes of working memory when ``batch_size`` is None: batches, and the chunks in which a
         large layer's sums are taken, are sized so that what the call allocates besides its

@@ -193,6 +193,26 @@ def test_batches_sized_to_the_memory_budget_give_the_same_numbers():
         fc.analyze(model, X, memory_budget=per_input)
 
 
+def test_cpu_batches_keep_column_blocks_within_cpu_block_bytes():
+    """On the CPU an automatic batch holds at most CPU_BLOCK_BYTES of its largest column block (dense blocks are
+    not limited); on a device (no cap) the budget alone sizes it."""
+    from fishercore._batching import CPU_BLOCK_BYTES, MAX_AUTO_BATCH, Batches
+    from fishercore._protocol import ColumnBlock
+
+    model, X = make_problem(Problem("3h", "tanh", "categorical", n=4))
+    dense = model.derivatives(X).blocks
+    n, C, width = 4, 10, 3000  # 240 kB of columns per input in float64: CPU_BLOCK_BYTES holds 52 of them
+    blocks = dense + (ColumnBlock("g", np.zeros((n, C, width)), np.zeros((n, C, width))),)
+    for held, cap in ((dense, MAX_AUTO_BATCH), (blocks, CPU_BLOCK_BYTES // (C * width * 8))):
+        batches = Batches(10**6, None, 1e15)
+        batches.fit(held, n, model, True)
+        assert batches.size == cap
+    assert 0 < CPU_BLOCK_BYTES // (C * width * 8) < MAX_AUTO_BATCH
+    uncapped = Batches(10**6, None, 1e15, cap=None)
+    uncapped.fit(blocks, n, model, True)
+    assert uncapped.size > MAX_AUTO_BATCH
+
+
 def test_default_budget_is_512_mib_on_the_host_and_a_share_of_a_device(monkeypatch):
     """memory_budget=None: 512 MiB for host arrays; for arrays on an accelerator, DEVICE_SHARE of its free memory
     (faked here through Ops.free_device_memory), the same numbers; a device with nothing free is said so."""
