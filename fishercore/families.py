@@ -265,29 +265,31 @@ class Categorical(Family):
         xp = array_namespace(outputs, jac)
         p = softmax(outputs, xp)[:, None, :]  # (n, 1, C): E_Y[x] = p @ x, a matmul per input
         ones = xp.ones_like(p)
+        both = xp.concat([p, ones], axis=1)  # (n, 2, C): E_Y[x] and Σ_c x in one product, one pass over x
         C = jac.shape[-2]
 
         def mean(x):
             return xp.matmul(p, x)
 
-        def sq_norm(centred, squares):  # Σ_c x² − (Σ_c x)²/C of the p-centred x, clipped at 0
+        def moment_and_sq_norm(centred, squares):
+            """E_Y of the squares, and ``Σ_c x² − (Σ_c x)²/C`` of the p-centred x, clipped at 0."""
+            m = xp.matmul(both, squares)
             s = xp.matmul(ones, centred)[:, 0, :]
-            out = xp.matmul(ones, squares)[:, 0, :] - s * s / C
-            return xp.maximum(out, xp.zeros_like(out))
+            out = m[:, 1, :] - s * s / C
+            return m[:, :1, :], xp.maximum(out, xp.zeros_like(out))
 
         d = jac - mean(jac)
         d2 = d * d
-        fisher = mean(d2)
+        fisher, pu2 = moment_and_sq_norm(d, d2)
         third = mean(d2 * d)[:, 0, :]
-        pu2 = sq_norm(d, d2)
         d2 -= fisher  # e = d² − I, in place of d² (no longer needed)
         e = d2
         first = Moments(fisher=fisher[:, 0, :], third=third, v1=mean(e * e)[:, 0, :], v2=None, c12=None)
         if diag_hess is None:
             return first, pu2, None
         wc = diag_hess - mean(diag_hess)
-        wc2 = wc * wc
-        return first._replace(v2=mean(wc2)[:, 0, :], c12=-mean(e * wc)[:, 0, :]), pu2, sq_norm(wc, wc2)
+        v2, pw2 = moment_and_sq_norm(wc, wc * wc)
+        return first._replace(v2=v2[:, 0, :], c12=-mean(e * wc)[:, 0, :]), pu2, pw2
 
     def spectrum(self, outputs):
         xp = array_namespace(outputs)
