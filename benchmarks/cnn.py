@@ -22,11 +22,12 @@ Run from the repository root (BackPACK: ``pip install backpack-for-pytorch``):
 
 ``--jax`` adds the digits CNN written in Flax (:mod:`fishercore.report.cnn`) through JAX's ``from_function``.
 
-Medians of ``--repeat`` runs after a warm-up.  The largest deviation between the two Fishers is
-printed as a check.  ``--device cuda`` runs both on the GPU (``benchmarks/gpu_check.sh``); where
-BackPACK is not installed its columns are "–", and where scikit-learn is not, the digits are
-replaced by as many uniform random 8×8 images.  Benchmarks are not tests: nothing here asserts a
-time.
+Medians of ``--repeat`` rounds after a warm-up, the jobs taking turns in each round (run back to back,
+the first would fault in memory that the C allocator has already mapped for the later ones).  The
+largest deviation between the two Fishers is printed as a check.  ``--device cuda`` runs both on the
+GPU (``benchmarks/gpu_check.sh``); where BackPACK is not installed its columns are "–", and where
+scikit-learn is not, the digits are replaced by as many uniform random 8×8 images.  Benchmarks are
+not tests: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -47,27 +48,34 @@ from fishercore.backends import torch as fc_torch
 from fishercore.report import cnn
 
 
-def timed(job, repeat, device="cpu"):
-    """(median seconds, peak RSS growth in bytes, last result) of ``job()`` after one warm-up run; None when the
-    job is None (its library is not installed)."""
-    if job is None:
-        return None
+def timed(jobs, repeat, device="cpu"):
+    """Per job of ``jobs``: (median seconds, peak RSS growth in bytes, last result), or None where the job is None
+    (its library is not installed).  Each job runs once first, in order, which gives its memory (a job that ran
+    before and left the process larger would hide a later one's growth); then the jobs take turns, ``repeat``
+    rounds, which give the times: every job meets the C allocator in the same state (run back to back, the first
+    job's batches would fault in memory that a later job finds already mapped; docs/performance.md, "Blocks the
+    C allocator reuses")."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    job()
-    times, grow, out = [], 0.0, None
-    for _ in range(repeat):
+    live = [j for j in jobs if j is not None]
+    grow, times, out = {}, {id(j): [] for j in live}, {}
+    for job in live:
         sync()
         if device == "cuda":  # on the GPU the memory that counts is the device's: its allocator's peak
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
             before = reset_peak()  # the peak starts afresh at the current RSS
-        t = time.perf_counter()
-        out = job()
+        job()
         sync()
-        times.append(time.perf_counter() - t)
-        grow = max(grow, (torch.cuda.max_memory_allocated() if device == "cuda" else peak()) - before)
-    return statistics.median(times), grow, out
+        grow[id(job)] = (torch.cuda.max_memory_allocated() if device == "cuda" else peak()) - before
+    for _ in range(repeat):
+        for job in live:
+            sync()
+            t = time.perf_counter()
+            out[id(job)] = job()
+            sync()
+            times[id(job)].append(time.perf_counter() - t)
+    return [None if j is None else (statistics.median(times[id(j)]), grow[id(j)], out[id(j)]) for j in jobs]
 
 
 def _cells(fc_run, ref):
@@ -196,9 +204,8 @@ def digits(repeat, device):
     net = cnn.torch_model(config, cnn.init_params(config, 0), dtype=torch.float64).to(device)
     X, y = X.reshape(-1, 1, 8, 8).to(device), y.to(device)
     model = fc_torch.from_module(net, input_shape=(1, 8, 8))
-    ours = timed(lambda: fc.analyze(model, X), repeat, device)
-    ggn = timed(backpack_job(net, X, y, _extensions("DiagGGNExact")), repeat, device)
-    both = timed(backpack_job(net, X, y, _extensions("DiagGGNExact", "DiagHessian")), repeat, device)
+    ours, ggn, both = timed([lambda: fc.analyze(model, X), backpack_job(net, X, y, _extensions("DiagGGNExact")),
+                             backpack_job(net, X, y, _extensions("DiagGGNExact", "DiagHessian"))], repeat, device)
     t_ggn, r_ggn, m_ggn, err = _cells(ours, ggn)
     t_both, r_both, m_both, _ = _cells(ours, None if both is None else (both[0], both[1], None))
     P = sum(p.numel() for p in net.parameters())
@@ -216,8 +223,8 @@ def resnet(repeat, device, n=512):
     model = fc_torch.from_module(net, input_shape=(3, 32, 32))
     assert set(model.linear_groups) == {g.name for g in model.groups}  # ReLU, pooling, eval BatchNorm: w = 0
     budget = 512 * 2**20 if device == "cpu" else default_memory_budget(X)
-    ours = timed(lambda: fc.analyze(model, X, memory_budget=budget), repeat, device)
-    ggn = timed(backpack_job(net, X, y, _extensions("DiagGGNExact"), batch=128, converter=True), repeat, device)
+    ours, ggn = timed([lambda: fc.analyze(model, X, memory_budget=budget),
+                       backpack_job(net, X, y, _extensions("DiagGGNExact"), batch=128, converter=True)], repeat, device)
     t_ggn, r_ggn, m_ggn, err = _cells(ours, ggn)
     P = sum(p.numel() for p in net.parameters())
     print(f"| ReLU ResNet-8, {P:,} params, float32, {n} inputs, {device} | {ours[0]:.2f} s | {t_ggn} | – | {r_ggn} | "
