@@ -17,8 +17,8 @@ Run from the repository root (BackPACK: ``pip install backpack-for-pytorch``):
   inputs.  fishercore: ``analyze`` — every field, the second order being zero by piecewise
   linearity (read off the traced graph) — against BackPACK's ``DiagGGNExact`` with its module
   converter for the residual additions.  Peak RSS growth of each (``/proc/self/status`` VmHWM,
-  reset before each) beside fishercore's ``memory_budget``; on CUDA, the growth of torch's peak allocated
-  GPU memory instead.
+  reset before each, after a warm-up call on ``WARM`` inputs) beside fishercore's ``memory_budget``; on
+  CUDA, the growth of torch's peak allocated GPU memory instead.
 
 ``--jax`` adds the digits CNN written in Flax (:mod:`fishercore.report.cnn`) through JAX's ``from_function``.
 
@@ -47,32 +47,36 @@ import fishercore as fc
 from fishercore.backends import torch as fc_torch
 from fishercore.report import cnn
 
+#: Inputs of the warm-up call that each job makes before the call whose memory is measured.
+WARM = 32
 
-def timed(jobs, repeat, device="cpu"):
-    """Per job of ``jobs``: (median seconds, peak RSS growth in bytes, last result), or None where the job is None
-    (its library is not installed).  Each job runs once first, in order, which gives its memory (a job that ran
-    before and left the process larger would hide a later one's growth); then the jobs take turns, ``repeat``
-    rounds, which give the times: every job meets the C allocator in the same state (run back to back, the first
-    job's batches would fault in memory that a later job finds already mapped; docs/performance.md, "Blocks the
-    C allocator reuses")."""
+
+def timed(jobs, X, repeat, device="cpu"):
+    """Per job of ``jobs`` (each ``job(X)``): (median seconds, peak RSS growth in bytes, last result), or None where
+    the job is None (its library is not installed).  Each job in turn runs once on ``WARM`` inputs, so that what
+    the libraries set up once (thread pools, BLAS buffers, the transforms' caches) is not counted, then on X, which
+    gives its memory; then the jobs take turns on X, ``repeat`` rounds, which give the times: every job meets the C
+    allocator in the same state (run back to back, the first job's batches would fault in memory that a later job
+    finds already mapped; docs/performance.md, "Blocks the C allocator reuses")."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     live = [j for j in jobs if j is not None]
     grow, times, out = {}, {id(j): [] for j in live}, {}
     for job in live:
+        job(X[:WARM])
         sync()
         if device == "cuda":  # on the GPU the memory that counts is the device's: its allocator's peak
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
             before = reset_peak()  # the peak starts afresh at the current RSS
-        job()
+        job(X)
         sync()
         grow[id(job)] = (torch.cuda.max_memory_allocated() if device == "cuda" else peak()) - before
     for _ in range(repeat):
         for job in live:
             sync()
             t = time.perf_counter()
-            out[id(job)] = job()
+            out[id(job)] = job(X)
             sync()
             times[id(job)].append(time.perf_counter() - t)
     return [None if j is None else (statistics.median(times[id(j)]), grow[id(j)], out[id(j)]) for j in jobs]
@@ -87,7 +91,9 @@ def _cells(fc_run, ref):
     return f"{t:.2f} s", f"{fc_run[0] / t:.3g}×", f"{mem / 2**20:.0f} MiB", "–" if err is None else f"{err:.1e}"
 
 
-def backpack_job(net, X, y, extensions, batch=512, converter=False):
+def backpack_job(net, y, extensions, batch=512, converter=False):
+    """``job(X)``: BackPACK's ``extensions`` on the first ``len(X)`` inputs and labels ``y``, in batches; the
+    diagonal GGN of the mean loss, or None without BackPACK."""
     try:
         from backpack import backpack, extend
     except ImportError:
@@ -96,11 +102,11 @@ def backpack_job(net, X, y, extensions, batch=512, converter=False):
     bp = extend(copy.deepcopy(net), use_converter=converter)
     loss_fn = extend(nn.CrossEntropyLoss(reduction="mean"))
 
-    def job():
+    def job(X):
         total = None
         for s in range(0, X.shape[0], batch):
             bp.zero_grad()
-            loss = loss_fn(bp(X[s:s + batch]), y[s:s + batch])
+            loss = loss_fn(bp(X[s:s + batch]), y[s:min(s + batch, X.shape[0])])
             with backpack(*extensions()):
                 loss.backward()
             # the batch's mean; BackPACK starts from the loss module, so the weight goes on the result
@@ -204,8 +210,8 @@ def digits(repeat, device):
     net = cnn.torch_model(config, cnn.init_params(config, 0), dtype=torch.float64).to(device)
     X, y = X.reshape(-1, 1, 8, 8).to(device), y.to(device)
     model = fc_torch.from_module(net, input_shape=(1, 8, 8))
-    ours, ggn, both = timed([lambda: fc.analyze(model, X), backpack_job(net, X, y, _extensions("DiagGGNExact")),
-                             backpack_job(net, X, y, _extensions("DiagGGNExact", "DiagHessian"))], repeat, device)
+    ours, ggn, both = timed([lambda X: fc.analyze(model, X), backpack_job(net, y, _extensions("DiagGGNExact")),
+                             backpack_job(net, y, _extensions("DiagGGNExact", "DiagHessian"))], X, repeat, device)
     t_ggn, r_ggn, m_ggn, err = _cells(ours, ggn)
     t_both, r_both, m_both, _ = _cells(ours, None if both is None else (both[0], both[1], None))
     P = sum(p.numel() for p in net.parameters())
@@ -223,8 +229,9 @@ def resnet(repeat, device, n=512):
     model = fc_torch.from_module(net, input_shape=(3, 32, 32))
     assert set(model.linear_groups) == {g.name for g in model.groups}  # ReLU, pooling, eval BatchNorm: w = 0
     budget = 512 * 2**20 if device == "cpu" else default_memory_budget(X)
-    ours, ggn = timed([lambda: fc.analyze(model, X, memory_budget=budget),
-                       backpack_job(net, X, y, _extensions("DiagGGNExact"), batch=128, converter=True)], repeat, device)
+    ours, ggn = timed([lambda X: fc.analyze(model, X, memory_budget=budget),
+                       backpack_job(net, y, _extensions("DiagGGNExact"), batch=128, converter=True)], X, repeat,
+                      device)
     t_ggn, r_ggn, m_ggn, err = _cells(ours, ggn)
     P = sum(p.numel() for p in net.parameters())
     print(f"| ReLU ResNet-8, {P:,} params, float32, {n} inputs, {device} | {ours[0]:.2f} s | {t_ggn} | – | {r_ggn} | "

@@ -43,7 +43,10 @@ MAX_AUTO_BATCH = 512
 #: project's 2-core machine, the digits CNN's analysis (column blocks of 92 KB per input), in one process
 #: alternating with BackPACK: batches of 128 and 176 inputs 0.79 s with 0.01–0.02 s of system time, of 256
 #: inputs 1.08 s with 0.32 s, and the 65 that the memory budget alone gave 1.16 s (more, smaller passes).
-#: Dense blocks (per-neuron factors) are not limited: the MLPs are fastest at :data:`MAX_AUTO_BATCH`.
+#: Dense blocks (per-neuron factors) are not limited: the MLPs are fastest at :data:`MAX_AUTO_BATCH`.  Nor is a
+#: batch cut below :data:`FIRST_BATCH` inputs: where one input's columns are that large, smaller batches cost
+#: more than the faults they save (the report's character transformer, 10.8 MB of columns per sequence: its
+#: report took 36.6 s at one sequence per batch, 27.6 s in the batches the budget alone gives).
 CPU_BLOCK_BYTES = 12 * 2**20
 
 #: Share of the budget that one chunk of a dense layer's sums may take.
@@ -214,7 +217,8 @@ class Batches:
             self.draws = max(1, int((free - per_input) // per_draw))
         if self.cap is not None:  # the CPU: at most MAX_AUTO_BATCH inputs, and column blocks within CPU_BLOCK_BYTES
             block = max((_nbytes(b.jac) for b in blocks if isinstance(b, ColumnBlock)), default=0) / max(n_inputs, 1)
-            size = min(size, self.cap, int(CPU_BLOCK_BYTES // block) if block else self.cap)
+            reused = max(FIRST_BATCH, int(CPU_BLOCK_BYTES // block)) if block else self.cap
+            size = min(size, self.cap, reused)
         self.size = max(1, size)
         self.fitted = True
 

@@ -195,19 +195,25 @@ def test_batches_sized_to_the_memory_budget_give_the_same_numbers():
 
 def test_cpu_batches_keep_column_blocks_within_cpu_block_bytes():
     """On the CPU an automatic batch holds at most CPU_BLOCK_BYTES of its largest column block (dense blocks are
-    not limited); on a device (no cap) the budget alone sizes it."""
-    from fishercore._batching import CPU_BLOCK_BYTES, MAX_AUTO_BATCH, Batches
+    not limited), but not fewer than FIRST_BATCH inputs for it; on a device (no cap) the budget alone sizes it."""
+    from fishercore._batching import CPU_BLOCK_BYTES, FIRST_BATCH, MAX_AUTO_BATCH, Batches
     from fishercore._protocol import ColumnBlock
 
     model, X = make_problem(Problem("3h", "tanh", "categorical", n=4))
     dense = model.derivatives(X).blocks
-    n, C, width = 4, 10, 3000  # 240 kB of columns per input in float64: CPU_BLOCK_BYTES holds 52 of them
-    blocks = dense + (ColumnBlock("g", np.zeros((n, C, width)), np.zeros((n, C, width))),)
-    for held, cap in ((dense, MAX_AUTO_BATCH), (blocks, CPU_BLOCK_BYTES // (C * width * 8))):
+    n, C, width, wide = 4, 10, 3000, 30_000  # 240 kB and 2.4 MB of columns per input in float64
+
+    def column(k):
+        return dense + (ColumnBlock("g", np.zeros((n, C, k)), np.zeros((n, C, k))),)
+
+    assert FIRST_BATCH < CPU_BLOCK_BYTES // (C * width * 8) < MAX_AUTO_BATCH  # 52
+    assert CPU_BLOCK_BYTES // (C * wide * 8) < FIRST_BATCH  # 5
+    for held, cap in ((dense, MAX_AUTO_BATCH), (column(width), CPU_BLOCK_BYTES // (C * width * 8)),
+                      (column(wide), FIRST_BATCH)):
         batches = Batches(10**6, None, 1e15)
         batches.fit(held, n, model, True)
         assert batches.size == cap
-    assert 0 < CPU_BLOCK_BYTES // (C * width * 8) < MAX_AUTO_BATCH
+    blocks = column(width)
     uncapped = Batches(10**6, None, 1e15, cap=None)
     uncapped.fit(blocks, n, model, True)
     assert uncapped.size > MAX_AUTO_BATCH
