@@ -118,6 +118,15 @@ class _ConvBatch:
         return self._patches[k]
 
 
+def _zero_filled(directions, k: int):
+    """A chunk of directions (n, k', *shape) filled up with zeros to k: every chunk of a group has the same size
+    (:func:`.rules.columns.chunked` drops the results past its last)."""
+    missing = k - directions.shape[1]
+    if not missing:
+        return directions
+    return torch.cat([directions, directions.new_zeros((directions.shape[0], missing, *directions.shape[2:]))], dim=1)
+
+
 class _Reached(Exception):
     """Raised by a forward pre-hook to end a pass where what it needs has been computed."""
 
@@ -788,9 +797,8 @@ class TorchModule(Perturbed, TorchModel):
         if group.name not in batch.done:
             k = self._conv_of[group.name][0]
             by_activations = K is not None and group.name in self.activation_groups
-            layer, rule = self.convs[k], self._rule_groups()
-            names = [g for g in (layer.weight, layer.bias) if g and g in batch.wanted and g not in self.linear_groups
-                     and (self.second_order or g in rule) and (g in self.activation_groups) == by_activations]
+            names = [g for g in self._curved_conv_groups(k)
+                     if g in batch.wanted and (g in self.activation_groups) == by_activations]
             batch.done.update(self._conv_hessians(X, k, names, K if by_activations else None, batch))
         return batch.done.pop(group.name)
 
@@ -816,10 +824,7 @@ class TorchModule(Perturbed, TorchModel):
                 if lo < hi:
                     parts.append(piece(lo - off, hi - lo))
                 off += size
-            missing = size_ - sum(p.shape[1] for p in parts)
-            if missing:
-                parts.append(torch.zeros((n, missing, *zero.shape), dtype=self.dtype, device=self.device))
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            return _zero_filled(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), size_)
 
         total = sum(sizes)
         if K is not None:
@@ -900,13 +905,8 @@ class TorchModule(Perturbed, TorchModel):
             if site.post_others:
                 dirs = through(0, n, False).reshape(n, O * J, *zero_via.shape)
 
-                def directions(s, m):  # zero past the last (every chunk has the same size)
-                    piece = dirs[:, s:s + m]
-                    return piece if piece.shape[1] == m else torch.cat(
-                        [piece, piece.new_zeros((n, m - piece.shape[1], *zero_via.shape))], dim=1)
-
-                w = self._by_activations(X, K, self._site_run(site.via), zero_via, J * O, directions,
-                                         split=((), site.post_others))
+                w = self._by_activations(X, K, self._site_run(site.via), zero_via, J * O,
+                                         lambda s, m: _zero_filled(dirs[:, s:s + m], m), split=((), site.post_others))
                 out += w.reshape(n, C, O, J)
             return out
 
